@@ -1,0 +1,413 @@
+//! Checked domain types. A [`Message`] is built from a [`wire::Frame`] by `TryFrom`, which rejects
+//! missing bodies, invalid enums, wrong hash lengths and sizes above the protocol limits. Past this
+//! boundary required fields are not `Option` and ids are newtypes.
+
+use bytes::Bytes;
+
+use crate::wire::{self, frame::Body};
+use crate::{DecodeError, MAX_BLOCK_SIZE, MAX_INDEX_CHUNK, MIN_BLOCK_SIZE};
+
+/// A blake3 digest.
+pub type Hash = [u8; 32];
+
+/// A disk, as numbered by the server's catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DiskId(pub u64);
+
+impl std::fmt::Display for DiskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "disk-{}", self.0)
+    }
+}
+
+/// A registered machine: `m-` followed by 16 lowercase hex digits (random, never derived from
+/// hardware addresses).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MachineId(String);
+
+impl MachineId {
+    pub fn parse(s: &str) -> Result<Self, DecodeError> {
+        let hex = s.strip_prefix("m-").ok_or(DecodeError::Field("machine_id"))?;
+        if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(DecodeError::Field("machine_id"));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    /// A fresh random id.
+    pub fn random() -> Self {
+        let mut b = [0u8; 8];
+        getrandom_fill(&mut b);
+        Self(format!("m-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for MachineId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub(crate) fn getrandom_fill(buf: &mut [u8]) {
+    // Randomness comes from the kernel; a failure here means the host is unusable.
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .expect("read /dev/urandom");
+}
+
+pub use wire::{Compression, DiskState, ErrorCode, MarkKind};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub device: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Auth {
+    /// First contact: an install token and who the source is.
+    Register {
+        token_id: [u8; 8],
+        token_secret: [u8; 24],
+        hostname: String,
+        source_id: Hash,
+    },
+    /// A registered machine reconnecting with its own credential.
+    Machine { machine_id: MachineId, secret: [u8; 32] },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u32,
+    pub max_version: u32,
+    pub agent_version: String,
+    pub auth: Auth,
+    pub disks: Vec<DiskInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskGrant {
+    pub disk_id: DiskId,
+    pub device: String,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    /// Initial sync watermark: every byte below it is durable on the server.
+    pub durable_bytes: u64,
+    pub sync_complete: bool,
+}
+
+impl DiskGrant {
+    pub fn block_count(&self) -> u64 {
+        self.size_bytes.div_ceil(u64::from(self.block_size))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    pub version: u32,
+    pub server_version: String,
+    pub machine_id: MachineId,
+    /// Set only in answer to a registration.
+    pub machine_secret: Option<[u8; 32]>,
+    pub disks: Vec<DiskGrant>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub seq: u64,
+    pub disk_id: DiskId,
+    pub offset: u64,
+    pub length: u32,
+    pub hash: Hash,
+    pub compression: Compression,
+    pub payload: Bytes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub disk_id: DiskId,
+    pub state: DiskState,
+    pub done_bytes: u64,
+    pub backlog_bytes: u64,
+    pub sent_bytes: u64,
+}
+
+/// Every message of the protocol, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    IndexRequest { disk_id: DiskId, start_block: u64, count: u32 },
+    /// `hashes[i]` is the digest of block `start_block + i`; all-zero means "never written".
+    IndexChunk { disk_id: DiskId, start_block: u64, hashes: Vec<Hash> },
+    Block(Block),
+    Zero { seq: u64, disk_id: DiskId, offset: u64, length: u64 },
+    Mark { seq: u64, disk_id: DiskId, kind: MarkKind },
+    Ack { seq: u64 },
+    Progress(Progress),
+    Error { code: ErrorCode, message: String },
+    Ping { nonce: u64 },
+}
+
+impl Message {
+    /// Name used in logs and protocol errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::IndexRequest { .. } => "index-request",
+            Message::IndexChunk { .. } => "index-chunk",
+            Message::Block(_) => "block",
+            Message::Zero { .. } => "zero",
+            Message::Mark { .. } => "mark",
+            Message::Ack { .. } => "ack",
+            Message::Progress(_) => "progress",
+            Message::Error { .. } => "error",
+            Message::Ping { .. } => "ping",
+        }
+    }
+}
+
+fn fixed<const N: usize>(v: &[u8], field: &'static str) -> Result<[u8; N], DecodeError> {
+    v.try_into().map_err(|_| DecodeError::Field(field))
+}
+
+fn enum_field<T: TryFrom<i32>>(v: i32, field: &'static str) -> Result<T, DecodeError> {
+    match v {
+        0 => Err(DecodeError::Field(field)),
+        v => T::try_from(v).map_err(|_| DecodeError::Field(field)),
+    }
+}
+
+fn text(s: String, field: &'static str, max: usize) -> Result<String, DecodeError> {
+    if s.len() > max || s.chars().any(char::is_control) {
+        return Err(DecodeError::Field(field));
+    }
+    Ok(s)
+}
+
+fn disk_info(d: wire::DiskInfo) -> Result<DiskInfo, DecodeError> {
+    if d.size_bytes == 0 {
+        return Err(DecodeError::Field("disk size"));
+    }
+    Ok(DiskInfo { device: text(d.device, "device", 4096)?, size_bytes: d.size_bytes })
+}
+
+fn check_block_size(bs: u32) -> Result<u32, DecodeError> {
+    if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+        return Err(DecodeError::Field("block_size"));
+    }
+    Ok(bs)
+}
+
+const MAX_DISKS: usize = 256;
+
+impl TryFrom<wire::Frame> for Message {
+    type Error = DecodeError;
+
+    fn try_from(f: wire::Frame) -> Result<Self, DecodeError> {
+        let body = f.body.ok_or(DecodeError::Field("frame body"))?;
+        Ok(match body {
+            Body::Hello(h) => {
+                let auth = match h.auth.ok_or(DecodeError::Field("auth"))? {
+                    wire::hello::Auth::Register(r) => Auth::Register {
+                        token_id: fixed(&r.token_id, "token_id")?,
+                        token_secret: fixed(&r.token_secret, "token_secret")?,
+                        hostname: text(r.hostname, "hostname", 255)?,
+                        source_id: fixed(&r.source_id, "source_id")?,
+                    },
+                    wire::hello::Auth::Machine(m) => Auth::Machine {
+                        machine_id: MachineId::parse(&m.machine_id)?,
+                        secret: fixed(&m.secret, "machine secret")?,
+                    },
+                };
+                if h.disks.len() > MAX_DISKS {
+                    return Err(DecodeError::Field("disks"));
+                }
+                Message::Hello(Hello {
+                    min_version: h.min_version,
+                    max_version: h.max_version,
+                    agent_version: text(h.agent_version, "agent_version", 64)?,
+                    auth,
+                    disks: h.disks.into_iter().map(disk_info).collect::<Result<_, _>>()?,
+                })
+            }
+            Body::Welcome(w) => {
+                if w.disks.len() > MAX_DISKS {
+                    return Err(DecodeError::Field("disks"));
+                }
+                let disks = w
+                    .disks
+                    .into_iter()
+                    .map(|d| {
+                        if d.size_bytes == 0 || d.durable_bytes > d.size_bytes {
+                            return Err(DecodeError::Field("disk grant"));
+                        }
+                        Ok(DiskGrant {
+                            disk_id: DiskId(d.disk_id),
+                            device: text(d.device, "device", 4096)?,
+                            size_bytes: d.size_bytes,
+                            block_size: check_block_size(d.block_size)?,
+                            durable_bytes: d.durable_bytes,
+                            sync_complete: d.sync_complete,
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                Message::Welcome(Welcome {
+                    version: w.version,
+                    server_version: text(w.server_version, "server_version", 64)?,
+                    machine_id: MachineId::parse(&w.machine_id)?,
+                    machine_secret: if w.machine_secret.is_empty() {
+                        None
+                    } else {
+                        Some(fixed(&w.machine_secret, "machine_secret")?)
+                    },
+                    disks,
+                })
+            }
+            Body::IndexRequest(r) => {
+                if r.count == 0 || r.count > MAX_INDEX_CHUNK {
+                    return Err(DecodeError::Field("index count"));
+                }
+                Message::IndexRequest { disk_id: DiskId(r.disk_id), start_block: r.start_block, count: r.count }
+            }
+            Body::IndexChunk(c) => {
+                if c.hashes.len() % 32 != 0 || c.hashes.len() / 32 > MAX_INDEX_CHUNK as usize {
+                    return Err(DecodeError::Field("index hashes"));
+                }
+                let hashes = c.hashes.chunks_exact(32).map(|h| h.try_into().expect("32-byte chunk")).collect();
+                Message::IndexChunk { disk_id: DiskId(c.disk_id), start_block: c.start_block, hashes }
+            }
+            Body::Block(b) => {
+                let compression: Compression = enum_field(b.compression, "compression")?;
+                if b.length == 0 || b.length > MAX_BLOCK_SIZE {
+                    return Err(DecodeError::Field("block length"));
+                }
+                // Agents send a block raw when zstd would not make it smaller, so a payload is
+                // never longer than the block it carries.
+                let bad_len = match compression {
+                    Compression::None => b.payload.len() != b.length as usize,
+                    _ => b.payload.is_empty() || b.payload.len() > b.length as usize,
+                };
+                if bad_len {
+                    return Err(DecodeError::Field("payload length"));
+                }
+                Message::Block(Block {
+                    seq: b.seq,
+                    disk_id: DiskId(b.disk_id),
+                    offset: b.offset,
+                    length: b.length,
+                    hash: fixed(&b.hash, "hash")?,
+                    compression,
+                    payload: b.payload,
+                })
+            }
+            Body::Zero(z) => {
+                if z.length == 0 {
+                    return Err(DecodeError::Field("zero length"));
+                }
+                Message::Zero { seq: z.seq, disk_id: DiskId(z.disk_id), offset: z.offset, length: z.length }
+            }
+            Body::Mark(m) => Message::Mark { seq: m.seq, disk_id: DiskId(m.disk_id), kind: enum_field(m.kind, "mark kind")? },
+            Body::Ack(a) => Message::Ack { seq: a.seq },
+            Body::Progress(p) => Message::Progress(Progress {
+                disk_id: DiskId(p.disk_id),
+                state: enum_field(p.state, "disk state")?,
+                done_bytes: p.done_bytes,
+                backlog_bytes: p.backlog_bytes,
+                sent_bytes: p.sent_bytes,
+            }),
+            Body::Error(e) => Message::Error {
+                code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Invalid),
+                message: e.message.chars().take(1024).filter(|c| !c.is_control()).collect(),
+            },
+            Body::Ping(p) => Message::Ping { nonce: p.nonce },
+        })
+    }
+}
+
+impl From<Message> for wire::Frame {
+    fn from(m: Message) -> Self {
+        let body = match m {
+            Message::Hello(h) => Body::Hello(wire::Hello {
+                min_version: h.min_version,
+                max_version: h.max_version,
+                agent_version: h.agent_version,
+                auth: Some(match h.auth {
+                    Auth::Register { token_id, token_secret, hostname, source_id } => {
+                        wire::hello::Auth::Register(wire::Register {
+                            token_id: token_id.to_vec(),
+                            token_secret: token_secret.to_vec(),
+                            hostname,
+                            source_id: source_id.to_vec(),
+                        })
+                    }
+                    Auth::Machine { machine_id, secret } => wire::hello::Auth::Machine(wire::MachineAuth {
+                        machine_id: machine_id.0,
+                        secret: secret.to_vec(),
+                    }),
+                }),
+                disks: h
+                    .disks
+                    .into_iter()
+                    .map(|d| wire::DiskInfo { device: d.device, size_bytes: d.size_bytes })
+                    .collect(),
+            }),
+            Message::Welcome(w) => Body::Welcome(wire::Welcome {
+                version: w.version,
+                server_version: w.server_version,
+                machine_id: w.machine_id.0,
+                machine_secret: w.machine_secret.map(|s| s.to_vec()).unwrap_or_default(),
+                disks: w
+                    .disks
+                    .into_iter()
+                    .map(|d| wire::DiskGrant {
+                        disk_id: d.disk_id.0,
+                        device: d.device,
+                        size_bytes: d.size_bytes,
+                        block_size: d.block_size,
+                        durable_bytes: d.durable_bytes,
+                        sync_complete: d.sync_complete,
+                    })
+                    .collect(),
+            }),
+            Message::IndexRequest { disk_id, start_block, count } => {
+                Body::IndexRequest(wire::IndexRequest { disk_id: disk_id.0, start_block, count })
+            }
+            Message::IndexChunk { disk_id, start_block, hashes } => Body::IndexChunk(wire::IndexChunk {
+                disk_id: disk_id.0,
+                start_block,
+                hashes: hashes.concat(),
+            }),
+            Message::Block(b) => Body::Block(wire::Block {
+                seq: b.seq,
+                disk_id: b.disk_id.0,
+                offset: b.offset,
+                length: b.length,
+                hash: b.hash.to_vec(),
+                compression: b.compression as i32,
+                payload: b.payload,
+            }),
+            Message::Zero { seq, disk_id, offset, length } => {
+                Body::Zero(wire::Zero { seq, disk_id: disk_id.0, offset, length })
+            }
+            Message::Mark { seq, disk_id, kind } => Body::Mark(wire::Mark { seq, disk_id: disk_id.0, kind: kind as i32 }),
+            Message::Ack { seq } => Body::Ack(wire::Ack { seq }),
+            Message::Progress(p) => Body::Progress(wire::Progress {
+                disk_id: p.disk_id.0,
+                state: p.state as i32,
+                done_bytes: p.done_bytes,
+                backlog_bytes: p.backlog_bytes,
+                sent_bytes: p.sent_bytes,
+            }),
+            Message::Error { code, message } => Body::Error(wire::Error { code: code as i32, message }),
+            Message::Ping { nonce } => Body::Ping(wire::Ping { nonce }),
+        };
+        wire::Frame { body: Some(body) }
+    }
+}

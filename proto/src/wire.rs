@@ -1,0 +1,259 @@
+//! The prost messages exactly as they travel. Nothing here is trusted: every field may be missing or
+//! out of range. [`crate::msg`] turns them into checked types. Wire enums reserve `0` for "invalid",
+//! so a missing or zeroed field never reads as a meaningful value.
+
+use bytes::Bytes;
+
+/// One frame on the connection: exactly one body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Frame {
+    #[prost(oneof = "frame::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    pub body: Option<frame::Body>,
+}
+
+pub mod frame {
+    /// The frame bodies; tags are stable forever.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        #[prost(message, tag = "1")]
+        Hello(super::Hello),
+        #[prost(message, tag = "2")]
+        Welcome(super::Welcome),
+        #[prost(message, tag = "3")]
+        IndexRequest(super::IndexRequest),
+        #[prost(message, tag = "4")]
+        IndexChunk(super::IndexChunk),
+        #[prost(message, tag = "5")]
+        Block(super::Block),
+        #[prost(message, tag = "6")]
+        Zero(super::Zero),
+        #[prost(message, tag = "7")]
+        Mark(super::Mark),
+        #[prost(message, tag = "8")]
+        Ack(super::Ack),
+        #[prost(message, tag = "9")]
+        Progress(super::Progress),
+        #[prost(message, tag = "10")]
+        Error(super::Error),
+        #[prost(message, tag = "11")]
+        Ping(super::Ping),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Hello {
+    #[prost(uint32, tag = "1")]
+    pub min_version: u32,
+    #[prost(uint32, tag = "2")]
+    pub max_version: u32,
+    #[prost(string, tag = "3")]
+    pub agent_version: String,
+    #[prost(oneof = "hello::Auth", tags = "4, 5")]
+    pub auth: Option<hello::Auth>,
+    #[prost(message, repeated, tag = "6")]
+    pub disks: Vec<DiskInfo>,
+}
+
+pub mod hello {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Auth {
+        #[prost(message, tag = "4")]
+        Register(super::Register),
+        #[prost(message, tag = "5")]
+        Machine(super::MachineAuth),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Register {
+    #[prost(bytes = "vec", tag = "1")]
+    pub token_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub token_secret: Vec<u8>,
+    #[prost(string, tag = "3")]
+    pub hostname: String,
+    #[prost(bytes = "vec", tag = "4")]
+    pub source_id: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MachineAuth {
+    #[prost(string, tag = "1")]
+    pub machine_id: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub secret: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DiskInfo {
+    #[prost(string, tag = "1")]
+    pub device: String,
+    #[prost(uint64, tag = "2")]
+    pub size_bytes: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Welcome {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(string, tag = "2")]
+    pub server_version: String,
+    #[prost(string, tag = "3")]
+    pub machine_id: String,
+    #[prost(bytes = "vec", tag = "4")]
+    pub machine_secret: Vec<u8>,
+    #[prost(message, repeated, tag = "5")]
+    pub disks: Vec<DiskGrant>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DiskGrant {
+    #[prost(uint64, tag = "1")]
+    pub disk_id: u64,
+    #[prost(string, tag = "2")]
+    pub device: String,
+    #[prost(uint64, tag = "3")]
+    pub size_bytes: u64,
+    #[prost(uint32, tag = "4")]
+    pub block_size: u32,
+    #[prost(uint64, tag = "5")]
+    pub durable_bytes: u64,
+    #[prost(bool, tag = "6")]
+    pub sync_complete: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IndexRequest {
+    #[prost(uint64, tag = "1")]
+    pub disk_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub start_block: u64,
+    #[prost(uint32, tag = "3")]
+    pub count: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IndexChunk {
+    #[prost(uint64, tag = "1")]
+    pub disk_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub start_block: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub hashes: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Block {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(uint64, tag = "2")]
+    pub disk_id: u64,
+    #[prost(uint64, tag = "3")]
+    pub offset: u64,
+    #[prost(uint32, tag = "4")]
+    pub length: u32,
+    #[prost(bytes = "vec", tag = "5")]
+    pub hash: Vec<u8>,
+    #[prost(enumeration = "Compression", tag = "6")]
+    pub compression: i32,
+    #[prost(bytes = "bytes", tag = "7")]
+    pub payload: Bytes,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Zero {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(uint64, tag = "2")]
+    pub disk_id: u64,
+    #[prost(uint64, tag = "3")]
+    pub offset: u64,
+    #[prost(uint64, tag = "4")]
+    pub length: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Mark {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(uint64, tag = "2")]
+    pub disk_id: u64,
+    #[prost(enumeration = "MarkKind", tag = "3")]
+    pub kind: i32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ack {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Progress {
+    #[prost(uint64, tag = "1")]
+    pub disk_id: u64,
+    #[prost(enumeration = "DiskState", tag = "2")]
+    pub state: i32,
+    #[prost(uint64, tag = "3")]
+    pub done_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub backlog_bytes: u64,
+    #[prost(uint64, tag = "5")]
+    pub sent_bytes: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Error {
+    #[prost(enumeration = "ErrorCode", tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ping {
+    #[prost(uint64, tag = "1")]
+    pub nonce: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Compression {
+    Invalid = 0,
+    None = 1,
+    Zstd = 2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum MarkKind {
+    Invalid = 0,
+    /// Every block of the disk has been sent once (initial sync finished).
+    InitialSyncDone = 1,
+    /// A rescan compared every block with the server's index and sent the differences.
+    RescanDone = 2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum DiskState {
+    Invalid = 0,
+    InitialSync = 1,
+    Rescan = 2,
+    Continuous = 3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ErrorCode {
+    Invalid = 0,
+    Protocol = 1,
+    Version = 2,
+    Unauthorized = 3,
+    Revoked = 4,
+    Forbidden = 5,
+    OutOfRange = 6,
+    HashMismatch = 7,
+    Internal = 8,
+    TooLarge = 9,
+}
