@@ -3,7 +3,8 @@
 //! - [`wire`]: the prost messages as they travel (untrusted);
 //! - [`msg`]: checked domain types ([`Message`]), built with `TryFrom` at the boundary;
 //! - [`frame`]: length-prefixed framing with a hard size cap;
-//! - [`token`]: install tokens (server pin + registration secret).
+//! - [`token`]: install tokens (server pin + registration secret);
+//! - [`fsutil`]: the crash-safe write recipe for small persisted files.
 //!
 //! # Transport
 //! TLS 1.3 only, on TCP 1500 by default. The server presents a certificate for [`SERVER_NAME`]
@@ -37,6 +38,7 @@
 //! is answered with an `Error` frame and the connection is closed.
 
 pub mod frame;
+pub mod fsutil;
 pub mod msg;
 pub mod token;
 pub mod wire;
@@ -89,4 +91,9 @@ pub fn zero_hash(len: usize) -> Hash {
         left -= n;
     }
     *h.finalize().as_bytes()
+}
+
+/// Fills `buf` from the kernel's random source.
+pub fn random_bytes(buf: &mut [u8]) {
+    msg::getrandom_fill(buf)
 }

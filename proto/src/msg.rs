@@ -52,7 +52,7 @@ impl std::fmt::Display for MachineId {
     }
 }
 
-pub(crate) fn getrandom_fill(buf: &mut [u8]) {
+pub fn getrandom_fill(buf: &mut [u8]) {
     // Randomness comes from the kernel; a failure here means the host is unusable.
     use std::io::Read;
     std::fs::File::open("/dev/urandom")

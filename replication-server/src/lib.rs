@@ -1,0 +1,124 @@
+//! `rehost-server`: the staging side of replication.
+//!
+//! - [`pki`]: CA, TLS certificate and admin credential in the data dir;
+//! - [`catalog`]: tokens, machines, disks in SQLite;
+//! - [`volume`]: sparse staging volumes and their per-block hash index;
+//! - [`session`]: one agent connection (handshake, checks, stream);
+//! - [`writer`]: the per-connection durability thread (verify, pwrite, group commit, ack);
+//! - [`live`]: what connected agents report;
+//! - [`admin`]: the admin HTTP/JSON API the operator commands use, and Prometheus metrics;
+//! - [`client`]: the operator commands' side of the admin API.
+//!
+//! [`run`] takes its listeners and a shutdown signal, so tests can bind port 0.
+
+pub mod admin;
+pub mod catalog;
+pub mod client;
+pub mod live;
+pub mod pki;
+pub mod session;
+pub mod volume;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use rehost_proto::MachineId;
+use tokio::net::TcpListener;
+
+/// Per-machine session slot: at most one live session writes a machine's volumes.
+pub struct Slot {
+    pub lock: Arc<tokio::sync::Mutex<()>>,
+    pub kick: Arc<tokio::sync::Notify>,
+}
+
+pub struct Shared {
+    pub data_dir: PathBuf,
+    pub catalog: catalog::Catalog,
+    pub pki: pki::Pki,
+    pub admin_token: String,
+    pub live: live::Live,
+    pub block_size: u32,
+    slots: Mutex<HashMap<MachineId, Arc<Slot>>>,
+}
+
+impl Shared {
+    pub fn volume_dir(&self, machine: &MachineId) -> PathBuf {
+        self.data_dir.join("volumes").join(machine.as_str())
+    }
+
+    pub fn slot(&self, machine: &MachineId) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(machine.clone())
+            .or_insert_with(|| {
+                Arc::new(Slot { lock: Arc::new(tokio::sync::Mutex::new(())), kick: Arc::new(tokio::sync::Notify::new()) })
+            })
+            .clone()
+    }
+}
+
+/// Opens (or initialises) the data dir: PKI, admin credential, catalog.
+pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create data dir {}", data_dir.display()))?;
+    let pki = pki::load_or_create(data_dir).context("load server certificates")?;
+    let admin_token = pki::admin_token(data_dir).context("load admin credential")?;
+    let catalog = catalog::Catalog::open(&data_dir.join("catalog.sqlite")).context("open catalog")?;
+    Ok(Arc::new(Shared {
+        data_dir: data_dir.to_path_buf(),
+        catalog,
+        pki,
+        admin_token,
+        live: live::Live::default(),
+        block_size: rehost_proto::DEFAULT_BLOCK_SIZE,
+        slots: Mutex::new(HashMap::new()),
+    }))
+}
+
+/// Serves agents on `listener` and the admin API on `admin` until `shutdown` resolves.
+pub async fn run(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin_task = {
+        let mut stop = stop_rx.clone();
+        let app = admin::router(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(admin, app).with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            })
+            .await
+        })
+    };
+    tokio::pin!(shutdown);
+    let mut sessions = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    sessions.spawn(session::serve(shared.clone(), tcp, peer, stop_rx.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    // Sessions stop reading and their writers commit what they hold.
+    let drain = async { while sessions.join_next().await.is_some() {} };
+    if tokio::time::timeout(std::time::Duration::from_secs(30), drain).await.is_err() {
+        tracing::warn!("sessions still running after 30 s; exiting anyway");
+    }
+    admin_task.await.context("admin API task")?.context("admin API")?;
+    Ok(())
+}

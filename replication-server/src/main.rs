@@ -1,0 +1,242 @@
+//! `rehost-server`: parses arguments, sets up logging, calls into the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rehost_server::admin::{CreatedToken, MachinesView};
+use rehost_server::client::AdminClient;
+
+/// rehost replication server: receives block replication from rehost agents over TLS, keeps a
+/// staging volume per source disk, and serves the operator commands below.
+#[derive(Parser)]
+#[command(name = "rehost-server", version)]
+struct Cli {
+    /// Data directory: certificates, admin credential, catalog, staging volumes.
+    #[arg(long, global = true, default_value = "/var/lib/rehost", env = "REHOST_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address of the running server's admin API (operator commands connect here; `serve`
+    /// listens here unless --admin-listen says otherwise).
+    #[arg(long, global = true, default_value = "127.0.0.1:1501", env = "REHOST_ADMIN")]
+    admin: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server: TLS replication listener and the admin API.
+    Serve {
+        /// Where agents connect (TLS 1.3).
+        #[arg(long, default_value = "0.0.0.0:1500")]
+        listen: String,
+        /// Where the admin API listens (default: the --admin address). Keep it on loopback.
+        #[arg(long)]
+        admin_listen: Option<String>,
+    },
+    /// Install tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Machines and the replication state of each disk.
+    Machines {
+        /// Machine-readable output (format documented in the README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Act on one machine.
+    #[command(subcommand)]
+    Machine(MachineCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create an install token and print it (nothing else on stdout).
+    Create {
+        /// Expire the token after this long (e.g. 30m, 24h, 7d). Default: never.
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<u64>,
+        /// A note shown by `token list`.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List install tokens (ids only; secrets are never shown again).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an install token: no new machine can register with it.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum MachineCmd {
+    /// Revoke a machine's credential: its agent is disconnected and refused from now on.
+    Revoke { machine_id: String },
+}
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30m, 24h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use s, m, h or d)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too long"))
+}
+
+fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn time(t: Option<i64>) -> String {
+    t.map(|t| format!("@{t}")).unwrap_or_else(|| "-".into())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main(cli) {
+        eprintln!("rehost-server: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let client = || AdminClient::new(&cli.admin, &cli.data_dir);
+    match &cli.cmd {
+        Cmd::Serve { listen, admin_listen } => serve(&cli, listen, admin_listen.as_deref().unwrap_or(&cli.admin)),
+        Cmd::Token(TokenCmd::Create { expires, description, json }) => {
+            let t: CreatedToken = client()?.post(
+                "/v1/tokens",
+                &serde_json::json!({ "description": description, "expires_in_seconds": expires }),
+            )?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("{}", t.token);
+            }
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::List { json }) => {
+            let v: serde_json::Value = client()?.get("/v1/tokens")?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{:<18} {:<12} {:<12} {:<9} {:>5}  DESCRIPTION", "ID", "CREATED", "EXPIRES", "STATUS", "USED");
+            for t in v["tokens"].as_array().into_iter().flatten() {
+                let now = rehost_server::catalog::now();
+                let status = if !t["revoked_at"].is_null() {
+                    "revoked"
+                } else if t["expires_at"].as_i64().is_some_and(|e| e <= now) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<18} {:<12} {:<12} {:<9} {:>5}  {}",
+                    t["id"].as_str().unwrap_or("?"),
+                    time(t["created_at"].as_i64()),
+                    time(t["expires_at"].as_i64()),
+                    status,
+                    t["registrations"].as_i64().unwrap_or(0),
+                    t["description"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::Revoke { id }) => {
+            let _: serde_json::Value = client()?.post(&format!("/v1/tokens/{id}/revoke"), &serde_json::json!({}))?;
+            println!("token {id} revoked");
+            Ok(())
+        }
+        Cmd::Machine(MachineCmd::Revoke { machine_id }) => {
+            let _: serde_json::Value =
+                client()?.post(&format!("/v1/machines/{machine_id}/revoke"), &serde_json::json!({}))?;
+            println!("machine {machine_id} revoked");
+            Ok(())
+        }
+        Cmd::Machines { json } => {
+            let v: MachinesView = client()?.get("/v1/machines")?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            if v.machines.is_empty() {
+                println!("no machines registered yet (create a token with `rehost-server token create`)");
+            }
+            for m in &v.machines {
+                let agent = match (&m.agent_address, m.revoked) {
+                    (_, true) => "revoked".to_string(),
+                    (Some(a), _) => format!("connected from {a}"),
+                    (None, _) => format!("disconnected since {}", time(m.last_seen)),
+                };
+                println!("{}  {}  {}  agent {}", m.machine_id, m.hostname, m.lifecycle, agent);
+                println!(
+                    "  {:<24} {:>10} {:<13} {:>7} {:>11} {:>11} {:>6}",
+                    "DEVICE", "SIZE", "STATE", "PROG", "REPLICATED", "BACKLOG", "LAG"
+                );
+                for d in &m.disks {
+                    println!(
+                        "  {:<24} {:>10} {:<13} {:>6.1}% {:>11} {:>11} {:>6}",
+                        d.device,
+                        human_bytes(d.size_bytes),
+                        d.state,
+                        d.progress_percent,
+                        human_bytes(d.replicated_bytes),
+                        human_bytes(d.backlog_bytes),
+                        d.lag_seconds.map(|l| format!("{l}s")).unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn serve(cli: &Cli, listen: &str, admin_listen: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
+    rt.block_on(async {
+        let shared = rehost_server::open(&cli.data_dir)?;
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen for agents on {listen}"))?;
+        let admin = tokio::net::TcpListener::bind(admin_listen)
+            .await
+            .with_context(|| format!("listen for the admin API on {admin_listen}"))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            admin = %admin.local_addr()?,
+            data_dir = %cli.data_dir.display(),
+            "rehost-server ready"
+        );
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        rehost_server::run(shared, listener, admin, shutdown).await
+    })
+}

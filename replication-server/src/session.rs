@@ -1,0 +1,383 @@
+//! One agent connection: TLS handshake, `Hello`/`Welcome`, then the replication stream. Every
+//! frame is checked here (sequence, ownership, bounds) before the writer thread sees it; any
+//! violation ends the session with an `Error` frame and a closed connection.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rehost_proto::frame::{read_message, write_message};
+use rehost_proto::msg::{Auth, DiskGrant, ErrorCode, Hello, Welcome};
+use rehost_proto::{DiskId, FrameError, MachineId, Message};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedMutexGuard};
+use tracing::{info, warn, Instrument};
+
+use crate::catalog::Refusal;
+use crate::volume::Volume;
+use crate::writer::{self, DiskCtx, Job};
+use crate::Shared;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// An agent that says nothing for this long is gone (agents ping every few seconds).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("TLS handshake")]
+    Tls(#[source] std::io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("no common protocol version (agent speaks {0}..={1}, server {min}..={max})", min = rehost_proto::MIN_PROTOCOL_VERSION, max = rehost_proto::PROTOCOL_VERSION)]
+    Version(u32, u32),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Revoked(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error(transparent)]
+    Write(#[from] writer::WriteError),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("agent reported an error: {0}")]
+    Agent(String),
+    #[error("replaced by a newer connection of the same machine")]
+    Replaced,
+    #[error("server shutting down")]
+    Shutdown,
+    #[error("no frame for {0:?}")]
+    Idle(Duration),
+}
+
+impl SessionError {
+    fn code(&self) -> Option<ErrorCode> {
+        Some(match self {
+            SessionError::Frame(FrameError::TooLarge(_)) => ErrorCode::TooLarge,
+            SessionError::Frame(FrameError::Decode(_)) | SessionError::Protocol(_) => ErrorCode::Protocol,
+            SessionError::Version(..) => ErrorCode::Version,
+            SessionError::Unauthorized(_) => ErrorCode::Unauthorized,
+            SessionError::Revoked(_) => ErrorCode::Revoked,
+            SessionError::Forbidden(_) => ErrorCode::Forbidden,
+            SessionError::OutOfRange(_) => ErrorCode::OutOfRange,
+            SessionError::Write(writer::WriteError::HashMismatch { .. } | writer::WriteError::Decompress { .. }) => {
+                ErrorCode::HashMismatch
+            }
+            SessionError::Write(writer::WriteError::Protocol { .. }) => ErrorCode::Protocol,
+            SessionError::Write(_) | SessionError::Internal(_) => ErrorCode::Internal,
+            SessionError::Replaced | SessionError::Shutdown | SessionError::Idle(_) => ErrorCode::Protocol,
+            SessionError::Tls(_) | SessionError::Frame(FrameError::Io(_)) | SessionError::Agent(_) => return None,
+        })
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> SessionError {
+    SessionError::Internal(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SessionError> + Send + 'static,
+) -> Result<T, SessionError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+/// Serves one TCP connection until it ends; logs the outcome once.
+pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, shutdown: tokio::sync::watch::Receiver<bool>) {
+    let span = tracing::info_span!("conn", %peer, machine = tracing::field::Empty);
+    async move {
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(shared.pki.tls.clone());
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return warn!(error = %e, "TLS handshake failed"),
+            Err(_) => return warn!("TLS handshake timed out"),
+        };
+        let (rd, wr) = tokio::io::split(tls);
+        let (out_tx, out_rx) = mpsc::channel::<Message>(256);
+        let outbound = tokio::spawn(outbound(wr, out_rx));
+        let result = session(&shared, BufReader::with_capacity(1 << 20, rd), out_tx.clone(), peer, shutdown).await;
+        match &result {
+            Ok(()) => info!("agent disconnected"),
+            Err(e @ (SessionError::Frame(FrameError::Io(_)) | SessionError::Replaced | SessionError::Shutdown)) => {
+                warn!(error = %e, "session ended")
+            }
+            Err(e) => warn!(error = %e, "session refused or aborted"),
+        }
+        if let Err(e) = &result {
+            if let Some(code) = e.code() {
+                let _ = out_tx.send(Message::Error { code, message: e.to_string() }).await;
+            }
+        }
+        drop(out_tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), outbound).await;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn outbound<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Message>) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(m) = rx.recv().await {
+        if write_message(&mut wr, m).await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+struct Granted {
+    size: u64,
+    block_size: u64,
+}
+
+async fn session<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    mut rd: R,
+    out: mpsc::Sender<Message>,
+    peer: SocketAddr,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_message(&mut rd)).await {
+        Err(_) => return Err(SessionError::Protocol("no hello within the handshake timeout".into())),
+        Ok(r) => match r? {
+            Some(Message::Hello(h)) => h,
+            Some(m) => return Err(SessionError::Protocol(format!("expected hello, got {}", m.kind()))),
+            None => return Err(SessionError::Protocol("closed before hello".into())),
+        },
+    };
+    let version = negotiate(&hello)?;
+    let (machine, secret) = authenticate(shared, &hello).await?;
+    tracing::Span::current().record("machine", machine.as_str());
+
+    // One session per machine: a reconnecting agent replaces its stale predecessor.
+    let _slot = claim_slot(shared, &machine).await?;
+    let kicked = shared.slot(&machine).kick.clone();
+
+    let (grants, ctxs) = {
+        let (shared, machine, disks) = (shared.clone(), machine.clone(), hello.disks.clone());
+        blocking(move || open_disks(&shared, &machine, &disks)).await?
+    };
+    info!(
+        version,
+        agent = %hello.agent_version,
+        disks = grants.len(),
+        registered = secret.is_some(),
+        "agent connected"
+    );
+    let granted: HashMap<DiskId, Granted> = grants
+        .iter()
+        .map(|g| (g.disk_id, Granted { size: g.size_bytes, block_size: u64::from(g.block_size) }))
+        .collect();
+    out.send(Message::Welcome(Welcome {
+        version,
+        server_version: env!("CARGO_PKG_VERSION").into(),
+        machine_id: machine.clone(),
+        machine_secret: secret,
+        disks: grants,
+    }))
+    .await
+    .map_err(internal)?;
+    shared.live.connected(machine.as_str(), peer.to_string(), hello.agent_version.clone());
+    let _live = LiveGuard(shared.clone(), machine.clone());
+
+    let (job_tx, job_rx) = mpsc::channel::<Job>(64);
+    let writer = {
+        let (shared, out) = (shared.clone(), out.clone());
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| writer::run(shared, ctxs, job_rx, out)))
+    };
+    let stream = stream(shared, &machine, &granted, &mut rd, &out, &job_tx, &kicked, &mut shutdown);
+    let result = stream.await;
+    drop(job_tx);
+    // The writer commits what it holds; a write error beats the reader's view of why we stopped.
+    match writer.await.map_err(internal)? {
+        Err(e) => Err(e.into()),
+        Ok(()) => result,
+    }
+}
+
+struct LiveGuard(Arc<Shared>, MachineId);
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.disconnected(self.1.as_str());
+        let _ = self.0.catalog.touch_machine(&self.1);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    machine: &MachineId,
+    granted: &HashMap<DiskId, Granted>,
+    rd: &mut R,
+    out: &mpsc::Sender<Message>,
+    jobs: &mpsc::Sender<Job>,
+    kicked: &Arc<tokio::sync::Notify>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let mut next_seq = 1u64;
+    let disk = |id: DiskId| {
+        granted.get(&id).ok_or_else(|| SessionError::Forbidden(format!("{id} does not belong to machine {machine}")))
+    };
+    let mut check_seq = |seq: u64| {
+        if seq != next_seq {
+            return Err(SessionError::Protocol(format!("sequence {seq} where {next_seq} was expected")));
+        }
+        next_seq += 1;
+        Ok(())
+    };
+    loop {
+        let msg = tokio::select! {
+            r = tokio::time::timeout(IDLE_TIMEOUT, read_message(rd)) => match r {
+                Err(_) => return Err(SessionError::Idle(IDLE_TIMEOUT)),
+                Ok(m) => m?,
+            },
+            _ = kicked.notified() => return Err(SessionError::Replaced),
+            _ = shutdown.changed() => return Err(SessionError::Shutdown),
+        };
+        let Some(msg) = msg else { return Ok(()) };
+        match msg {
+            Message::Block(b) => {
+                check_seq(b.seq)?;
+                let d = disk(b.disk_id)?;
+                let expect = d.size.saturating_sub(b.offset).min(d.block_size);
+                if b.offset % d.block_size != 0 || b.offset >= d.size || u64::from(b.length) != expect {
+                    return Err(SessionError::OutOfRange(format!(
+                        "block at offset {} length {} does not fit {} ({} bytes, {}-byte blocks)",
+                        b.offset, b.length, b.disk_id, d.size, d.block_size
+                    )));
+                }
+                jobs.send(Job::Block(b)).await.map_err(|_| internal("writer stopped"))?;
+            }
+            Message::Zero { seq, disk_id, offset, length } => {
+                check_seq(seq)?;
+                let d = disk(disk_id)?;
+                let end = offset.checked_add(length).filter(|e| *e <= d.size);
+                let aligned = offset % d.block_size == 0 && end.is_some_and(|e| e % d.block_size == 0 || e == d.size);
+                if !aligned {
+                    return Err(SessionError::OutOfRange(format!(
+                        "zero range {offset}+{length} does not fit {disk_id} ({} bytes, {}-byte blocks)",
+                        d.size, d.block_size
+                    )));
+                }
+                jobs.send(Job::Zero { seq, disk_id, offset, length }).await.map_err(|_| internal("writer stopped"))?;
+            }
+            Message::Mark { seq, disk_id, kind } => {
+                check_seq(seq)?;
+                disk(disk_id)?;
+                jobs.send(Job::Mark { seq, disk_id, kind }).await.map_err(|_| internal("writer stopped"))?;
+            }
+            Message::IndexRequest { disk_id, start_block, count } => {
+                let d = disk(disk_id)?;
+                let blocks = d.size.div_ceil(d.block_size);
+                if start_block.checked_add(u64::from(count)).is_none_or(|e| e > blocks) {
+                    return Err(SessionError::OutOfRange(format!(
+                        "index request {start_block}+{count} beyond {disk_id}'s {blocks} blocks"
+                    )));
+                }
+                let dir = shared.volume_dir(machine);
+                let (size, bs) = (d.size, d.block_size as u32);
+                let hashes = blocking(move || {
+                    Volume::open(&dir, disk_id.0, size, bs)
+                        .and_then(|v| v.read_index(start_block, count))
+                        .map_err(internal)
+                })
+                .await?;
+                out.send(Message::IndexChunk { disk_id, start_block, hashes }).await.map_err(internal)?;
+            }
+            Message::Progress(p) => {
+                disk(p.disk_id)?;
+                shared.live.progress(machine.as_str(), &p);
+            }
+            Message::Ping { .. } => {}
+            Message::Error { code, message } => return Err(SessionError::Agent(format!("{code:?}: {message}"))),
+            m @ (Message::Hello(_) | Message::Welcome(_) | Message::IndexChunk { .. } | Message::Ack { .. }) => {
+                return Err(SessionError::Protocol(format!("unexpected {} from an agent", m.kind())))
+            }
+        }
+    }
+}
+
+fn negotiate(h: &Hello) -> Result<u32, SessionError> {
+    let v = h.max_version.min(rehost_proto::PROTOCOL_VERSION);
+    if v < h.min_version.max(rehost_proto::MIN_PROTOCOL_VERSION) {
+        return Err(SessionError::Version(h.min_version, h.max_version));
+    }
+    Ok(v)
+}
+
+async fn authenticate(shared: &Arc<Shared>, hello: &Hello) -> Result<(MachineId, Option<[u8; 32]>), SessionError> {
+    let shared = shared.clone();
+    let auth = hello.auth.clone();
+    blocking(move || match auth {
+        Auth::Register { token_id, token_secret, hostname, source_id } => {
+            let id = hex::encode(token_id);
+            match shared.catalog.check_token(&id, &token_secret).map_err(internal)? {
+                Ok(()) => {}
+                Err(Refusal::Unknown) => return Err(SessionError::Unauthorized(format!("unknown install token {id}"))),
+                Err(Refusal::Revoked) => return Err(SessionError::Revoked(format!("install token {id} was revoked"))),
+                Err(Refusal::Expired) => return Err(SessionError::Revoked(format!("install token {id} has expired"))),
+            }
+            let mut secret = [0u8; 32];
+            rehost_proto::random_bytes(&mut secret);
+            let (machine, known) =
+                shared.catalog.register_machine(&hostname, &source_id, &id, &secret).map_err(internal)?;
+            info!(%machine, %hostname, token = %id, known, "machine registered");
+            Ok((machine, Some(secret)))
+        }
+        Auth::Machine { machine_id, secret } => match shared.catalog.check_machine(&machine_id, &secret).map_err(internal)? {
+            Ok(()) => Ok((machine_id, None)),
+            Err(Refusal::Revoked) => Err(SessionError::Revoked(format!("machine {machine_id}'s credential was revoked"))),
+            Err(_) => Err(SessionError::Unauthorized(format!("unknown machine or wrong credential for {machine_id}"))),
+        },
+    })
+    .await
+}
+
+async fn claim_slot(shared: &Arc<Shared>, machine: &MachineId) -> Result<OwnedMutexGuard<()>, SessionError> {
+    let slot = shared.slot(machine);
+    if let Ok(g) = slot.lock.clone().try_lock_owned() {
+        return Ok(g);
+    }
+    slot.kick.notify_waiters();
+    match tokio::time::timeout(Duration::from_secs(30), slot.lock.clone().lock_owned()).await {
+        Ok(g) => Ok(g),
+        Err(_) => Err(SessionError::Internal("previous session of this machine did not end".into())),
+    }
+}
+
+type Opened = (Vec<DiskGrant>, HashMap<DiskId, DiskCtx>);
+
+fn open_disks(shared: &Shared, machine: &MachineId, disks: &[rehost_proto::msg::DiskInfo]) -> Result<Opened, SessionError> {
+    let mut seen = HashSet::new();
+    if disks.is_empty() {
+        return Err(SessionError::Protocol("no disks in hello".into()));
+    }
+    if let Some(d) = disks.iter().find(|d| !seen.insert(d.device.as_str())) {
+        return Err(SessionError::Protocol(format!("disk {} listed twice", d.device)));
+    }
+    let rows = shared.catalog.ensure_disks(machine, disks, shared.block_size).map_err(internal)?;
+    let dir = shared.volume_dir(machine);
+    let mut grants = Vec::new();
+    let mut ctxs = HashMap::new();
+    for r in rows {
+        let volume = Volume::open(&dir, r.id, r.size_bytes, r.block_size).map_err(internal)?;
+        let id = DiskId(r.id);
+        grants.push(DiskGrant {
+            disk_id: id,
+            device: r.device,
+            size_bytes: r.size_bytes,
+            block_size: r.block_size,
+            durable_bytes: r.durable_bytes,
+            sync_complete: r.sync_complete,
+        });
+        ctxs.insert(id, DiskCtx::new(volume, r.durable_bytes, r.sync_complete));
+    }
+    Ok((grants, ctxs))
+}
