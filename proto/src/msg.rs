@@ -135,6 +135,8 @@ pub struct Progress {
     pub done_bytes: u64,
     pub backlog_bytes: u64,
     pub sent_bytes: u64,
+    /// How far behind the source a launch now would be (continuous state only).
+    pub lag_ms: u64,
 }
 
 /// Every message of the protocol, checked.
@@ -321,6 +323,7 @@ impl TryFrom<wire::Frame> for Message {
                 done_bytes: p.done_bytes,
                 backlog_bytes: p.backlog_bytes,
                 sent_bytes: p.sent_bytes,
+                lag_ms: p.lag_ms,
             }),
             Body::Error(e) => Message::Error {
                 code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Invalid),
@@ -404,6 +407,7 @@ impl From<Message> for wire::Frame {
                 done_bytes: p.done_bytes,
                 backlog_bytes: p.backlog_bytes,
                 sent_bytes: p.sent_bytes,
+                lag_ms: p.lag_ms,
             }),
             Message::Error { code, message } => Body::Error(wire::Error { code: code as i32, message }),
             Message::Ping { nonce } => Body::Ping(wire::Ping { nonce }),

@@ -200,6 +200,8 @@ pub struct Progress {
     pub backlog_bytes: u64,
     #[prost(uint64, tag = "5")]
     pub sent_bytes: u64,
+    #[prost(uint64, tag = "6")]
+    pub lag_ms: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -111,11 +111,11 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
                         let state = if d.sync_complete { "continuous" } else { "initial-sync" };
                         (state, pct(d.durable_bytes), d.size_bytes - d.durable_bytes.min(d.size_bytes), None)
                     }
-                    (Some(l), Some(ld)) => match ld.state {
+                    (Some(_), Some(ld)) => match ld.state {
                         DiskState::Rescan => ("rescan", pct(ld.done_bytes), ld.backlog_bytes, None),
                         DiskState::Continuous => {
-                            let lag = (now - ld.caught_up_at.unwrap_or(l.connected_at)).max(0) as u64;
-                            ("continuous", 100.0, ld.backlog_bytes, Some(if ld.backlog_bytes == 0 { 0 } else { lag }))
+                            let lag = ld.lag_ms / 1000 + (now - ld.reported_at).max(0) as u64;
+                            ("continuous", 100.0, ld.backlog_bytes, Some(lag))
                         }
                         _ => ("initial-sync", pct(d.durable_bytes), d.size_bytes - d.durable_bytes.min(d.size_bytes), None),
                     },

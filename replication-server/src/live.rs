@@ -6,14 +6,16 @@ use std::sync::Mutex;
 
 use rehost_proto::msg::{DiskState, Progress};
 
+
 #[derive(Debug, Clone)]
 pub struct LiveDisk {
     pub state: DiskState,
     pub done_bytes: u64,
     pub backlog_bytes: u64,
     pub sent_bytes: u64,
-    /// Unix time at which the agent last reported an empty backlog.
-    pub caught_up_at: Option<i64>,
+    /// The agent's lag when it reported, and when that was (unix seconds).
+    pub lag_ms: u64,
+    pub reported_at: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -46,8 +48,6 @@ impl Live {
     pub fn progress(&self, machine: &str, p: &Progress) {
         let now = crate::catalog::now();
         if let Some(m) = self.lock().get_mut(machine) {
-            let prev = m.disks.get(&p.disk_id.0).and_then(|d| d.caught_up_at);
-            let caught_up = p.state == DiskState::Continuous && p.backlog_bytes == 0;
             m.disks.insert(
                 p.disk_id.0,
                 LiveDisk {
@@ -55,7 +55,8 @@ impl Live {
                     done_bytes: p.done_bytes,
                     backlog_bytes: p.backlog_bytes,
                     sent_bytes: p.sent_bytes,
-                    caught_up_at: if caught_up { Some(now) } else { prev },
+                    lag_ms: p.lag_ms,
+                    reported_at: now,
                 },
             );
         }

@@ -1,0 +1,227 @@
+//! One connection to the server: TLS connect, the `Hello`/`Welcome` handshake, and, once
+//! established, the split stream: an outbound task that owns the write half, an inbound task that
+//! turns `Ack`s into a watermark and routes `IndexChunk`s, and a send window so that at most
+//! [`WINDOW`] frames are unacknowledged.
+
+use std::time::Duration;
+
+use rehost_proto::frame::{encode, read_message};
+use rehost_proto::msg::{ErrorCode, Hello, Welcome};
+use rehost_proto::{DiskId, FrameError, Hash, Message};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+
+/// Unacknowledged sequenced frames allowed in flight (about 32 MiB of 64 KiB blocks).
+pub const WINDOW: u64 = 512;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connect to {0}")]
+    Connect(String, #[source] std::io::Error),
+    #[error("TLS handshake with {0}")]
+    Tls(String, #[source] std::io::Error),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("server refused: {message} ({code:?})")]
+    Refused { code: ErrorCode, message: String },
+    #[error("protocol violation by the server: {0}")]
+    Protocol(String),
+    #[error("connection closed by the server")]
+    Closed,
+}
+
+impl ConnError {
+    /// Errors that a retry cannot fix.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Refused {
+                code: ErrorCode::Unauthorized | ErrorCode::Revoked | ErrorCode::Forbidden | ErrorCode::Version,
+                ..
+            }
+        )
+    }
+}
+
+type Tls = TlsStream<TcpStream>;
+
+/// TCP + TLS 1.3 to `server`, trusting only the pinned CA.
+pub async fn connect(server: &str, pin: [u8; 32]) -> Result<Tls, ConnError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server))
+        .await
+        .map_err(|_| ConnError::Timeout(format!("connect to {server}")))?
+        .map_err(|e| ConnError::Connect(server.into(), e))?;
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(crate::tls::client_config(pin));
+    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(crate::tls::server_name(), tcp))
+        .await
+        .map_err(|_| ConnError::Timeout(format!("TLS handshake with {server}")))?
+        .map_err(|e| ConnError::Tls(server.into(), e))
+}
+
+/// Sends `hello`, returns the server's `Welcome` (or its refusal).
+pub async fn handshake(tls: &mut Tls, hello: Hello) -> Result<Welcome, ConnError> {
+    rehost_proto::frame::write_message(tls, Message::Hello(hello)).await?;
+    let reply = tokio::time::timeout(CONNECT_TIMEOUT, read_message(tls))
+        .await
+        .map_err(|_| ConnError::Timeout("welcome from the server".into()))??;
+    match reply {
+        Some(Message::Welcome(w)) => Ok(w),
+        Some(Message::Error { code, message }) => Err(ConnError::Refused { code, message }),
+        Some(m) => Err(ConnError::Protocol(format!("expected welcome, got {}", m.kind()))),
+        None => Err(ConnError::Closed),
+    }
+}
+
+pub struct IndexChunk {
+    pub disk_id: DiskId,
+    pub start_block: u64,
+    pub hashes: Vec<Hash>,
+}
+
+/// An established replication stream.
+pub struct Conn {
+    out: mpsc::Sender<Message>,
+    acked: watch::Receiver<u64>,
+    index: mpsc::Receiver<IndexChunk>,
+    inbound: Option<JoinHandle<Result<(), ConnError>>>,
+    outbound: JoinHandle<()>,
+    seq: u64,
+}
+
+impl Conn {
+    pub fn start(tls: Tls) -> Self {
+        let (rd, wr) = tokio::io::split(tls);
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let (ack_tx, ack_rx) = watch::channel(0u64);
+        let (idx_tx, idx_rx) = mpsc::channel(4);
+        let inbound = tokio::spawn(inbound(BufReader::new(rd), ack_tx, idx_tx));
+        let outbound = tokio::spawn(outbound(wr, out_rx));
+        Self { out: out_tx, acked: ack_rx, index: idx_rx, inbound: Some(inbound), outbound, seq: 0 }
+    }
+
+    pub fn sender(&self) -> mpsc::Sender<Message> {
+        self.out.clone()
+    }
+
+    pub fn acked(&self) -> u64 {
+        *self.acked.borrow()
+    }
+
+    /// The reason the connection ended (after a send or wait failed).
+    /// Cancel safe: the inbound task is only given up once it has finished.
+    pub async fn failure(&mut self) -> ConnError {
+        let Some(h) = self.inbound.as_mut() else { return ConnError::Closed };
+        let r = h.await;
+        self.inbound = None;
+        match r {
+            Ok(Err(e)) => e,
+            _ => ConnError::Closed,
+        }
+    }
+
+    /// Sends a sequenced frame once the window allows; returns its sequence number.
+    pub async fn send_seq(&mut self, make: impl FnOnce(u64) -> Message) -> Result<u64, ConnError> {
+        self.seq += 1;
+        let seq = self.seq;
+        if self.acked.wait_for(|a| seq - a <= WINDOW).await.is_err() {
+            return Err(self.failure().await);
+        }
+        self.send(make(seq)).await?;
+        Ok(seq)
+    }
+
+    pub async fn send(&mut self, m: Message) -> Result<(), ConnError> {
+        if self.out.send(m).await.is_err() {
+            return Err(self.failure().await);
+        }
+        Ok(())
+    }
+
+    /// Waits until the server has made everything up to `seq` durable.
+    pub async fn wait_acked(&mut self, seq: u64) -> Result<(), ConnError> {
+        if self.acked.wait_for(|a| *a >= seq).await.is_err() {
+            return Err(self.failure().await);
+        }
+        Ok(())
+    }
+
+    pub async fn index(&mut self, disk_id: DiskId, start_block: u64, count: u32) -> Result<Vec<Hash>, ConnError> {
+        self.send(Message::IndexRequest { disk_id, start_block, count }).await?;
+        match self.index.recv().await {
+            Some(c) if c.disk_id == disk_id && c.start_block == start_block && c.hashes.len() == count as usize => {
+                Ok(c.hashes)
+            }
+            Some(_) => Err(ConnError::Protocol("index chunk does not answer the request".into())),
+            None => Err(self.failure().await),
+        }
+    }
+
+    /// Closes the stream after everything queued has been written.
+    pub async fn close(self) {
+        drop(self.out);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.outbound).await;
+        if let Some(h) = self.inbound {
+            h.abort();
+        }
+    }
+
+    /// Resolves when the inbound side ends (server closed or sent an error).
+    pub async fn closed(&mut self) -> ConnError {
+        self.failure().await
+    }
+}
+
+async fn outbound<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Message>) {
+    let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+    while let Some(m) = rx.recv().await {
+        encode(m, &mut buf);
+        // Batch what is already queued into one write.
+        while buf.len() < (1 << 20) {
+            match rx.try_recv() {
+                Ok(m) => encode(m, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn inbound<R: AsyncRead + Unpin>(
+    mut rd: BufReader<ReadHalf<R>>,
+    acked: watch::Sender<u64>,
+    index: mpsc::Sender<IndexChunk>,
+) -> Result<(), ConnError> {
+    loop {
+        match read_message(&mut rd).await? {
+            None => return Err(ConnError::Closed),
+            Some(Message::Ack { seq }) => {
+                acked.send_if_modified(|a| {
+                    let newer = seq > *a;
+                    if newer {
+                        *a = seq;
+                    }
+                    newer
+                });
+            }
+            Some(Message::IndexChunk { disk_id, start_block, hashes }) => {
+                if index.send(IndexChunk { disk_id, start_block, hashes }).await.is_err() {
+                    return Err(ConnError::Closed);
+                }
+            }
+            Some(Message::Error { code, message }) => return Err(ConnError::Refused { code, message }),
+            Some(Message::Ping { .. }) => {}
+            Some(m) => return Err(ConnError::Protocol(format!("unexpected {} from the server", m.kind()))),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! `rehost-agent`: the source side of replication. No kernel module: it reads the disks.
+//!
+//! - [`disks`]: whole-disk discovery (`/sys/block`, `BLKGETSIZE64`), image files for tests;
+//! - [`install`]: the installer (disks shown, registration with the install token, service);
+//! - [`state`]: the persisted agent state (credential 0600) and the status file;
+//! - [`tls`]: TLS 1.3 client that trusts only the CA pinned by the token;
+//! - [`conn`]: handshake, send window, acknowledgements;
+//! - [`pipeline`]: read → zero-detect → blake3 → zstd on worker threads, in disk order;
+//! - [`replicate`]: the daemon: initial sync, resume, rescan, scan tracker, reconnect.
+
+pub mod conn;
+pub mod disks;
+pub mod install;
+pub mod pipeline;
+pub mod replicate;
+pub mod state;
+pub mod tls;

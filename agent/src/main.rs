@@ -1,0 +1,178 @@
+//! `rehost-agent`: parses arguments, sets up logging, calls into the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rehost_agent::install::{install, InstallOptions};
+use rehost_agent::replicate::{self, Agent, Options};
+use rehost_agent::state::{AgentState, Status};
+
+/// rehost agent: replicates this machine's disks, block by block over TLS, to a rehost
+/// replication server. No kernel module, no reboot.
+#[derive(Parser)]
+#[command(name = "rehost-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Identify the disks, register with the server using an install token, and start replicating
+    /// (as the systemd service `rehost-agent`, unless --no-service).
+    Install {
+        /// Replication server, HOST[:PORT] (port 1500 by default).
+        #[arg(long)]
+        server: String,
+        /// Install token from `rehost-server token create`.
+        #[arg(long, env = "REHOST_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Replicate exactly these block devices or image files (comma separated) instead of
+        /// every disk found in /sys/block.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<PathBuf>>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        no_prompt: bool,
+        /// Do not install a systemd service; run `rehost-agent run` yourself.
+        #[arg(long)]
+        no_service: bool,
+        /// Where the agent keeps its state and credential.
+        #[arg(long, default_value = "/var/lib/rehost-agent", env = "REHOST_AGENT_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Name to register under (default: the system hostname).
+        #[arg(long)]
+        hostname: Option<String>,
+    },
+    /// Run the replication daemon in the foreground (what the service runs).
+    Run {
+        #[arg(long, default_value = "/var/lib/rehost-agent", env = "REHOST_AGENT_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Seconds between passes of the scan tracker once the initial sync is done.
+        #[arg(long, default_value_t = 60)]
+        scan_interval: u64,
+        /// Hash/compress threads (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Show the replication state of each disk, as the running agent last reported it.
+    Status {
+        #[arg(long, default_value = "/var/lib/rehost-agent", env = "REHOST_AGENT_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Machine-readable output (format documented in the README).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main(cli) {
+        eprintln!("rehost-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("start runtime")
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Install { server, token, devices, no_prompt, no_service, state_dir, hostname } => {
+            let opts = InstallOptions { server, token, devices, no_prompt, no_service, state_dir, hostname };
+            runtime()?.block_on(async { install(&opts, &mut std::io::stdout()).await.map(drop) })
+        }
+        Cmd::Run { state_dir, scan_interval, workers } => {
+            let state = AgentState::load(&state_dir)?;
+            let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+            let opts = Options { scan_interval: Duration::from_secs(scan_interval.max(1)), workers };
+            runtime()?.block_on(async {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    tracing::info!("stopping");
+                    let _ = tx.send(true);
+                });
+                let agent = Agent::new(state_dir, state);
+                replicate::run(agent, opts, rx).await.map_err(anyhow::Error::from)
+            })
+        }
+        Cmd::Status { state_dir, json } => status(&state_dir, json),
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let state = AgentState::load(dir)?;
+    let mut st = Status::load(dir)?.unwrap_or_else(|| Status {
+        machine_id: state.machine_id.clone(),
+        hostname: state.hostname.clone(),
+        server: state.server.clone(),
+        connection: "never started".into(),
+        ..Default::default()
+    });
+    let fresh = replicate::now() - st.updated_at <= 10;
+    st.running = st.running && fresh && alive(st.pid);
+    if !st.running && st.connection != "failed" && st.connection != "never started" {
+        st.connection = "stopped".into();
+        for d in &mut st.disks {
+            d.state = "disconnected".into();
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!("machine {} ({}) -> {}", st.machine_id, st.hostname, st.server);
+    println!(
+        "agent: {}{}",
+        if st.running { format!("running (pid {}), ", st.pid) } else { "not running, ".into() },
+        st.connection
+    );
+    if let Some(e) = &st.last_error {
+        println!("last error: {e}");
+    }
+    use rehost_agent::disks::human_bytes as hb;
+    println!("  {:<24} {:>10} {:<13} {:>7} {:>11} {:>11} {:>6} {:>11}", "DEVICE", "SIZE", "STATE", "PROG", "REPLICATED", "BACKLOG", "LAG", "SENT");
+    for d in &st.disks {
+        println!(
+            "  {:<24} {:>10} {:<13} {:>6.1}% {:>11} {:>11} {:>6} {:>11}",
+            d.device,
+            hb(d.size_bytes),
+            d.state,
+            d.progress_percent,
+            hb(d.replicated_bytes),
+            hb(d.backlog_bytes),
+            d.lag_seconds.map(|l| format!("{l}s")).unwrap_or_else(|| "-".into()),
+            hb(d.sent_bytes)
+        );
+        if let Some(r) = &d.last_rescan {
+            println!(
+                "    last rescan{}: {}; scanned {}, {} differing blocks, sent {}",
+                if r.finished { "" } else { " (running)" },
+                r.reason,
+                hb(r.scanned_bytes),
+                r.differing_blocks,
+                hb(r.sent_bytes)
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! What the agent persists in its state dir:
+//! - `agent.json` (0600): server address, the pinned CA digest, the machine id and credential, and
+//!   per disk its server id and replication phase. Written with the crash-safe recipe.
+//! - `status.json` (0644): what the running daemon last reported, for `rehost-agent status`.
+
+use std::path::{Path, PathBuf};
+
+use rehost_proto::fsutil::{read_capped, write_atomic};
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "agent.json";
+pub const STATUS_FILE: &str = "status.json";
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no agent installation in {0} (run `rehost-agent install` first)")]
+    Missing(PathBuf),
+    #[error("read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("{0} is damaged")]
+    Parse(PathBuf, #[source] serde_json::Error),
+    #[error("{0} has format version {1}, this agent understands {STATE_VERSION}")]
+    Version(PathBuf, u32),
+    #[error("write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Known to the server; the initial sync has not finished.
+    InitialSync,
+    /// The initial sync finished and the server acknowledged it.
+    Synced,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskState {
+    pub device: PathBuf,
+    pub disk_id: u64,
+    pub phase: Phase,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentState {
+    pub version: u32,
+    pub server: String,
+    /// blake3 of the server CA certificate, hex.
+    pub server_pin: String,
+    pub machine_id: String,
+    /// The machine's own credential, hex.
+    pub machine_secret: String,
+    pub hostname: String,
+    pub disks: Vec<DiskState>,
+}
+
+impl AgentState {
+    pub fn new(server: String, pin: &[u8; 32], machine_id: String, secret: &[u8; 32], hostname: String) -> Self {
+        Self {
+            version: STATE_VERSION,
+            server,
+            server_pin: hex::encode(pin),
+            machine_id,
+            machine_secret: hex::encode(secret),
+            hostname,
+            disks: Vec::new(),
+        }
+    }
+
+    pub fn load(dir: &Path) -> Result<Self, StateError> {
+        let p = dir.join(STATE_FILE);
+        if !p.exists() {
+            return Err(StateError::Missing(dir.into()));
+        }
+        let raw = read_capped(&p, 1 << 20).map_err(|e| StateError::Read(p.clone(), e))?;
+        let s: Self = serde_json::from_slice(&raw).map_err(|e| StateError::Parse(p.clone(), e))?;
+        if s.version != STATE_VERSION {
+            return Err(StateError::Version(p, s.version));
+        }
+        Ok(s)
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| StateError::Write(dir.into(), e))?;
+        let p = dir.join(STATE_FILE);
+        let data = serde_json::to_vec_pretty(self).expect("state serialises");
+        write_atomic(&p, &data, 0o600).map_err(|e| StateError::Write(p, e))
+    }
+
+    pub fn pin(&self) -> Option<[u8; 32]> {
+        hex::decode(&self.server_pin).ok()?.try_into().ok()
+    }
+
+    pub fn secret(&self) -> Option<[u8; 32]> {
+        hex::decode(&self.machine_secret).ok()?.try_into().ok()
+    }
+
+    pub fn disk(&self, device: &Path) -> Option<&DiskState> {
+        self.disks.iter().find(|d| d.device == device)
+    }
+
+    pub fn set_disk(&mut self, device: &Path, disk_id: u64, phase: Phase) {
+        self.disks.retain(|d| d.device != device);
+        self.disks.push(DiskState { device: device.into(), disk_id, phase });
+    }
+}
+
+/// `rehost-agent status --json`: stable, documented in the README.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub machine_id: String,
+    pub hostname: String,
+    pub server: String,
+    pub pid: u32,
+    pub running: bool,
+    /// connecting, connected, reconnecting (with the last error), stopped, failed
+    pub connection: String,
+    pub last_error: Option<String>,
+    pub updated_at: i64,
+    pub disks: Vec<DiskStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub device: String,
+    pub disk_id: u64,
+    pub size_bytes: u64,
+    /// initial-sync, rescan, continuous, disconnected
+    pub state: String,
+    pub progress_percent: f64,
+    /// Bytes the server has acknowledged as durable (initial sync), or the whole disk once synced.
+    pub replicated_bytes: u64,
+    pub backlog_bytes: u64,
+    pub lag_seconds: Option<u64>,
+    /// Block payload bytes put on the wire by this agent process (after compression).
+    pub sent_bytes: u64,
+    pub sent_blocks: u64,
+    /// Why the current or last rescan happened, and what it sent.
+    pub last_rescan: Option<RescanReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RescanReport {
+    pub reason: String,
+    pub scanned_bytes: u64,
+    pub differing_blocks: u64,
+    pub sent_bytes: u64,
+    pub finished: bool,
+}
+
+impl Status {
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        let p = dir.join(STATUS_FILE);
+        let data = serde_json::to_vec_pretty(self).expect("status serialises");
+        write_atomic(&p, &data, 0o644).map_err(|e| StateError::Write(p, e))
+    }
+
+    pub fn load(dir: &Path) -> Result<Option<Self>, StateError> {
+        let p = dir.join(STATUS_FILE);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let raw = read_capped(&p, 4 << 20).map_err(|e| StateError::Read(p.clone(), e))?;
+        serde_json::from_slice(&raw).map(Some).map_err(|e| StateError::Parse(p, e))
+    }
+}
