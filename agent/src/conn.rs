@@ -93,17 +93,44 @@ pub struct Conn {
     inbound: Option<JoinHandle<Result<(), ConnError>>>,
     outbound: JoinHandle<()>,
     seq: u64,
+    throttle: Option<Throttle>,
+}
+
+/// A token bucket over block payload bytes.
+struct Throttle {
+    bytes_per_sec: f64,
+    next: tokio::time::Instant,
+}
+
+impl Throttle {
+    async fn take(&mut self, bytes: usize) {
+        let now = tokio::time::Instant::now();
+        // Allow at most a quarter second of burst after an idle period.
+        let floor = now - Duration::from_millis(250);
+        if self.next < floor {
+            self.next = floor;
+        }
+        self.next += Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+        if self.next > now {
+            tokio::time::sleep_until(self.next).await;
+        }
+    }
 }
 
 impl Conn {
-    pub fn start(tls: Tls) -> Self {
+    /// `max_mbps`: bandwidth cap for block payloads in megabits per second.
+    pub fn start(tls: Tls, max_mbps: Option<u64>) -> Self {
         let (rd, wr) = tokio::io::split(tls);
         let (out_tx, out_rx) = mpsc::channel(64);
         let (ack_tx, ack_rx) = watch::channel(0u64);
         let (idx_tx, idx_rx) = mpsc::channel(4);
         let inbound = tokio::spawn(inbound(BufReader::new(rd), ack_tx, idx_tx));
         let outbound = tokio::spawn(outbound(wr, out_rx));
-        Self { out: out_tx, acked: ack_rx, index: idx_rx, inbound: Some(inbound), outbound, seq: 0 }
+        let throttle = max_mbps.filter(|m| *m > 0).map(|m| Throttle {
+            bytes_per_sec: m as f64 * 1_000_000.0 / 8.0,
+            next: tokio::time::Instant::now(),
+        });
+        Self { out: out_tx, acked: ack_rx, index: idx_rx, inbound: Some(inbound), outbound, seq: 0, throttle }
     }
 
     pub fn sender(&self) -> mpsc::Sender<Message> {
@@ -133,7 +160,11 @@ impl Conn {
         if self.acked.wait_for(|a| seq - a <= WINDOW).await.is_err() {
             return Err(self.failure().await);
         }
-        self.send(make(seq)).await?;
+        let m = make(seq);
+        if let (Some(t), Message::Block(b)) = (self.throttle.as_mut(), &m) {
+            t.take(b.payload.len()).await;
+        }
+        self.send(m).await?;
         Ok(seq)
     }
 

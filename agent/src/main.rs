@@ -56,6 +56,9 @@ enum Cmd {
         /// Hash/compress threads (default: one per CPU).
         #[arg(long)]
         workers: Option<usize>,
+        /// Cap replication bandwidth at this many megabits per second (default: unlimited).
+        #[arg(long)]
+        max_mbps: Option<u64>,
     },
     /// Show the replication state of each disk, as the running agent last reported it.
     Status {
@@ -74,6 +77,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = real_main(cli) {
         eprintln!("rehost-agent: error: {e:#}");
@@ -91,10 +95,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let opts = InstallOptions { server, token, devices, no_prompt, no_service, state_dir, hostname };
             runtime()?.block_on(async { install(&opts, &mut std::io::stdout()).await.map(drop) })
         }
-        Cmd::Run { state_dir, scan_interval, workers } => {
+        Cmd::Run { state_dir, scan_interval, workers, max_mbps } => {
             let state = AgentState::load(&state_dir)?;
             let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-            let opts = Options { scan_interval: Duration::from_secs(scan_interval.max(1)), workers };
+            let opts = Options { scan_interval: Duration::from_secs(scan_interval.max(1)), workers, max_mbps };
             runtime()?.block_on(async {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {

@@ -32,6 +32,8 @@ use crate::state::{AgentState, DiskStatus, Phase, RescanReport, StateError, Stat
 pub struct Options {
     pub scan_interval: Duration,
     pub workers: usize,
+    /// Bandwidth cap in megabits per second (None: unlimited).
+    pub max_mbps: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +232,7 @@ async fn session(agent: &Arc<Agent>, opts: &Options, shutdown: &mut watch::Recei
         disks: disks.iter().map(|d| DiskInfo { device: d.path.display().to_string(), size_bytes: d.size }).collect(),
     };
     let welcome = conn::handshake(&mut tls, hello).await?;
-    let mut conn = Conn::start(tls);
+    let mut conn = Conn::start(tls, opts.max_mbps);
     info!(server = %state.server, machine = %welcome.machine_id, "connected");
     {
         let mut s = agent.status();

@@ -1,0 +1,296 @@
+//! Harness for the end-to-end tests: starts the real `rehost-server` and `rehost-agent` binaries
+//! (built by `cargo test --workspace` next to the test executables) on 127.0.0.1 with free ports,
+//! drives them through their command lines, and builds test disk images.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a workspace binary: target/<profile>/NAME, next to target/<profile>/deps/<test>.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile> directory");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace` so it gets built", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// Polls `f` until it returns Some, or panics after `limit` with `what`.
+pub fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stop(child: &mut Option<Child>, signal: nix::sys::signal::Signal) {
+    if let Some(mut c) = child.take() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), signal);
+        let _ = c.wait();
+    }
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub data: PathBuf,
+    pub addr: String,
+    pub admin: String,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn start(dir: &Path) -> Self {
+        let mut s = Server {
+            child: None,
+            data: dir.join("server"),
+            addr: format!("127.0.0.1:{}", free_port()),
+            admin: format!("127.0.0.1:{}", free_port()),
+            log: dir.join("server.log"),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("server log");
+        let child = Command::new(bin("rehost-server"))
+            .args(["--data-dir".as_ref(), self.data.as_os_str()])
+            .args(["--admin", &self.admin, "serve", "--listen", &self.addr])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start rehost-server");
+        self.child = Some(child);
+        wait_until("the server's admin API", Duration::from_secs(30), || {
+            self.cli(&["token", "list"]).status.success().then_some(())
+        });
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("rehost-server"))
+            .args(["--data-dir".as_ref(), self.data.as_os_str()])
+            .args(["--admin", &self.admin])
+            .args(args)
+            .output()
+            .expect("run rehost-server")
+    }
+
+    pub fn token(&self) -> String {
+        let out = self.cli(&["token", "create"]);
+        assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+    }
+
+    pub fn machines(&self) -> Value {
+        let out = self.cli(&["machines", "--json"]);
+        assert!(out.status.success(), "machines: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("machines JSON")
+    }
+
+    /// The JSON of one machine's disk, by device path.
+    pub fn disk(&self, device: &Path) -> Option<Value> {
+        let m = self.machines();
+        let dev = device.display().to_string();
+        m["machines"].as_array()?.iter().flat_map(|m| m["disks"].as_array().cloned().unwrap_or_default()).find(|d| d["device"] == dev.as_str())
+    }
+
+    pub fn kill(&mut self) {
+        stop(&mut self.child, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The staging volume file of a disk.
+    pub fn volume(&self, machine_id: &str, disk_id: u64) -> PathBuf {
+        self.data.join("volumes").join(machine_id).join(format!("disk-{disk_id}.vol"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub state: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        Agent { child: None, state: dir.join(format!("agent-{name}")), log: dir.join(format!("agent-{name}.log")) }
+    }
+
+    pub fn install(&self, server: &Server, token: &str, devices: &[&Path], hostname: &str) -> Output {
+        let devs = devices.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(",");
+        Command::new(bin("rehost-agent"))
+            .args(["install", "--server", &server.addr, "--token", token, "--devices", &devs])
+            .args(["--no-prompt", "--no-service", "--hostname", hostname, "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .expect("run rehost-agent install")
+    }
+
+    pub fn run(&mut self, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
+        let child = Command::new(bin("rehost-agent"))
+            .args(["run", "--state-dir"])
+            .arg(&self.state)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start rehost-agent");
+        self.child = Some(child);
+    }
+
+    pub fn status(&self) -> Value {
+        let out = Command::new(bin("rehost-agent")).args(["status", "--json", "--state-dir"]).arg(&self.state).output().expect("status");
+        assert!(out.status.success(), "agent status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    pub fn state_json(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.state.join("agent.json")).expect("agent.json")).expect("agent.json JSON")
+    }
+
+    pub fn kill(&mut self, signal: nix::sys::signal::Signal) {
+        stop(&mut self.child, signal);
+    }
+
+    /// Exit status once the agent ends on its own.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("agent running");
+        let st = wait_until("the agent to exit", limit, || c.try_wait().expect("wait agent"));
+        self.child = None;
+        st
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible for zstd.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// An image of `size` bytes: random, compressible text and zero regions in turn, so the
+/// replication sees every kind of block. `size` need not be a multiple of any block size.
+pub fn mixed_image(path: &Path, size: u64, seed: u64) {
+    let f = File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+    let region = 8u64 << 20;
+    let mut off = 0u64;
+    let mut kind = 0u64;
+    while off < size {
+        let len = region.min(size - off) as usize;
+        match kind % 3 {
+            0 => f.write_all_at(&random_bytes(seed + off, len), off).expect("write"),
+            1 => {
+                let text: Vec<u8> = format!("rehost block {off} compressible line\n").bytes().cycle().take(len).collect();
+                f.write_all_at(&text, off).expect("write")
+            }
+            _ => {} // a hole: reads as zeros
+        }
+        off += len as u64;
+        kind += 1;
+    }
+    f.sync_all().expect("sync image");
+}
+
+pub fn file_hash(path: &Path) -> String {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// Writes `data` at `offset` of an existing file.
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).expect("open for write");
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).expect("seek");
+    f.write_all(data).expect("write");
+    f.sync_all().expect("sync");
+}
+
+/// Waits until the server shows `device` in continuous replication with a replica identical to
+/// the source file, and returns the machine id and disk id.
+pub fn wait_replicated(server: &Server, device: &Path, limit: Duration) -> (String, u64) {
+    let want = file_hash(device);
+    wait_until(&format!("{} to be replicated", device.display()), limit, || {
+        let m = server.machines();
+        for mm in m["machines"].as_array()? {
+            for d in mm["disks"].as_array()? {
+                if d["device"] == device.display().to_string().as_str() && d["sync_complete"] == true && d["state"] == "continuous" {
+                    let mid = mm["machine_id"].as_str()?.to_string();
+                    let did = d["disk_id"].as_u64()?;
+                    if file_hash(&server.volume(&mid, did)) == want {
+                        return Some((mid, did));
+                    }
+                }
+            }
+        }
+        None
+    })
+}
