@@ -77,6 +77,18 @@ impl SessionError {
     }
 }
 
+/// `error: cause: cause`, for logs and for the `Error` frame.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
 fn internal(e: impl std::fmt::Display) -> SessionError {
     SessionError::Internal(e.to_string())
 }
@@ -105,13 +117,13 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, shutdo
         match &result {
             Ok(()) => info!("agent disconnected"),
             Err(e @ (SessionError::Frame(FrameError::Io(_)) | SessionError::Replaced | SessionError::Shutdown)) => {
-                warn!(error = %e, "session ended")
+                warn!(error = %chain(e), "session ended")
             }
-            Err(e) => warn!(error = %e, "session refused or aborted"),
+            Err(e) => warn!(error = %chain(e), "session refused or aborted"),
         }
         if let Err(e) = &result {
             if let Some(code) = e.code() {
-                let _ = out_tx.send(Message::Error { code, message: e.to_string() }).await;
+                let _ = out_tx.send(Message::Error { code, message: chain(e) }).await;
             }
         }
         drop(out_tx);
@@ -187,13 +199,22 @@ async fn session<R: AsyncRead + Unpin>(
     let _live = LiveGuard(shared.clone(), machine.clone());
 
     let (job_tx, job_rx) = mpsc::channel::<Job>(64);
-    let writer = {
+    let mut writer = {
         let (shared, out) = (shared.clone(), out.clone());
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || span.in_scope(|| writer::run(shared, ctxs, job_rx, out)))
     };
     let stream = stream(shared, &machine, &granted, &mut rd, &out, &job_tx, &kicked, &mut shutdown);
-    let result = stream.await;
+    // A write error (bad hash, disk failure) ends the session at once, even while the reader waits.
+    let result = tokio::select! {
+        r = stream => r,
+        w = &mut writer => {
+            return match w.map_err(internal)? {
+                Err(e) => Err(e.into()),
+                Ok(()) => Err(internal("writer stopped")),
+            };
+        }
+    };
     drop(job_tx);
     // The writer commits what it holds; a write error beats the reader's view of why we stopped.
     match writer.await.map_err(internal)? {
