@@ -40,7 +40,11 @@ enum Cmd {
         #[arg(long)]
         no_service: bool,
         /// Where the agent keeps its state and credential.
-        #[arg(long, default_value = "/var/lib/rehost-agent", env = "REHOST_AGENT_STATE_DIR")]
+        #[arg(
+            long,
+            default_value = "/var/lib/rehost-agent",
+            env = "REHOST_AGENT_STATE_DIR"
+        )]
         state_dir: PathBuf,
         /// Name to register under (default: the system hostname).
         #[arg(long)]
@@ -48,7 +52,11 @@ enum Cmd {
     },
     /// Run the replication daemon in the foreground (what the service runs).
     Run {
-        #[arg(long, default_value = "/var/lib/rehost-agent", env = "REHOST_AGENT_STATE_DIR")]
+        #[arg(
+            long,
+            default_value = "/var/lib/rehost-agent",
+            env = "REHOST_AGENT_STATE_DIR"
+        )]
         state_dir: PathBuf,
         /// Seconds between passes of the scan tracker once the initial sync is done.
         #[arg(long, default_value_t = 60)]
@@ -60,9 +68,18 @@ enum Cmd {
         #[arg(long)]
         max_mbps: Option<u64>,
     },
+    /// Print the blake3 digest of devices or image files (to compare a source with its replica).
+    Checksum {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Show the replication state of each disk, as the running agent last reported it.
     Status {
-        #[arg(long, default_value = "/var/lib/rehost-agent", env = "REHOST_AGENT_STATE_DIR")]
+        #[arg(
+            long,
+            default_value = "/var/lib/rehost-agent",
+            env = "REHOST_AGENT_STATE_DIR"
+        )]
         state_dir: PathBuf,
         /// Machine-readable output (format documented in the README).
         #[arg(long)]
@@ -86,24 +103,58 @@ fn main() {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("start runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start runtime")
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Install { server, token, devices, no_prompt, no_service, state_dir, hostname } => {
-            let opts = InstallOptions { server, token, devices, no_prompt, no_service, state_dir, hostname };
+        Cmd::Install {
+            server,
+            token,
+            devices,
+            no_prompt,
+            no_service,
+            state_dir,
+            hostname,
+        } => {
+            let opts = InstallOptions {
+                server,
+                token,
+                devices,
+                no_prompt,
+                no_service,
+                state_dir,
+                hostname,
+            };
             runtime()?.block_on(async { install(&opts, &mut std::io::stdout()).await.map(drop) })
         }
-        Cmd::Run { state_dir, scan_interval, workers, max_mbps } => {
+        Cmd::Run {
+            state_dir,
+            scan_interval,
+            workers,
+            max_mbps,
+        } => {
             let state = AgentState::load(&state_dir)?;
-            let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-            let opts = Options { scan_interval: Duration::from_secs(scan_interval.max(1)), workers, max_mbps };
+            let workers = workers.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            });
+            let opts = Options {
+                scan_interval: Duration::from_secs(scan_interval.max(1)),
+                workers,
+                max_mbps,
+            };
             runtime()?.block_on(async {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("SIGTERM handler");
                     tokio::select! {
                         _ = tokio::signal::ctrl_c() => {}
                         _ = term.recv() => {}
@@ -112,10 +163,30 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     let _ = tx.send(true);
                 });
                 let agent = Agent::new(state_dir, state);
-                replicate::run(agent, opts, rx).await.map_err(anyhow::Error::from)
+                replicate::run(agent, opts, rx)
+                    .await
+                    .map_err(anyhow::Error::from)
             })
         }
         Cmd::Status { state_dir, json } => status(&state_dir, json),
+        Cmd::Checksum { paths } => {
+            for p in paths {
+                let f = std::fs::File::open(&p).with_context(|| format!("open {}", p.display()))?;
+                let (size, _) = rehost_agent::disks::size_of(&f, &p)?;
+                let mut h = blake3::Hasher::new();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut off = 0u64;
+                while off < size {
+                    let n = (size - off).min(buf.len() as u64) as usize;
+                    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..n], off)
+                        .with_context(|| format!("read {} at {off}", p.display()))?;
+                    h.update(&buf[..n]);
+                    off += n as u64;
+                }
+                println!("{}  {}", h.finalize().to_hex(), p.display());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -144,17 +215,27 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(());
     }
-    println!("machine {} ({}) -> {}", st.machine_id, st.hostname, st.server);
+    println!(
+        "machine {} ({}) -> {}",
+        st.machine_id, st.hostname, st.server
+    );
     println!(
         "agent: {}{}",
-        if st.running { format!("running (pid {}), ", st.pid) } else { "not running, ".into() },
+        if st.running {
+            format!("running (pid {}), ", st.pid)
+        } else {
+            "not running, ".into()
+        },
         st.connection
     );
     if let Some(e) = &st.last_error {
         println!("last error: {e}");
     }
     use rehost_agent::disks::human_bytes as hb;
-    println!("  {:<24} {:>10} {:<13} {:>7} {:>11} {:>11} {:>6} {:>11}", "DEVICE", "SIZE", "STATE", "PROG", "REPLICATED", "BACKLOG", "LAG", "SENT");
+    println!(
+        "  {:<24} {:>10} {:<13} {:>7} {:>11} {:>11} {:>6} {:>11}",
+        "DEVICE", "SIZE", "STATE", "PROG", "REPLICATED", "BACKLOG", "LAG", "SENT"
+    );
     for d in &st.disks {
         println!(
             "  {:<24} {:>10} {:<13} {:>6.1}% {:>11} {:>11} {:>6} {:>11}",
@@ -164,7 +245,9 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             d.progress_percent,
             hb(d.replicated_bytes),
             hb(d.backlog_bytes),
-            d.lag_seconds.map(|l| format!("{l}s")).unwrap_or_else(|| "-".into()),
+            d.lag_seconds
+                .map(|l| format!("{l}s"))
+                .unwrap_or_else(|| "-".into()),
             hb(d.sent_bytes)
         );
         if let Some(r) = &d.last_rescan {

@@ -15,14 +15,24 @@ use serde_json::Value;
 /// Path of a workspace binary: target/<profile>/NAME, next to target/<profile>/deps/<test>.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile> directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> directory");
     let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace` so it gets built", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so it gets built",
+        p.display()
+    );
     p
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 /// Polls `f` until it returns Some, or panics after `limit` with `what`.
@@ -32,7 +42,10 @@ pub fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -78,7 +91,11 @@ impl Server {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("server log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("server log");
         let child = Command::new(bin("rehost-server"))
             .args(["--data-dir".as_ref(), self.data.as_os_str()])
             .args(["--admin", &self.admin, "serve", "--listen", &self.addr])
@@ -104,13 +121,24 @@ impl Server {
 
     pub fn token(&self) -> String {
         let out = self.cli(&["token", "create"]);
-        assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+        assert!(
+            out.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string()
     }
 
     pub fn machines(&self) -> Value {
         let out = self.cli(&["machines", "--json"]);
-        assert!(out.status.success(), "machines: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "machines: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("machines JSON")
     }
 
@@ -118,7 +146,11 @@ impl Server {
     pub fn disk(&self, device: &Path) -> Option<Value> {
         let m = self.machines();
         let dev = device.display().to_string();
-        m["machines"].as_array()?.iter().flat_map(|m| m["disks"].as_array().cloned().unwrap_or_default()).find(|d| d["device"] == dev.as_str())
+        m["machines"]
+            .as_array()?
+            .iter()
+            .flat_map(|m| m["disks"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["device"] == dev.as_str())
     }
 
     pub fn kill(&mut self) {
@@ -136,7 +168,10 @@ impl Server {
 
     /// The staging volume file of a disk.
     pub fn volume(&self, machine_id: &str, disk_id: u64) -> PathBuf {
-        self.data.join("volumes").join(machine_id).join(format!("disk-{disk_id}.vol"))
+        self.data
+            .join("volumes")
+            .join(machine_id)
+            .join(format!("disk-{disk_id}.vol"))
     }
 }
 
@@ -154,21 +189,53 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(dir: &Path, name: &str) -> Self {
-        Agent { child: None, state: dir.join(format!("agent-{name}")), log: dir.join(format!("agent-{name}.log")) }
+        Agent {
+            child: None,
+            state: dir.join(format!("agent-{name}")),
+            log: dir.join(format!("agent-{name}.log")),
+        }
     }
 
-    pub fn install(&self, server: &Server, token: &str, devices: &[&Path], hostname: &str) -> Output {
-        let devs = devices.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(",");
+    pub fn install(
+        &self,
+        server: &Server,
+        token: &str,
+        devices: &[&Path],
+        hostname: &str,
+    ) -> Output {
+        let devs = devices
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         Command::new(bin("rehost-agent"))
-            .args(["install", "--server", &server.addr, "--token", token, "--devices", &devs])
-            .args(["--no-prompt", "--no-service", "--hostname", hostname, "--state-dir"])
+            .args([
+                "install",
+                "--server",
+                &server.addr,
+                "--token",
+                token,
+                "--devices",
+                &devs,
+            ])
+            .args([
+                "--no-prompt",
+                "--no-service",
+                "--hostname",
+                hostname,
+                "--state-dir",
+            ])
             .arg(&self.state)
             .output()
             .expect("run rehost-agent install")
     }
 
     pub fn run(&mut self, extra: &[&str]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
         let child = Command::new(bin("rehost-agent"))
             .args(["run", "--state-dir"])
             .arg(&self.state)
@@ -181,14 +248,28 @@ impl Agent {
         self.child = Some(child);
     }
 
+    /// The process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn status(&self) -> Value {
-        let out = Command::new(bin("rehost-agent")).args(["status", "--json", "--state-dir"]).arg(&self.state).output().expect("status");
-        assert!(out.status.success(), "agent status: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(bin("rehost-agent"))
+            .args(["status", "--json", "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .expect("status");
+        assert!(
+            out.status.success(),
+            "agent status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
     pub fn state_json(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.state.join("agent.json")).expect("agent.json")).expect("agent.json JSON")
+        serde_json::from_slice(&std::fs::read(self.state.join("agent.json")).expect("agent.json"))
+            .expect("agent.json JSON")
     }
 
     pub fn kill(&mut self, signal: nix::sys::signal::Signal) {
@@ -198,7 +279,9 @@ impl Agent {
     /// Exit status once the agent ends on its own.
     pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
         let c = self.child.as_mut().expect("agent running");
-        let st = wait_until("the agent to exit", limit, || c.try_wait().expect("wait agent"));
+        let st = wait_until("the agent to exit", limit, || {
+            c.try_wait().expect("wait agent")
+        });
         self.child = None;
         st
     }
@@ -239,9 +322,15 @@ pub fn mixed_image(path: &Path, size: u64, seed: u64) {
     while off < size {
         let len = region.min(size - off) as usize;
         match kind % 3 {
-            0 => f.write_all_at(&random_bytes(seed + off, len), off).expect("write"),
+            0 => f
+                .write_all_at(&random_bytes(seed + off, len), off)
+                .expect("write"),
             1 => {
-                let text: Vec<u8> = format!("rehost block {off} compressible line\n").bytes().cycle().take(len).collect();
+                let text: Vec<u8> = format!("rehost block {off} compressible line\n")
+                    .bytes()
+                    .cycle()
+                    .take(len)
+                    .collect();
                 f.write_all_at(&text, off).expect("write")
             }
             _ => {} // a hole: reads as zeros
@@ -268,7 +357,10 @@ pub fn file_hash(path: &Path) -> String {
 
 /// Writes `data` at `offset` of an existing file.
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).expect("open for write");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for write");
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).expect("seek");
     f.write_all(data).expect("write");
     f.sync_all().expect("sync");
@@ -278,19 +370,26 @@ pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
 /// the source file, and returns the machine id and disk id.
 pub fn wait_replicated(server: &Server, device: &Path, limit: Duration) -> (String, u64) {
     let want = file_hash(device);
-    wait_until(&format!("{} to be replicated", device.display()), limit, || {
-        let m = server.machines();
-        for mm in m["machines"].as_array()? {
-            for d in mm["disks"].as_array()? {
-                if d["device"] == device.display().to_string().as_str() && d["sync_complete"] == true && d["state"] == "continuous" {
-                    let mid = mm["machine_id"].as_str()?.to_string();
-                    let did = d["disk_id"].as_u64()?;
-                    if file_hash(&server.volume(&mid, did)) == want {
-                        return Some((mid, did));
+    wait_until(
+        &format!("{} to be replicated", device.display()),
+        limit,
+        || {
+            let m = server.machines();
+            for mm in m["machines"].as_array()? {
+                for d in mm["disks"].as_array()? {
+                    if d["device"] == device.display().to_string().as_str()
+                        && d["sync_complete"] == true
+                        && d["state"] == "continuous"
+                    {
+                        let mid = mm["machine_id"].as_str()?.to_string();
+                        let did = d["disk_id"].as_u64()?;
+                        if file_hash(&server.volume(&mid, did)) == want {
+                            return Some((mid, did));
+                        }
                     }
                 }
             }
-        }
-        None
-    })
+            None
+        },
+    )
 }

@@ -15,7 +15,10 @@ fn random_image(path: &Path, size: u64, seed: u64) {
 }
 
 fn disk_u64(server: &Server, dev: &Path, field: &str) -> u64 {
-    server.disk(dev).and_then(|d| d[field].as_u64()).unwrap_or(0)
+    server
+        .disk(dev)
+        .and_then(|d| d[field].as_u64())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -30,15 +33,35 @@ fn initial_sync_gives_an_identical_replica_and_reports_status() {
     let mut agent = Agent::new(dir.path(), "a");
     let out = agent.install(&server, &token, &[&img], "e2e-initial");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "install failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("Disks to replicate:") && stdout.contains(&img.display().to_string()), "{stdout}");
-    let mode = std::fs::metadata(agent.state.join("agent.json")).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "the machine credential must be private");
+    assert!(
+        out.status.success(),
+        "install failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("Disks to replicate:") && stdout.contains(&img.display().to_string()),
+        "{stdout}"
+    );
+    let mode = std::fs::metadata(agent.state.join("agent.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the machine credential must be private"
+    );
 
     agent.run(&[]);
     let (machine_id, disk_id) = wait_replicated(&server, &img, LIMIT);
 
-    let m = server.machines();
+    // The lag is known once the agent has reported after its first pass (it reports every second).
+    let m = wait_until("the lag to be reported", LIMIT, || {
+        let m = server.machines();
+        m["machines"][0]["disks"][0]["lag_seconds"]
+            .is_u64()
+            .then_some(m)
+    });
     let mm = &m["machines"][0];
     assert_eq!(mm["machine_id"], machine_id.as_str());
     assert!(machine_id.starts_with("m-"));
@@ -50,11 +73,18 @@ fn initial_sync_gives_an_identical_replica_and_reports_status() {
     assert_eq!(d["replicated_bytes"], size);
     assert_eq!(d["backlog_bytes"], 0);
     assert_eq!(d["progress_percent"], 100.0);
-    assert!(d["lag_seconds"].is_u64(), "lag is known once continuous: {d}");
+    assert!(
+        d["lag_seconds"].is_u64(),
+        "lag is known once continuous: {d}"
+    );
 
     // The replica stays sparse where the source is zero.
     let vol = std::fs::metadata(server.volume(&machine_id, disk_id)).unwrap();
-    assert!(vol.blocks() * 512 < size - (8 << 20), "zero regions must not be allocated ({} bytes)", vol.blocks() * 512);
+    assert!(
+        vol.blocks() * 512 < size - (8 << 20),
+        "zero regions must not be allocated ({} bytes)",
+        vol.blocks() * 512
+    );
 
     let st = wait_until("agent status to show continuous", LIMIT, || {
         let st = agent.status();
@@ -64,10 +94,16 @@ fn initial_sync_gives_an_identical_replica_and_reports_status() {
     assert_eq!(st["machine_id"], machine_id.as_str());
     assert_eq!(st["disks"][0]["replicated_bytes"], size);
     let sent = st["disks"][0]["sent_bytes"].as_u64().unwrap();
-    assert!(sent < size, "zero and compressible regions shrink on the wire: sent {sent} of {size}");
+    assert!(
+        sent < size,
+        "zero and compressible regions shrink on the wire: sent {sent} of {size}"
+    );
 
     let human = String::from_utf8(server.cli(&["machines"]).stdout).unwrap();
-    assert!(human.contains("continuous") && human.contains("e2e-initial"), "{human}");
+    assert!(
+        human.contains("continuous") && human.contains("e2e-initial"),
+        "{human}"
+    );
 
     // A clean stop is reported as such.
     agent.kill(Signal::SIGTERM);
@@ -85,11 +121,16 @@ fn resume_after_server_and_agent_are_killed_mid_sync() {
     let size = (96 << 20) + 4097;
     random_image(&img, size, 11);
     let mut agent = Agent::new(dir.path(), "r");
-    assert!(agent.install(&server, &token, &[&img], "e2e-resume").status.success());
+    assert!(agent
+        .install(&server, &token, &[&img], "e2e-resume")
+        .status
+        .success());
     // 200 Mbit/s: about 4 s for the image, so the kills land mid-sync.
     agent.run(&["--max-mbps", "200"]);
 
-    wait_until("a quarter of the disk to be durable", LIMIT, || (disk_u64(&server, &img, "replicated_bytes") >= size / 4).then_some(()));
+    wait_until("a quarter of the disk to be durable", LIMIT, || {
+        (disk_u64(&server, &img, "replicated_bytes") >= size / 4).then_some(())
+    });
     server.kill();
     server.restart();
     let log = wait_until("the agent to resume", LIMIT, || {
@@ -103,9 +144,15 @@ fn resume_after_server_and_agent_are_killed_mid_sync() {
         .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|s| s.parse().ok())
         .expect("resume offset in the agent log");
-    assert!(from >= size / 4, "resumed from {from}, but at least {} was durable before the kill", size / 4);
+    assert!(
+        from >= size / 4,
+        "resumed from {from}, but at least {} was durable before the kill",
+        size / 4
+    );
 
-    wait_until("60% of the disk to be durable", LIMIT, || (disk_u64(&server, &img, "replicated_bytes") >= size * 6 / 10).then_some(()));
+    wait_until("60% of the disk to be durable", LIMIT, || {
+        (disk_u64(&server, &img, "replicated_bytes") >= size * 6 / 10).then_some(())
+    });
     agent.kill(Signal::SIGKILL);
     wait_until("the server to see the agent gone", LIMIT, || {
         (server.disk(&img)?["state"] == "disconnected").then_some(())
@@ -116,14 +163,23 @@ fn resume_after_server_and_agent_are_killed_mid_sync() {
     wait_replicated(&server, &img, LIMIT);
     let sent = wait_until("the restarted agent's status", LIMIT, || {
         let st = agent.status();
-        (st["disks"][0]["state"] == "continuous").then(|| st["disks"][0]["sent_bytes"].as_u64()).flatten()
+        (st["disks"][0]["state"] == "continuous")
+            .then(|| st["disks"][0]["sent_bytes"].as_u64())
+            .flatten()
     });
     eprintln!("resume after agent SIGKILL: durable {durable} of {size}, restarted agent sent {sent} bytes");
-    assert!(sent <= size - durable + 65536, "restarted agent sent {sent}, more than the {} bytes left", size - durable);
+    assert!(
+        sent <= size - durable + 65536,
+        "restarted agent sent {sent}, more than the {} bytes left",
+        size - durable
+    );
     assert!(sent < size / 2, "well under a full copy: {sent} of {size}");
     let new_log = agent.log_text()[log_before..].to_string();
     assert!(new_log.contains("resuming initial sync"), "{new_log}");
-    assert!(!new_log.contains("rescan"), "an agent restart mid-sync resumes, it does not rescan: {new_log}");
+    assert!(
+        !new_log.contains("rescan"),
+        "an agent restart mid-sync resumes, it does not rescan: {new_log}"
+    );
 }
 
 #[test]
@@ -135,13 +191,22 @@ fn rescan_after_losing_agent_state_sends_only_changed_blocks() {
     let size = (48 << 20) + 777;
     mixed_image(&img, size, 3);
     let mut agent = Agent::new(dir.path(), "s");
-    assert!(agent.install(&server, &token, &[&img], "e2e-rescan").status.success());
+    assert!(agent
+        .install(&server, &token, &[&img], "e2e-rescan")
+        .status
+        .success());
     agent.run(&[]);
     let (machine_id, _) = wait_replicated(&server, &img, LIMIT);
     agent.kill(Signal::SIGTERM);
 
     // Change a few blocks while the agent is gone, then lose its state entirely.
-    let writes = [(1u64 << 20) + 100, 9 << 20, (20 << 20) + 5, (24 << 20) + 65530, size - 300];
+    let writes = [
+        (1u64 << 20) + 100,
+        9 << 20,
+        (20 << 20) + 5,
+        (24 << 20) + 65530,
+        size - 300,
+    ];
     let mut touched = std::collections::BTreeSet::new();
     for (i, off) in writes.iter().enumerate() {
         let data = random_bytes(100 + i as u64, 200);
@@ -155,7 +220,10 @@ fn rescan_after_losing_agent_state_sends_only_changed_blocks() {
     let out = agent.install(&server, &token, &[&img], "e2e-rescan");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains(&machine_id), "a reinstalled source keeps its machine id: {stdout}");
+    assert!(
+        stdout.contains(&machine_id),
+        "a reinstalled source keeps its machine id: {stdout}"
+    );
     assert!(stdout.contains("will rescan"), "{stdout}");
     agent.run(&[]);
     wait_replicated(&server, &img, LIMIT);
@@ -166,7 +234,10 @@ fn rescan_after_losing_agent_state_sends_only_changed_blocks() {
     let r = &st["disks"][0]["last_rescan"];
     eprintln!("rescan report: {r}");
     assert_eq!(r["scanned_bytes"], size);
-    assert_eq!(r["differing_blocks"].as_u64().unwrap(), touched.len() as u64);
+    assert_eq!(
+        r["differing_blocks"].as_u64().unwrap(),
+        touched.len() as u64
+    );
     assert!(r["sent_bytes"].as_u64().unwrap() <= touched.len() as u64 * 65536);
     assert!(agent.log_text().contains("rescan complete"));
 }
@@ -183,30 +254,51 @@ fn revoked_expired_unknown_and_mispinned_tokens_are_refused() {
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(!out.status.success(), "install with a bad token must fail");
         assert!(err.contains(want), "expected `{want}` in: {err}");
-        assert!(!agent.state.join("agent.json").exists(), "nothing saved after a refusal");
+        assert!(
+            !agent.state.join("agent.json").exists(),
+            "nothing saved after a refusal"
+        );
     };
 
-    let created: serde_json::Value =
-        serde_json::from_slice(&run_ok(std::process::Command::new(bin("rehost-server")).args(["--data-dir"]).arg(&server.data).args(["--admin", &server.admin, "token", "create", "--json"])).stdout).unwrap();
-    let (id, token) = (created["id"].as_str().unwrap(), created["token"].as_str().unwrap());
+    let created: serde_json::Value = serde_json::from_slice(
+        &run_ok(
+            std::process::Command::new(bin("rehost-server"))
+                .args(["--data-dir"])
+                .arg(&server.data)
+                .args(["--admin", &server.admin, "token", "create", "--json"]),
+        )
+        .stdout,
+    )
+    .unwrap();
+    let (id, token) = (
+        created["id"].as_str().unwrap(),
+        created["token"].as_str().unwrap(),
+    );
     assert!(server.cli(&["token", "revoke", id]).status.success());
     refused(token, "revoked");
     let list = String::from_utf8(server.cli(&["token", "list"]).stdout).unwrap();
     assert!(list.contains(id) && list.contains("revoked"), "{list}");
 
-    let expiring = String::from_utf8(server.cli(&["token", "create", "--expires", "1s"]).stdout).unwrap();
+    let expiring =
+        String::from_utf8(server.cli(&["token", "create", "--expires", "1s"]).stdout).unwrap();
     std::thread::sleep(Duration::from_millis(2100));
     refused(expiring.trim(), "expired");
 
     let good = rehost_proto::token::InstallToken::parse(&server.token()).unwrap();
     let unknown = rehost_proto::token::InstallToken::generate(good.server_pin);
     refused(&unknown.encode(), "unknown install token");
-    let mispinned = rehost_proto::token::InstallToken { server_pin: [7; 32], ..good.clone() };
+    let mispinned = rehost_proto::token::InstallToken {
+        server_pin: [7; 32],
+        ..good.clone()
+    };
     refused(&mispinned.encode(), "pinned");
     refused("rh1_garbage", "damaged");
 
     let log = server.log_text();
-    assert!(log.contains("was revoked") && log.contains("unknown install token"), "refusals are logged");
+    assert!(
+        log.contains("was revoked") && log.contains("unknown install token"),
+        "refusals are logged"
+    );
     // The server is still serving.
     assert!(server.cli(&["machines"]).status.success());
 }

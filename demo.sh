@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# rehost local demo: a disk image holding a real ext4 filesystem is replicated by the real agent
+# to the real replication server over TLS on 127.0.0.1:1500, and the replica is checked against
+# the source (blake3 of the whole disk, fsck, the files inside).
+set -euo pipefail
+cd "$(dirname "$0")"
+W=${REHOST_DEMO_DIR:-/tmp/rehost-demo}
+PORT=${REHOST_DEMO_PORT:-1500}
+ADMIN_PORT=${REHOST_DEMO_ADMIN_PORT:-1501}
+
+step() { printf '\n== %s\n' "$*"; }
+
+if ! command -v mkfs.ext4 >/dev/null || ! command -v debugfs >/dev/null; then
+  step "installing e2fsprogs"
+  apt-get update -qq && apt-get install -y -qq e2fsprogs >/dev/null
+fi
+
+step "building rehost (release)"
+cargo build --release --workspace --bins
+BIN=$PWD/target/release
+SERVER=("$BIN/rehost-server" --data-dir "$W/server" --admin "127.0.0.1:$ADMIN_PORT")
+
+rm -rf "$W" && mkdir -p "$W/files/etc" "$W/files/var/www" "$W/files/data"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+step "creating a 256 MiB source disk with an ext4 filesystem and files"
+printf 'demo-host\n' > "$W/files/etc/hostname"
+for i in $(seq 1 200); do printf 'page %s served by the source machine\n' "$i" > "$W/files/var/www/page-$i.html"; done
+head -c $((24 << 20)) /dev/urandom > "$W/files/data/random.bin"
+seq 1 2000000 > "$W/files/data/numbers.txt"
+mkfs.ext4 -q -F -L demo-root -d "$W/files" "$W/source.img" 256M
+echo "source: $W/source.img"
+
+step "starting the replication server (agents: 127.0.0.1:$PORT, admin API: 127.0.0.1:$ADMIN_PORT)"
+"${SERVER[@]}" serve --listen "127.0.0.1:$PORT" 2> "$W/server.log" &
+pids+=($!)
+for _ in $(seq 1 100); do "${SERVER[@]}" token list >/dev/null 2>&1 && break; sleep 0.1; done
+"${SERVER[@]}" token list >/dev/null || { cat "$W/server.log"; exit 1; }
+
+step "creating an install token"
+TOKEN=$("${SERVER[@]}" token create --description demo)
+echo "$TOKEN"
+
+step "installing the agent against the image"
+"$BIN/rehost-agent" install --server "127.0.0.1:$PORT" --token "$TOKEN" --devices "$W/source.img" \
+  --no-prompt --no-service --hostname demo-host --state-dir "$W/agent"
+
+step "running the agent; waiting for the initial sync"
+"$BIN/rehost-agent" run --state-dir "$W/agent" 2> "$W/agent.log" &
+pids+=($!)
+for _ in $(seq 1 600); do
+  if "${SERVER[@]}" machines --json | grep -q '"state": "continuous"'; then break; fi
+  "${SERVER[@]}" machines | sed -n 3p
+  sleep 0.5
+done
+"${SERVER[@]}" machines
+"$BIN/rehost-agent" status --state-dir "$W/agent"
+
+step "checking the replica"
+REPLICA=$(ls "$W"/server/volumes/*/disk-*.vol)
+SRC_SUM=$("$BIN/rehost-agent" checksum "$W/source.img" | cut -d' ' -f1)
+DST_SUM=$("$BIN/rehost-agent" checksum "$REPLICA" | cut -d' ' -f1)
+echo "source  blake3 $SRC_SUM"
+echo "replica blake3 $DST_SUM  ($REPLICA)"
+e2fsck -fn "$REPLICA" >/dev/null && echo "replica filesystem: e2fsck clean"
+debugfs -R 'cat /etc/hostname' "$REPLICA" 2>/dev/null | sed 's/^/replica \/etc\/hostname: /'
+if [ "$SRC_SUM" = "$DST_SUM" ]; then
+  echo "OK: the replica's blake3 equals the source's"
+else
+  echo "FAILED: the replica differs from the source" >&2
+  exit 1
+fi
