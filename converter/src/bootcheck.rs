@@ -1,0 +1,168 @@
+//! Boot proof: start an image under QEMU (TCG by default: KVM cannot boot Linux guests on every host)
+//! with a virtio disk and a virtio NIC on QEMU's user network, watch the serial console for a success
+//! marker (a login prompt or a given string) or a known failure (initramfs shell, kernel panic), then
+//! stop QEMU. The image is attached with `snapshot=on`, so the boot writes nothing to it.
+
+use crate::report::BootCheckResult;
+use crate::sys::ChildGuard;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Serial console texts that mean the boot failed.
+pub const FAILURE_MARKERS: &[&str] = &[
+    "does not exist.  Dropping to a shell",
+    "Dropping to a shell",
+    "Kernel panic",
+    "You are in emergency mode",
+    "Give root password for maintenance",
+    "Gave up waiting for root",
+    "No bootable device",
+    "error: no such device",
+];
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    pub image: PathBuf,
+    /// "raw" or "qcow2".
+    pub format: String,
+    pub timeout: Duration,
+    /// Any of these on the console means success.
+    pub markers: Vec<String>,
+    pub serial_log: PathBuf,
+    /// "tcg" or "kvm".
+    pub accel: String,
+    pub memory_mib: u32,
+}
+
+/// Errors starting QEMU (a guest that does not boot is not an error, it is a result).
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("start qemu-system-x86_64 (is the qemu-system-x86 package installed?)")]
+    Spawn(#[source] std::io::Error),
+    #[error("read serial log {0}")]
+    Log(PathBuf, #[source] std::io::Error),
+}
+
+/// First IPv4 address other than loopback printed as `inet A.B.C.D/N` on the console.
+pub fn guest_ipv4(log: &str) -> Option<String> {
+    log.lines().find_map(|l| {
+        let rest = l.trim_start().strip_prefix("inet ")?;
+        let addr = rest.split('/').next()?.trim();
+        (!addr.starts_with("127.") && addr.parse::<std::net::Ipv4Addr>().is_ok())
+            .then(|| addr.to_string())
+    })
+}
+
+fn read_log(path: &Path) -> Result<String, BootError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(BootError::Log(path.to_path_buf(), e)),
+    }
+}
+
+/// Boot the image and report what the console showed.
+pub fn boot(o: &BootOptions) -> Result<BootCheckResult, BootError> {
+    let _ = std::fs::remove_file(&o.serial_log);
+    let drive = format!(
+        "file={},format={},if=virtio,snapshot=on,cache=unsafe",
+        o.image.display(),
+        o.format
+    );
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            &o.accel,
+            "-m",
+            &o.memory_mib.to_string(),
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", o.serial_log.display()))
+        .args(["-drive", &drive])
+        .args([
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(BootError::Spawn)?;
+    let _guard = ChildGuard::new(child.id());
+    let start = Instant::now();
+    let outcome = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let log = read_log(&o.serial_log)?;
+        if let Some(m) = o.markers.iter().find(|m| log.contains(m.as_str())) {
+            // Give the marker unit a moment to print the rest (its address lines).
+            if log.contains("REHOST-BOOT-OK")
+                && !log.contains("REHOST-MARKER-END")
+                && start.elapsed() < o.timeout
+            {
+                continue;
+            }
+            break (true, format!("saw {m:?}"));
+        }
+        if let Some(f) = FAILURE_MARKERS.iter().find(|f| log.contains(*f)) {
+            break (false, format!("saw {f:?}"));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            break (false, format!("qemu exited ({status}) {}", err.trim()));
+        }
+        if start.elapsed() >= o.timeout {
+            break (
+                false,
+                format!("no boot marker within {} s", o.timeout.as_secs()),
+            );
+        }
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = read_log(&o.serial_log)?;
+    Ok(BootCheckResult {
+        booted: outcome.0,
+        seconds,
+        evidence: outcome.1,
+        guest_ipv4: guest_ipv4(&log),
+        serial_log: o.serial_log.display().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_from_ip_addr_output() {
+        let log = "REHOST-BOOT-OK\n1: lo: <LOOPBACK,UP>\n    inet 127.0.0.1/8 scope host lo\n2: eth0: <UP>\n    inet 10.0.2.15/24 brd 10.0.2.255 scope global dynamic eth0\n";
+        assert_eq!(guest_ipv4(log).as_deref(), Some("10.0.2.15"));
+        assert_eq!(guest_ipv4("inet 999.1.1.1/3"), None);
+    }
+}

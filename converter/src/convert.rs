@@ -1,0 +1,473 @@
+//! The conversion: inspect the input read-only, refuse what cannot boot, copy every input to its output,
+//! mount the output's root read-write inside the work directory, make each change where needed (fstab,
+//! GRUB, initramfs drivers, network, hypervisor tools, serial console), verify the initramfs, release
+//! everything, convert to qcow2 if asked, and optionally boot the result.
+
+use crate::bootcheck::{self, BootError, BootOptions};
+use crate::fstab;
+use crate::grub::{self, CmdlinePolicy};
+use crate::guestfs::{GuestError, GuestRoot};
+use crate::image::{self, ImageError};
+use crate::inspect::{self, InspectError, Inspection};
+use crate::network;
+use crate::report::{Change, Report};
+use crate::sys::{self, SysError};
+use nix::mount::MsFlags;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Output image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// What to convert and how.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub inputs: Vec<PathBuf>,
+    pub output: PathBuf,
+    pub format: Format,
+    pub work_parent: PathBuf,
+    pub boot_check: bool,
+    pub boot_timeout: Duration,
+    pub boot_markers: Vec<String>,
+    pub serial_log: Option<PathBuf>,
+    pub accel: String,
+}
+
+/// Why a conversion failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("inspect the input")]
+    Inspect(#[from] InspectError),
+    #[error("the image cannot be made bootable on KVM/virtio: {}", .0.join("; "))]
+    NotConvertible(Vec<String>),
+    #[error("prepare the output image")]
+    Image(#[from] ImageError),
+    #[error("edit the guest")]
+    Guest(#[from] GuestError),
+    #[error("host operation")]
+    Sys(#[from] SysError),
+    #[error("rebuild the initramfs with {tool} in the guest failed:\n{output}")]
+    Rebuild { tool: String, output: String },
+    #[error("after the rebuild, the initramfs of kernel {kernel} still lacks {missing}")]
+    StillMissing { kernel: String, missing: String },
+    #[error("boot check")]
+    Boot(#[from] BootError),
+}
+
+/// The output path of input disk `i` (the boot disk gets `output` itself).
+pub fn output_path(output: &Path, i: usize) -> PathBuf {
+    if i == 0 {
+        return output.to_path_buf();
+    }
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = output
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    output.with_file_name(format!("{stem}-disk{i}{ext}"))
+}
+
+fn edit_file(
+    g: &GuestRoot,
+    apply: bool,
+    kind: &str,
+    file: &str,
+    new: &str,
+    edits: Vec<fstab::LineEdit>,
+    changes: &mut Vec<Change>,
+) -> Result<(), GuestError> {
+    if edits.is_empty() {
+        return Ok(());
+    }
+    let mut detail_suffix = String::new();
+    if apply {
+        if let Some(b) = g.backup(file)? {
+            detail_suffix = format!(" (original kept as {b})");
+        }
+        g.write(file, new.as_bytes())?;
+    }
+    for e in edits {
+        let old = (!e.old.is_empty()).then_some(e.old);
+        let newl = (!e.new.is_empty()).then_some(e.new);
+        changes.push(Change::new(
+            kind,
+            file,
+            old,
+            newl,
+            format!("{}{detail_suffix}", e.detail),
+        ));
+    }
+    Ok(())
+}
+
+/// Modules to add to the guest's initramfs configuration, over all kernels that can boot on virtio.
+fn modules_to_add(ins: &Inspection) -> Vec<String> {
+    let mut m: Vec<String> = ins
+        .kernels
+        .iter()
+        .filter(|k| k.can_boot_virtio())
+        .flat_map(|k| {
+            k.missing
+                .iter()
+                .filter(|x| !k.unavailable.contains(x))
+                .cloned()
+        })
+        .collect();
+    m.sort();
+    m.dedup();
+    m
+}
+
+/// Make (or with `apply == false`, plan) every configuration change. Returns the changes and whether
+/// the initramfs must be rebuilt.
+pub fn plan_changes(
+    g: &GuestRoot,
+    ins: &Inspection,
+    apply: bool,
+) -> Result<(Vec<Change>, bool), ConvertError> {
+    let mut changes = Vec::new();
+    let volumes = ins.volumes();
+    let root_uuid = ins.root_fs.uuid.clone().unwrap_or_default();
+    if let Some(text) = g.read_text("/etc/fstab")? {
+        let (new, edits) = fstab::rewrite(&text, &volumes, &root_uuid);
+        edit_file(g, apply, "fstab", "/etc/fstab", &new, edits, &mut changes)?;
+    }
+    let net = network::convert(g, apply)?;
+    changes.extend(net.changes);
+    let mut ensure = vec!["console=ttyS0,115200"];
+    if net.want_classic_names {
+        ensure.push("net.ifnames=0");
+    }
+    let policy = CmdlinePolicy {
+        volumes: &volumes,
+        root_uuid: &root_uuid,
+        ensure: &ensure,
+    };
+    if let Some(cfg) = &ins.grub_cfg {
+        if let Some(text) = g.read_text(cfg)? {
+            let (new, edits) = grub::rewrite_grub_cfg(&text, &policy);
+            edit_file(g, apply, "grub-cfg", cfg, &new, edits, &mut changes)?;
+        }
+    }
+    if let Some(text) = g.read_text("/etc/default/grub")? {
+        let (new, edits) = grub::rewrite_default_grub(&text, &policy);
+        edit_file(
+            g,
+            apply,
+            "default-grub",
+            "/etc/default/grub",
+            &new,
+            edits,
+            &mut changes,
+        )?;
+    }
+    changes.extend(network::disable_hypervisor_tools(g, apply)?);
+    let add = modules_to_add(ins);
+    let rebuild = !add.is_empty();
+    if rebuild {
+        match ins.initramfs_tool.as_deref() {
+            Some("update-initramfs") => {
+                let file = "/etc/initramfs-tools/modules";
+                let old = g.read_text(file)?.unwrap_or_default();
+                let listed: Vec<&str> = old
+                    .lines()
+                    .map(|l| l.split_whitespace().next().unwrap_or(""))
+                    .collect();
+                let lines: Vec<&String> = add
+                    .iter()
+                    .filter(|m| {
+                        !listed.contains(&m.as_str())
+                            && !listed.contains(&m.replace('_', "-").as_str())
+                    })
+                    .collect();
+                if !lines.is_empty() {
+                    let mut new = old.clone();
+                    if !new.is_empty() && !new.ends_with('\n') {
+                        new.push('\n');
+                    }
+                    new.push_str("# added by rehost-converter: drivers for KVM/virtio\n");
+                    for m in &lines {
+                        new.push_str(m);
+                        new.push('\n');
+                    }
+                    let edits = vec![fstab::LineEdit {
+                        old: String::new(),
+                        new: lines
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                        detail: "virtio drivers added to the initramfs module list".into(),
+                    }];
+                    edit_file(g, apply, "initramfs", file, &new, edits, &mut changes)?;
+                }
+                let conf = "/etc/initramfs-tools/initramfs.conf";
+                if let Some(text) = g.read_text(conf)? {
+                    if text.lines().any(|l| l.trim() == "MODULES=dep") {
+                        let new = text.replace("\nMODULES=dep", "\nMODULES=most");
+                        let edits = vec![fstab::LineEdit {
+                            old: "MODULES=dep".into(),
+                            new: "MODULES=most".into(),
+                            detail: "MODULES=dep would probe the staging host's devices".into(),
+                        }];
+                        edit_file(g, apply, "initramfs", conf, &new, edits, &mut changes)?;
+                    }
+                }
+            }
+            Some("dracut") => {
+                let file = "/etc/dracut.conf.d/90-rehost-virtio.conf";
+                let text = format!(
+                    "# written by rehost-converter\nadd_drivers+=\" {} \"\n",
+                    add.join(" ")
+                );
+                if apply {
+                    g.write(file, text.as_bytes())?;
+                }
+                changes.push(Change::new(
+                    "initramfs",
+                    file,
+                    None,
+                    Some(text),
+                    "virtio drivers added to dracut",
+                ));
+            }
+            _ => {}
+        }
+        for k in ins
+            .kernels
+            .iter()
+            .filter(|k| k.can_boot_virtio() && !k.missing.is_empty())
+        {
+            let file = k
+                .initramfs
+                .clone()
+                .unwrap_or_else(|| format!("/boot/initrd.img-{}", k.version));
+            changes.push(Change::new(
+                "initramfs",
+                &file,
+                Some(format!("lacks {}", k.missing.join(", "))),
+                Some(format!(
+                    "rebuilt with {} in a chroot",
+                    ins.initramfs_tool.as_deref().unwrap_or("?")
+                )),
+                format!("kernel {}", k.version),
+            ));
+        }
+    }
+    Ok((changes, rebuild))
+}
+
+/// A reproducible timestamp for tools run in the guest: the newest kernel image's mtime.
+fn source_date_epoch(g: &GuestRoot, ins: &Inspection) -> Result<i64, GuestError> {
+    let mut t = 0;
+    for k in &ins.kernels {
+        if let Some(f) = g.open_read(&k.image)? {
+            t = t.max(f.metadata().map(|m| m.mtime()).unwrap_or(0));
+        }
+    }
+    Ok(t)
+}
+
+/// Rebuild the initramfs of every kernel with the guest's own tool, in a chroot with /proc, /sys and
+/// /dev mounted (and unmounted again before returning).
+fn rebuild_initramfs(s: &mut inspect::GuestSession, ins: &Inspection) -> Result<(), ConvertError> {
+    let tool = ins.initramfs_tool.clone().unwrap_or_default();
+    let epoch = source_date_epoch(&s.root, ins)?;
+    let keep = s.mount_count();
+    let result = (|| -> Result<(), ConvertError> {
+        s.mount_in_guest(
+            "proc",
+            "/proc",
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        )?;
+        s.mount_in_guest(
+            "sysfs",
+            "/sys",
+            Some("sysfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        )?;
+        s.mount_in_guest("/dev", "/dev", None, MsFlags::MS_BIND)?;
+        let root = s.root.host_path().to_path_buf();
+        let mut runs: Vec<Vec<String>> = Vec::new();
+        match tool.as_str() {
+            "update-initramfs" => runs.push(vec![
+                "update-initramfs".into(),
+                "-u".into(),
+                "-k".into(),
+                "all".into(),
+            ]),
+            "dracut" => {
+                for k in ins.kernels.iter().filter(|k| k.can_boot_virtio()) {
+                    let img = k
+                        .initramfs
+                        .clone()
+                        .unwrap_or_else(|| format!("/boot/initramfs-{}.img", k.version));
+                    runs.push(vec![
+                        "dracut".into(),
+                        "-f".into(),
+                        "--reproducible".into(),
+                        "--kver".into(),
+                        k.version.clone(),
+                        img,
+                    ]);
+                }
+            }
+            other => {
+                return Err(ConvertError::Rebuild {
+                    tool: other.to_string(),
+                    output: "no supported initramfs tool".into(),
+                })
+            }
+        }
+        for args in runs {
+            let mut cmd = Command::new("chroot");
+            cmd.arg(&root)
+                .args(&args)
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("SOURCE_DATE_EPOCH", epoch.to_string())
+                .env("LC_ALL", "C")
+                .env("TMPDIR", "/tmp");
+            tracing::info!(?args, "running in the guest chroot");
+            let (ok, out) = sys::run(&mut cmd, &args[0])?;
+            if !ok {
+                return Err(ConvertError::Rebuild {
+                    tool: args.join(" "),
+                    output: out,
+                });
+            }
+        }
+        Ok(())
+    })();
+    s.unmount_extras(keep);
+    result
+}
+
+/// Convert `o.inputs` to `o.output`. The report is returned even when the boot check fails (see
+/// `report.boot_check`); errors are returned for everything else.
+pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
+    let started = Instant::now();
+    // 1. Inspect the input itself, read-only: refuse early, before writing anything.
+    let ins = inspect::inspect_images(&o.inputs, &o.work_parent)?;
+    if !ins.blockers.is_empty() {
+        return Err(ConvertError::NotConvertible(ins.blockers.clone()));
+    }
+    // 2. Copy every input to its output (raw; a qcow2 output is made from a temporary raw copy).
+    let mut raws = Vec::new();
+    let mut outputs = Vec::new();
+    for (i, input) in o.inputs.iter().enumerate() {
+        let out = output_path(&o.output, i);
+        let raw = match o.format {
+            Format::Raw => out.clone(),
+            Format::Qcow2 => out.with_extension("rehost-tmp.raw"),
+        };
+        tracing::info!(input = %input.display(), output = %raw.display(), "sparse copy");
+        image::sparse_copy(input, &raw)?;
+        raws.push(raw);
+        outputs.push(out);
+    }
+    // 3. Open the copy read-write and change it.
+    let disks = ins.disks.clone();
+    let (changes, warnings) = {
+        let (mut s, _, _) = inspect::open_guest(&raws, &disks, &o.work_parent, false)?;
+        inspect::mount_boot(&mut s, &raws, &disks, &ins.volumes(), false)?;
+        let (mut changes, rebuild) = plan_changes(&s.root, &ins, true)?;
+        let mut warnings = ins.warnings.clone();
+        if rebuild {
+            rebuild_initramfs(&mut s, &ins)?;
+            let after = inspect::inspect_guest(
+                &s.root,
+                disks.clone(),
+                ins.root,
+                ins.root_subvol.clone(),
+                ins.boot,
+            )?;
+            for k in after.kernels.iter().filter(|k| k.can_boot_virtio()) {
+                let fatal: Vec<&String> = k
+                    .missing
+                    .iter()
+                    .filter(|m| *m == "virtio_blk" || *m == "virtio_pci")
+                    .collect();
+                if !fatal.is_empty() {
+                    return Err(ConvertError::StillMissing {
+                        kernel: k.version.clone(),
+                        missing: k.missing.join(", "),
+                    });
+                }
+                if !k.missing.is_empty() {
+                    warnings.push(format!(
+                        "initramfs of {} still lacks {}",
+                        k.version,
+                        k.missing.join(", ")
+                    ));
+                }
+                for c in changes.iter_mut().filter(|c| {
+                    c.kind == "initramfs" && c.detail == format!("kernel {}", k.version)
+                }) {
+                    c.new = Some(format!(
+                        "{}; now contains {}",
+                        c.new.clone().unwrap_or_default(),
+                        k.in_initramfs.join(", ")
+                    ));
+                }
+            }
+        }
+        (changes, warnings)
+    };
+    // 4. qcow2 output.
+    if o.format == Format::Qcow2 {
+        for (raw, out) in raws.iter().zip(&outputs) {
+            image::raw_to_qcow2(raw, out)?;
+            let _ = std::fs::remove_file(raw);
+        }
+    }
+    let mut report = Report {
+        inputs: o.inputs.iter().map(|p| p.display().to_string()).collect(),
+        outputs: outputs.iter().map(|p| p.display().to_string()).collect(),
+        target: "kvm-virtio".into(),
+        format: o.format.name().into(),
+        inspection: ins,
+        changes,
+        warnings,
+        boot_check: None,
+        seconds: 0.0,
+    };
+    // 5. Boot it.
+    if o.boot_check {
+        let serial_log = o
+            .serial_log
+            .clone()
+            .unwrap_or_else(|| outputs[0].with_extension("serial.log"));
+        let b = bootcheck::boot(&BootOptions {
+            image: outputs[0].clone(),
+            format: o.format.name().into(),
+            timeout: o.boot_timeout,
+            markers: o.boot_markers.clone(),
+            serial_log,
+            accel: o.accel.clone(),
+            memory_mib: 1024,
+        })?;
+        report.boot_check = Some(b);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}

@@ -1,0 +1,173 @@
+//! Mapping source-hypervisor device names (`/dev/xvda1`, `/dev/sda2`, `/dev/nvme0n1p1`, `LABEL=`, ...)
+//! to the filesystems found in the input images, so they can be referred to by `UUID=`.
+
+use crate::fsprobe::FsKind;
+use serde::Serialize;
+
+/// A filesystem (or swap) found on one of the input disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Volume {
+    /// Index of the input disk (0 = boot disk).
+    pub disk: usize,
+    /// Partition number (0 = whole disk).
+    pub part: u32,
+    pub kind: FsKind,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+    pub partuuid: Option<String>,
+}
+
+/// What a device spec from fstab or the kernel command line refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// A volume with this UUID.
+    Uuid(String),
+    /// A block-device reference that matches nothing in the input images.
+    NoMatch,
+    /// Not a block device reference we understand (tmpfs, proc, nfs, /dev/mapper/...).
+    NotADevice,
+}
+
+/// Disk index of a name like `sda`, `xvdb`, `vdaa` (letters a..z, aa..).
+fn letters_index(s: &str) -> Option<usize> {
+    if s.is_empty() || s.len() > 3 || !s.bytes().all(|b| b.is_ascii_lowercase()) {
+        return None;
+    }
+    let mut n = 0usize;
+    for b in s.bytes() {
+        n = n * 26 + usize::from(b - b'a') + 1;
+    }
+    Some(n - 1)
+}
+
+/// Parse a kernel block device path into (disk index, partition number; 0 = whole disk).
+pub fn parse_dev(dev: &str) -> Option<(usize, u32)> {
+    let name = dev.strip_prefix("/dev/")?;
+    if let Some(rest) = name.strip_prefix("nvme") {
+        let (ctrl, rest) = rest.split_once('n')?;
+        let ctrl: usize = ctrl.parse().ok()?;
+        let (ns, part) = match rest.split_once('p') {
+            Some((ns, p)) => (ns, p.parse().ok()?),
+            None => (rest, 0),
+        };
+        let _: u32 = ns.parse().ok()?;
+        return Some((ctrl, part));
+    }
+    for prefix in ["xvd", "sd", "vd", "hd"] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            let split = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let (letters, digits) = rest.split_at(split);
+            let disk = letters_index(letters)?;
+            let part = if digits.is_empty() {
+                0
+            } else {
+                digits.parse().ok()?
+            };
+            return Some((disk, part));
+        }
+    }
+    None
+}
+
+/// Resolve a device spec against the volumes found.
+pub fn resolve(spec: &str, volumes: &[Volume]) -> Resolution {
+    let by = |f: &dyn Fn(&Volume) -> bool| {
+        volumes
+            .iter()
+            .find(|v| f(v))
+            .and_then(|v| v.uuid.clone())
+            .map_or(Resolution::NoMatch, Resolution::Uuid)
+    };
+    let eq_ci =
+        |a: &Option<String>, b: &str| a.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(b));
+    if let Some(u) = spec
+        .strip_prefix("UUID=")
+        .or_else(|| spec.strip_prefix("/dev/disk/by-uuid/"))
+    {
+        return by(&|v| eq_ci(&v.uuid, u));
+    }
+    if let Some(l) = spec
+        .strip_prefix("LABEL=")
+        .or_else(|| spec.strip_prefix("/dev/disk/by-label/"))
+    {
+        return by(&|v| v.label.as_deref() == Some(l));
+    }
+    if let Some(p) = spec
+        .strip_prefix("PARTUUID=")
+        .or_else(|| spec.strip_prefix("/dev/disk/by-partuuid/"))
+    {
+        return by(&|v| eq_ci(&v.partuuid, p));
+    }
+    match parse_dev(spec) {
+        Some((disk, part)) => by(&|v| v.disk == disk && v.part == part),
+        None if spec.starts_with("/dev/") => Resolution::NoMatch,
+        None => Resolution::NotADevice,
+    }
+}
+
+/// True when `spec` is already a UUID reference.
+pub fn is_uuid_spec(spec: &str) -> bool {
+    spec.starts_with("UUID=")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vols() -> Vec<Volume> {
+        vec![
+            Volume {
+                disk: 0,
+                part: 1,
+                kind: FsKind::Ext4,
+                uuid: Some("aaaa".into()),
+                label: Some("rootfs".into()),
+                partuuid: None,
+            },
+            Volume {
+                disk: 0,
+                part: 2,
+                kind: FsKind::Swap,
+                uuid: Some("bbbb".into()),
+                label: None,
+                partuuid: None,
+            },
+            Volume {
+                disk: 1,
+                part: 0,
+                kind: FsKind::Xfs,
+                uuid: Some("cccc".into()),
+                label: None,
+                partuuid: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn device_names() {
+        assert_eq!(parse_dev("/dev/xvda1"), Some((0, 1)));
+        assert_eq!(parse_dev("/dev/sdb"), Some((1, 0)));
+        assert_eq!(parse_dev("/dev/sdaa3"), Some((26, 3)));
+        assert_eq!(parse_dev("/dev/nvme0n1p2"), Some((0, 2)));
+        assert_eq!(parse_dev("/dev/nvme1n1"), Some((1, 0)));
+        assert_eq!(parse_dev("/dev/mapper/vg-root"), None);
+        assert_eq!(parse_dev("/dev/sd"), None);
+        assert_eq!(parse_dev("/dev/sda99999999999"), None);
+    }
+
+    #[test]
+    fn resolution() {
+        let v = vols();
+        assert_eq!(resolve("/dev/xvda1", &v), Resolution::Uuid("aaaa".into()));
+        assert_eq!(resolve("/dev/sda2", &v), Resolution::Uuid("bbbb".into()));
+        assert_eq!(resolve("/dev/xvdb", &v), Resolution::Uuid("cccc".into()));
+        assert_eq!(resolve("/dev/xvdb1", &v), Resolution::NoMatch);
+        assert_eq!(resolve("LABEL=rootfs", &v), Resolution::Uuid("aaaa".into()));
+        assert_eq!(resolve("UUID=AAAA", &v), Resolution::Uuid("aaaa".into()));
+        assert_eq!(resolve("UUID=dead", &v), Resolution::NoMatch);
+        assert_eq!(resolve("tmpfs", &v), Resolution::NotADevice);
+        assert_eq!(resolve("/dev/mapper/x", &v), Resolution::NoMatch);
+    }
+}

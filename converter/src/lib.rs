@@ -1,0 +1,30 @@
+//! rehost-converter: makes a replicated Linux boot disk boot on KVM with virtio, and proves it by booting.
+//!
+//! Modules:
+//! - [`partition`]: MBR/GPT parsing with strict bounds checks (the host kernel may have no parser).
+//! - [`fsprobe`]: filesystem type/UUID/label from superblocks (ext2/3/4, xfs, btrfs, vfat, swap, LUKS, LVM).
+//! - [`devmap`]: source device names (`/dev/xvda1`, `/dev/sda2`, `LABEL=`...) to the volumes found.
+//! - [`guestfs`]: safe file access inside a mounted guest (`openat2(RESOLVE_IN_ROOT)`, capped reads).
+//! - [`fstab`], [`grub`], [`network`]: pure text rewriters (and the guest passes that use them).
+//! - [`initramfs`]: which modules an initramfs carries (newc cpio parser, host decompressors).
+//! - [`inspect`]: the guest session (loop devices + mounts) and the inspection.
+//! - [`convert`]: the conversion pipeline; [`report`]: the JSON report and human summary.
+//! - [`image`]: sparse copy and qcow2 output; [`bootcheck`]: QEMU boot proof on the serial console.
+//! - [`manifest`]: content manifest of an image, the definition of "same output".
+//! - [`sys`]: loop/mount/child guards, the cleanup registry and the SIGINT/SIGTERM handler.
+
+pub mod bootcheck;
+pub mod convert;
+pub mod devmap;
+pub mod fsprobe;
+pub mod fstab;
+pub mod grub;
+pub mod guestfs;
+pub mod image;
+pub mod initramfs;
+pub mod inspect;
+pub mod manifest;
+pub mod network;
+pub mod partition;
+pub mod report;
+pub mod sys;
