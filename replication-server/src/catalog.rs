@@ -17,7 +17,7 @@ pub enum CatalogError {
     Schema(i64),
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE tokens (
@@ -50,6 +50,34 @@ CREATE TABLE disks (
     sync_complete INTEGER NOT NULL DEFAULT 0,
     last_rescan_at INTEGER,
     UNIQUE (machine_id, device)
+);
+";
+
+/// Version 2: recovery points (see `snapshot`) and retention policies.
+const MIGRATE_2: &str = "
+CREATE TABLE snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine_id TEXT NOT NULL REFERENCES machines(id),
+    created_at INTEGER NOT NULL,
+    completed_at INTEGER,
+    consistency TEXT NOT NULL CHECK (consistency IN ('crash', 'app')),
+    state TEXT NOT NULL CHECK (state IN ('creating', 'complete', 'deleting')),
+    reason TEXT NOT NULL DEFAULT 'manual',
+    bytes_added INTEGER NOT NULL DEFAULT 0,
+    duration_ms INTEGER
+);
+CREATE INDEX snapshots_by_machine ON snapshots (machine_id, id);
+CREATE TABLE snapshot_disks (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    disk_id INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    PRIMARY KEY (snapshot_id, disk_id)
+);
+CREATE TABLE retention (
+    machine_id TEXT PRIMARY KEY,
+    policy TEXT NOT NULL
 );
 ";
 
@@ -113,15 +141,18 @@ impl Catalog {
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         match version {
             0 => {
-                conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))?;
+                conn.execute_batch(&format!(
+                    "BEGIN; {SCHEMA} {MIGRATE_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))?;
             }
+            1 => conn.execute_batch(&format!("BEGIN; {MIGRATE_2} PRAGMA user_version = 2; COMMIT;"))?,
             SCHEMA_VERSION => {}
             v => return Err(CatalogError::Schema(v)),
         }
         Ok(Self { conn: Mutex::new(conn) })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, CatalogError> {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, CatalogError> {
         let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         Ok(f(&mut c)?)
     }

@@ -57,6 +57,19 @@ impl AdminClient {
         self.finish(&format!("GET {path}"), r)
     }
 
+    /// A POST that may take long (e.g. a snapshot with `wait`): no overall timeout.
+    pub fn post_long<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<T> {
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .config()
+            .timeout_global(None)
+            .build()
+            .header("Authorization", &self.auth)
+            .send_json(body);
+        self.finish(&format!("POST {path}"), r)
+    }
+
     pub fn post<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<T> {
         let r = self.agent.post(format!("{}{path}", self.base)).header("Authorization", &self.auth).send_json(body);
         self.finish(&format!("POST {path}"), r)

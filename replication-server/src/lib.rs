@@ -7,16 +7,23 @@
 //! - [`writer`]: the per-connection durability thread (verify, pwrite, group commit, ack);
 //! - [`live`]: what connected agents report;
 //! - [`admin`]: the admin HTTP/JSON API the operator commands use, and Prometheus metrics;
-//! - [`client`]: the operator commands' side of the admin API.
+//! - [`client`]: the operator commands' side of the admin API;
+//! - [`store`]: the content-addressed snapshot store and its garbage collection;
+//! - [`snapshot`]: recovery points (take, export, verify) and their admin API;
+//! - [`retention`]: retention policies and the snapshot scheduler.
 //!
 //! [`run`] takes its listeners and a shutdown signal, so tests can bind port 0.
 
 pub mod admin;
 pub mod catalog;
 pub mod client;
+pub mod failpoint;
 pub mod live;
 pub mod pki;
+pub mod retention;
 pub mod session;
+pub mod snapshot;
+pub mod store;
 pub mod volume;
 pub mod writer;
 
@@ -32,6 +39,21 @@ use tokio::net::TcpListener;
 pub struct Slot {
     pub lock: Arc<tokio::sync::Mutex<()>>,
     pub kick: Arc<tokio::sync::Notify>,
+    /// The live session's writer queue, for snapshots at a point of its stream.
+    jobs: Mutex<Option<tokio::sync::mpsc::WeakSender<writer::Job>>>,
+}
+
+impl Slot {
+    /// Called by a session once its writer runs; held weakly, so the writer still ends when the
+    /// session drops its sender.
+    pub fn attach_jobs(&self, jobs: &tokio::sync::mpsc::Sender<writer::Job>) {
+        *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = Some(jobs.downgrade());
+    }
+
+    /// The live session's writer queue, if a session is running.
+    pub fn jobs(&self) -> Option<tokio::sync::mpsc::Sender<writer::Job>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|w| w.upgrade())
+    }
 }
 
 pub struct Shared {
@@ -41,6 +63,7 @@ pub struct Shared {
     pub admin_token: String,
     pub live: live::Live,
     pub block_size: u32,
+    pub store: store::Store,
     slots: Mutex<HashMap<MachineId, Arc<Slot>>>,
 }
 
@@ -54,7 +77,11 @@ impl Shared {
         slots
             .entry(machine.clone())
             .or_insert_with(|| {
-                Arc::new(Slot { lock: Arc::new(tokio::sync::Mutex::new(())), kick: Arc::new(tokio::sync::Notify::new()) })
+                Arc::new(Slot {
+                    lock: Arc::new(tokio::sync::Mutex::new(())),
+                    kick: Arc::new(tokio::sync::Notify::new()),
+                    jobs: Mutex::new(None),
+                })
             })
             .clone()
     }
@@ -66,6 +93,11 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
     let pki = pki::load_or_create(data_dir).context("load server certificates")?;
     let admin_token = pki::admin_token(data_dir).context("load admin credential")?;
     let catalog = catalog::Catalog::open(&data_dir.join("catalog.sqlite")).context("open catalog")?;
+    let store = store::Store::open(&data_dir.join("store")).context("open snapshot store")?;
+    let unfinished = catalog.remove_unfinished_snapshots().context("remove unfinished snapshots")?;
+    if !unfinished.is_empty() {
+        tracing::warn!(snapshots = ?unfinished, "removed snapshots a crash left unfinished; GC reclaims their data");
+    }
     Ok(Arc::new(Shared {
         data_dir: data_dir.to_path_buf(),
         catalog,
@@ -73,6 +105,7 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
         admin_token,
         live: live::Live::default(),
         block_size: rehost_proto::DEFAULT_BLOCK_SIZE,
+        store,
         slots: Mutex::new(HashMap::new()),
     }))
 }

@@ -1,5 +1,7 @@
 //! `rehost-server`: parses arguments, sets up logging, calls into the library.
 
+mod snapcmd;
+
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -33,6 +35,10 @@ enum Cmd {
         /// Where the admin API listens (default: the --admin address). Keep it on loopback.
         #[arg(long)]
         admin_listen: Option<String>,
+        /// Seconds between rounds of the recovery point scheduler (due points, expiry, GC);
+        /// 0 turns scheduled points off.
+        #[arg(long, default_value_t = 30)]
+        snapshot_tick: u64,
     },
     /// Install tokens: create, list, revoke.
     #[command(subcommand)]
@@ -46,6 +52,24 @@ enum Cmd {
     /// Act on one machine.
     #[command(subcommand)]
     Machine(MachineCmd),
+    /// Recovery points: create, export, delete, verify.
+    #[command(subcommand)]
+    Snapshot(snapcmd::SnapshotCmd),
+    /// List a machine's recovery points.
+    Snapshots {
+        /// Machine id or hostname.
+        machine: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove store objects no snapshot references (the scheduler also does this).
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retention policy of scheduled recovery points.
+    #[command(subcommand)]
+    Retention(snapcmd::RetentionCmd),
 }
 
 #[derive(Subcommand)]
@@ -126,7 +150,13 @@ fn main() {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let client = || AdminClient::new(&cli.admin, &cli.data_dir);
     match &cli.cmd {
-        Cmd::Serve { listen, admin_listen } => serve(&cli, listen, admin_listen.as_deref().unwrap_or(&cli.admin)),
+        Cmd::Serve { listen, admin_listen, snapshot_tick } => {
+            serve(&cli, listen, admin_listen.as_deref().unwrap_or(&cli.admin), *snapshot_tick)
+        }
+        Cmd::Snapshot(cmd) => snapcmd::run(cmd, &cli.admin, &cli.data_dir),
+        Cmd::Snapshots { machine, json } => snapcmd::list(&cli.admin, &cli.data_dir, machine, *json),
+        Cmd::Gc { json } => snapcmd::gc(&cli.admin, &cli.data_dir, *json),
+        Cmd::Retention(cmd) => snapcmd::retention(cmd, &cli.admin, &cli.data_dir),
         Cmd::Token(TokenCmd::Create { expires, description, json }) => {
             let t: CreatedToken = client()?.post(
                 "/v1/tokens",
@@ -216,7 +246,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn serve(cli: &Cli, listen: &str, admin_listen: &str) -> anyhow::Result<()> {
+fn serve(cli: &Cli, listen: &str, admin_listen: &str, snapshot_tick: u64) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
     rt.block_on(async {
         let shared = rehost_server::open(&cli.data_dir)?;
@@ -231,6 +261,10 @@ fn serve(cli: &Cli, listen: &str, admin_listen: &str) -> anyhow::Result<()> {
             data_dir = %cli.data_dir.display(),
             "rehost-server ready"
         );
+        if snapshot_tick > 0 {
+            let tick = std::time::Duration::from_secs(snapshot_tick);
+            tokio::spawn(rehost_server::retention::scheduler(shared.clone(), tick));
+        }
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
             tokio::select! {

@@ -199,6 +199,7 @@ async fn session<R: AsyncRead + Unpin>(
     let _live = LiveGuard(shared.clone(), machine.clone());
 
     let (job_tx, job_rx) = mpsc::channel::<Job>(64);
+    shared.slot(&machine).attach_jobs(&job_tx);
     let mut writer = {
         let (shared, out) = (shared.clone(), out.clone());
         let span = tracing::Span::current();

@@ -24,6 +24,14 @@ pub enum Job {
     Block(Block),
     Zero { seq: u64, disk_id: DiskId, offset: u64, length: u64 },
     Mark { seq: u64, disk_id: DiskId, kind: MarkKind },
+    /// A recovery point of all the session's disks at this point of the stream (see `snapshot`).
+    /// The result goes to `reply` when there is one; a failed snapshot does not end the session.
+    Snapshot {
+        machine: rehost_proto::MachineId,
+        consistency: crate::snapshot::Consistency,
+        reason: String,
+        reply: Option<tokio::sync::oneshot::Sender<Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError>>>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +148,9 @@ impl Writer {
                 }
                 (seq, 0)
             }
+            Job::Snapshot { machine, consistency, reason, reply } => {
+                return self.snapshot(&machine, consistency, &reason, reply);
+            }
         };
         if self.pending_seq.is_none() {
             self.pending_since = Instant::now();
@@ -149,6 +160,31 @@ impl Writer {
         if is_mark {
             self.commit()?;
         }
+        Ok(())
+    }
+
+    /// Commits everything before the point, snapshots every disk, then lets the stream go on.
+    fn snapshot(
+        &mut self,
+        machine: &rehost_proto::MachineId,
+        consistency: crate::snapshot::Consistency,
+        reason: &str,
+        reply: Option<tokio::sync::oneshot::Sender<Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError>>>,
+    ) -> Result<(), WriteError> {
+        let paused = Instant::now();
+        self.commit()?;
+        let mut disks: Vec<_> = self.disks.iter().map(|(id, d)| (*id, &d.volume, d.complete)).collect();
+        disks.sort_by_key(|d| d.0);
+        let r = crate::snapshot::snapshot_session(&self.shared, machine, &disks, consistency, reason);
+        let pause_ms = paused.elapsed().as_millis() as u64;
+        match &r {
+            Ok(s) => tracing::info!(snapshot = s.id, pause_ms, "replication stream paused for a recovery point"),
+            Err(e) => tracing::warn!(error = %e, pause_ms, "recovery point failed"),
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(r);
+        }
+        self.pending_since = Instant::now();
         Ok(())
     }
 

@@ -1,0 +1,379 @@
+//! The recovery point commands: `snapshot create|export|delete|verify`, `snapshots`, `gc` and
+//! `retention`. Create, delete, GC and retention go through the admin API; export and verify read
+//! the data dir directly (as the user that runs the server), holding the store's shared lock so
+//! that GC waits for them.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Subcommand, ValueEnum};
+use rehost_server::catalog::Catalog;
+use rehost_server::client::AdminClient;
+use rehost_server::snapshot::api::{select, RetentionView, SnapshotList};
+use rehost_server::snapshot::export::{export_raw, verify};
+use rehost_server::snapshot::SnapshotInfo;
+use rehost_server::store::gc::GcStats;
+use rehost_server::store::Store;
+
+use super::human_bytes;
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Take a recovery point of all the machine's disks now.
+    Create {
+        /// Machine id or hostname.
+        machine: String,
+        /// Wait until the snapshot is complete and print it.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one disk of a snapshot to an image file, byte-identical to the disk at that point.
+    Export {
+        machine: String,
+        /// Snapshot id, or `latest`.
+        snapshot: String,
+        /// The disk's device (as listed by `machines`) or disk id; optional for one-disk machines.
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Raw)]
+        format: Format,
+    },
+    /// Delete a snapshot; GC reclaims the space only it used.
+    Delete { machine: String, snapshot: String },
+    /// Re-read and re-hash every chunk and page of a snapshot; name what is damaged and which
+    /// snapshots and byte ranges it affects. Exits non-zero on damage.
+    Verify {
+        machine: String,
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RetentionCmd {
+    /// Show the policy that applies (to a machine, or server-wide).
+    Show {
+        #[arg(long)]
+        machine: Option<String>,
+    },
+    /// Set the policy, e.g. `10m:1h,1h:24h,1d:7d` (EVERY:FOR,...) or `off`; server-wide unless
+    /// --machine is given.
+    Set {
+        policy: String,
+        #[arg(long)]
+        machine: Option<String>,
+    },
+    /// Remove a machine's override (or the server-wide setting: back to the default).
+    Reset {
+        #[arg(long)]
+        machine: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+fn time(t: i64) -> String {
+    format!("@{t}")
+}
+
+pub fn print_list(l: &SnapshotList) {
+    if l.snapshots.is_empty() {
+        println!("no snapshots of {} yet", l.machine_id);
+        return;
+    }
+    println!(
+        "{:>6}  {:<12} {:<12} {:<6} {:<9} {:>11} {:>8}  REASON",
+        "ID", "CREATED", "COMPLETED", "CONS", "STATE", "ADDED", "TOOK"
+    );
+    for s in &l.snapshots {
+        println!(
+            "{:>6}  {:<12} {:<12} {:<6} {:<9} {:>11} {:>8}  {}",
+            s.id,
+            time(s.created_at),
+            s.completed_at.map(time).unwrap_or_else(|| "-".into()),
+            s.consistency,
+            s.state,
+            human_bytes(s.bytes_added),
+            s.duration_ms
+                .map(|m| format!("{m}ms"))
+                .unwrap_or_else(|| "-".into()),
+            s.reason
+        );
+    }
+}
+
+fn open_local(data_dir: &Path) -> anyhow::Result<(Catalog, Store)> {
+    let db = data_dir.join("catalog.sqlite");
+    if !db.exists() {
+        bail!(
+            "no catalog at {} (point --data-dir at the server's data dir)",
+            db.display()
+        );
+    }
+    let catalog = Catalog::open(&db).context("open catalog")?;
+    let store = Store::open(&data_dir.join("store")).context("open snapshot store")?;
+    Ok((catalog, store))
+}
+
+fn find(catalog: &Catalog, machine: &str, snapshot: &str) -> anyhow::Result<SnapshotInfo> {
+    let id = catalog
+        .resolve_machine(machine)
+        .context("read catalog")?
+        .map_err(anyhow::Error::msg)?;
+    let snaps = catalog.snapshots(id.as_str()).context("read catalog")?;
+    let s = select(&snaps, snapshot).map_err(anyhow::Error::msg)?;
+    if s.state != "complete" {
+        bail!("snapshot {} is {}, not complete", s.id, s.state);
+    }
+    Ok(s.clone())
+}
+
+pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()> {
+    let client = || AdminClient::new(admin, data_dir);
+    match cmd {
+        SnapshotCmd::Create {
+            machine,
+            wait,
+            json,
+        } => {
+            let v: serde_json::Value = client()?.post_long(
+                &format!("/v1/machines/{machine}/snapshots"),
+                &serde_json::json!({ "wait": wait }),
+            )?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if *wait {
+                let s: SnapshotInfo = serde_json::from_value(v).context("unexpected answer")?;
+                println!(
+                    "snapshot {} of {} complete: {} disk(s), {} added, took {} ms",
+                    s.id,
+                    s.machine_id,
+                    s.disks.len(),
+                    human_bytes(s.bytes_added),
+                    s.duration_ms.unwrap_or(0)
+                );
+            } else {
+                println!(
+                    "snapshot of {} requested (see `rehost-server snapshots {machine}`)",
+                    v["machine_id"].as_str().unwrap_or(machine)
+                );
+            }
+            Ok(())
+        }
+        SnapshotCmd::Delete { machine, snapshot } => {
+            let v: serde_json::Value = client()?.post(
+                &format!("/v1/machines/{machine}/snapshots/{snapshot}/delete"),
+                &serde_json::json!({}),
+            )?;
+            println!("snapshot {} deleted", v["deleted"]);
+            Ok(())
+        }
+        SnapshotCmd::Export {
+            machine,
+            snapshot,
+            disk,
+            output,
+            format,
+        } => {
+            let (catalog, store) = open_local(data_dir)?;
+            let s = find(&catalog, machine, snapshot)?;
+            let d = match disk {
+                Some(want) => s
+                    .disks
+                    .iter()
+                    .find(|d| &d.device == want || d.disk_id.to_string() == *want),
+                None if s.disks.len() == 1 => s.disks.first(),
+                None => bail!(
+                    "snapshot {} has {} disks; choose one with --disk ({})",
+                    s.id,
+                    s.disks.len(),
+                    s.disks
+                        .iter()
+                        .map(|d| d.device.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            let d = d.with_context(|| {
+                format!(
+                    "snapshot {} has no disk {}",
+                    s.id,
+                    disk.as_deref().unwrap_or("")
+                )
+            })?;
+            let root = d.root_id().context("damaged root id in the catalog")?;
+            let raw_path = match format {
+                Format::Raw => output.clone(),
+                Format::Qcow2 => {
+                    let mut p = output.clone().into_os_string();
+                    p.push(".raw.partial");
+                    PathBuf::from(p)
+                }
+            };
+            let out = std::fs::File::create(&raw_path)
+                .with_context(|| format!("create {}", raw_path.display()))?;
+            let start = Instant::now();
+            let mut last = Instant::now();
+            let mut progress = |done: u64, total: u64| {
+                if last.elapsed() >= Duration::from_secs(1) || done == total {
+                    last = Instant::now();
+                    let pct = if total == 0 {
+                        100.0
+                    } else {
+                        done as f64 * 100.0 / total as f64
+                    };
+                    eprint!(
+                        "\rexport: {} of {} ({pct:.0}%)   ",
+                        human_bytes(done),
+                        human_bytes(total)
+                    );
+                    let _ = std::io::stderr().flush();
+                }
+            };
+            let r = export_raw(&store, &root, &out, &raw_path, &mut progress);
+            eprintln!();
+            let stats = match r {
+                Ok(st) => st,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&raw_path);
+                    return Err(e)
+                        .with_context(|| format!("export snapshot {} disk {}", s.id, d.device));
+                }
+            };
+            drop(out);
+            if let Format::Qcow2 = format {
+                let st = std::process::Command::new("qemu-img")
+                    .args(["convert", "-f", "raw", "-O", "qcow2"])
+                    .arg(&raw_path)
+                    .arg(output)
+                    .status();
+                let _ = std::fs::remove_file(&raw_path);
+                match st {
+                    Ok(st) if st.success() => {}
+                    Ok(st) => bail!("qemu-img convert to qcow2 failed: {st}"),
+                    Err(e) => {
+                        return Err(e).context("run qemu-img (install qemu-utils for qcow2 output)")
+                    }
+                }
+            }
+            eprintln!(
+                "exported snapshot {} disk {} to {}: {} ({} of data) in {:.1} s",
+                s.id,
+                d.device,
+                output.display(),
+                human_bytes(stats.size_bytes),
+                human_bytes(stats.data_bytes),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        SnapshotCmd::Verify {
+            machine,
+            snapshot,
+            json,
+        } => {
+            let (catalog, store) = open_local(data_dir)?;
+            let s = find(&catalog, machine, snapshot)?;
+            let report = verify(&store, &catalog, &s)
+                .with_context(|| format!("verify snapshot {}", s.id))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "snapshot {} of {}: {} disk(s), {} pages, {} chunk references, {} of chunk data checked",
+                    s.id,
+                    s.machine_id,
+                    report.disks,
+                    report.pages,
+                    report.chunks,
+                    human_bytes(report.bytes)
+                );
+                for d in &report.damaged {
+                    println!("DAMAGED {} {} ({}): {}", d.kind, d.id, d.path, d.problem);
+                    for a in &d.affected {
+                        println!(
+                            "  snapshot {} of {} disk {} bytes {}..{}",
+                            a.snapshot, a.machine_id, a.device, a.start, a.end
+                        );
+                    }
+                }
+            }
+            if !report.damaged.is_empty() {
+                bail!(
+                    "snapshot {} is damaged: {} object(s) unreadable",
+                    s.id,
+                    report.damaged.len()
+                );
+            }
+            if !*json {
+                println!("OK");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn list(admin: &str, data_dir: &Path, machine: &str, json: bool) -> anyhow::Result<()> {
+    let l: SnapshotList =
+        AdminClient::new(admin, data_dir)?.get(&format!("/v1/machines/{machine}/snapshots"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&l)?);
+    } else {
+        print_list(&l);
+    }
+    Ok(())
+}
+
+pub fn gc(admin: &str, data_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let st: GcStats =
+        AdminClient::new(admin, data_dir)?.post_long("/v1/gc", &serde_json::json!({}))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        println!(
+            "gc: {} snapshots, {} live objects; removed {} objects ({}) and {} partial files in {} ms",
+            st.snapshots,
+            st.live_objects,
+            st.removed_objects,
+            human_bytes(st.removed_bytes),
+            st.removed_partials,
+            st.duration_ms
+        );
+    }
+    Ok(())
+}
+
+pub fn retention(cmd: &RetentionCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()> {
+    let c = AdminClient::new(admin, data_dir)?;
+    let v: RetentionView = match cmd {
+        RetentionCmd::Show { machine } => match machine {
+            Some(m) => c.get(&format!("/v1/retention?machine={m}"))?,
+            None => c.get("/v1/retention")?,
+        },
+        RetentionCmd::Set { policy, machine } => c.post(
+            "/v1/retention",
+            &serde_json::json!({ "machine": machine, "policy": policy }),
+        )?,
+        RetentionCmd::Reset { machine } => {
+            c.post("/v1/retention", &serde_json::json!({ "machine": machine }))?
+        }
+    };
+    println!(
+        "{}: {} ({})",
+        v.machine_id.as_deref().unwrap_or("server"),
+        v.policy,
+        v.source
+    );
+    Ok(())
+}

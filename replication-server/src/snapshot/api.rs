@@ -1,0 +1,255 @@
+//! Admin API routes for recovery points, retention and GC (used by the `rehost-server snapshot`,
+//! `snapshots`, `retention` and `gc` commands). A machine may be named by id or hostname.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rehost_proto::MachineId;
+use serde::{Deserialize, Serialize};
+
+use super::{Consistency, SnapshotError, SnapshotInfo};
+use crate::admin::{authorize, blocking, internal, ApiError};
+use crate::retention::{chain, policy_for, Policy};
+use crate::Shared;
+
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1/machines/{machine}/snapshots", get(list).post(create))
+        .route("/v1/machines/{machine}/snapshots/{id}/delete", post(delete))
+        .route("/v1/gc", post(gc))
+        .route("/v1/retention", get(retention).post(set_retention))
+}
+
+fn api(e: SnapshotError) -> ApiError {
+    let code = match &e {
+        SnapshotError::NotReady(_) => StatusCode::CONFLICT,
+        SnapshotError::NotFound(_) => StatusCode::NOT_FOUND,
+        SnapshotError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(code, chain(&e))
+}
+
+async fn resolve(s: &Arc<Shared>, name: String) -> Result<MachineId, ApiError> {
+    let s = s.clone();
+    blocking(move || {
+        s.catalog
+            .resolve_machine(&name)
+            .map_err(internal)?
+            .map_err(|m| ApiError(StatusCode::NOT_FOUND, m))
+    })
+    .await
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotList {
+    pub machine_id: String,
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+async fn list(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path(m): Path<String>,
+) -> Result<Json<SnapshotList>, ApiError> {
+    authorize(&s, &h)?;
+    let machine = resolve(&s, m).await?;
+    let id = machine.to_string();
+    let snapshots =
+        blocking(move || s.catalog.snapshots(machine.as_str()).map_err(internal)).await?;
+    Ok(Json(SnapshotList {
+        machine_id: id,
+        snapshots,
+    }))
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    /// Answer once the snapshot is complete (with it), rather than once it is requested.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+async fn create(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path(m): Path<String>,
+    Json(req): Json<CreateSnapshot>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &h)?;
+    let machine = resolve(&s, m).await?;
+    let task = tokio::spawn(super::request(
+        s.clone(),
+        machine.clone(),
+        Consistency::Crash,
+        "manual".into(),
+    ));
+    if !req.wait {
+        return Ok(Json(
+            serde_json::json!({ "requested": true, "machine_id": machine.as_str() }),
+        ));
+    }
+    let info = task.await.map_err(internal)?.map_err(api)?;
+    Ok(Json(serde_json::to_value(info).map_err(internal)?))
+}
+
+async fn delete(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path((m, id)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &h)?;
+    let machine = resolve(&s, m).await?;
+    let s2 = s.clone();
+    let deleted = blocking(move || {
+        let snaps = s2.catalog.snapshots(machine.as_str()).map_err(internal)?;
+        let snap = select(&snaps, &id).map_err(|m| ApiError(StatusCode::NOT_FOUND, m))?;
+        if !s2.catalog.mark_deleting(snap.id).map_err(internal)? {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("snapshot {} is {}, not complete", snap.id, snap.state),
+            ));
+        }
+        s2.catalog.remove_snapshot(snap.id).map_err(internal)?;
+        tracing::info!(%machine, snapshot = snap.id, "recovery point deleted");
+        Ok(snap.id)
+    })
+    .await?;
+    // Reclaim its space now; a busy or failed GC is retried by the scheduler.
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = crate::store::gc::collect(&s.store, &s.catalog) {
+            tracing::warn!(error = %chain(&e), "garbage collection after delete");
+        }
+    });
+    Ok(Json(serde_json::json!({ "deleted": deleted })))
+}
+
+/// A snapshot of `snaps` by id or `latest` (the newest complete one).
+pub fn select<'a>(snaps: &'a [SnapshotInfo], sel: &str) -> Result<&'a SnapshotInfo, String> {
+    if sel == "latest" {
+        return snaps
+            .iter()
+            .rev()
+            .find(|s| s.state == "complete")
+            .ok_or_else(|| "no complete snapshot yet".to_string());
+    }
+    let id: i64 = sel
+        .parse()
+        .map_err(|_| format!("`{sel}` is neither a snapshot id nor `latest`"))?;
+    snaps
+        .iter()
+        .find(|s| s.id == id)
+        .ok_or_else(|| format!("no snapshot {id} of this machine"))
+}
+
+async fn gc(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+) -> Result<Json<crate::store::gc::GcStats>, ApiError> {
+    authorize(&s, &h)?;
+    let stats = blocking(move || {
+        crate::store::gc::collect(&s.store, &s.catalog).map_err(|e| {
+            let code = match e {
+                crate::store::gc::GcError::Store(crate::store::StoreError::Busy) => {
+                    StatusCode::CONFLICT
+                }
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            ApiError(code, chain(&e))
+        })
+    })
+    .await?;
+    Ok(Json(stats))
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RetentionQuery {
+    pub machine: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RetentionView {
+    pub machine_id: Option<String>,
+    pub policy: String,
+    /// `machine` (an override), `server` (the server-wide setting) or `default`.
+    pub source: String,
+}
+
+async fn retention(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Query(q): Query<RetentionQuery>,
+) -> Result<Json<RetentionView>, ApiError> {
+    authorize(&s, &h)?;
+    let machine = match q.machine {
+        Some(m) => Some(resolve(&s, m).await?),
+        None => None,
+    };
+    let view = blocking(move || {
+        let key = machine.as_ref().map(|m| m.to_string()).unwrap_or_default();
+        let own = s.catalog.retention(&key).map_err(internal)?;
+        let server = s.catalog.retention("").map_err(internal)?;
+        let source = if own.is_some() && !key.is_empty() {
+            "machine"
+        } else if server.is_some() {
+            "server"
+        } else {
+            "default"
+        };
+        let policy = policy_for(&s, &key).map_err(api)?;
+        Ok(RetentionView {
+            machine_id: machine.map(|m| m.to_string()),
+            policy: policy.to_string(),
+            source: source.into(),
+        })
+    })
+    .await?;
+    Ok(Json(view))
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SetRetention {
+    pub machine: Option<String>,
+    /// A policy (`10m:1h,1h:24h,1d:7d`, `off`); `None` removes the override.
+    pub policy: Option<String>,
+}
+
+async fn set_retention(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Json(req): Json<SetRetention>,
+) -> Result<Json<RetentionView>, ApiError> {
+    authorize(&s, &h)?;
+    let policy = match &req.policy {
+        Some(p) => Some(
+            p.parse::<Policy>()
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let machine = match req.machine.clone() {
+        Some(m) => Some(resolve(&s, m).await?),
+        None => None,
+    };
+    let key = machine.as_ref().map(|m| m.to_string()).unwrap_or_default();
+    let s2 = s.clone();
+    let k2 = key.clone();
+    blocking(move || {
+        s2.catalog
+            .set_retention(&k2, policy.as_deref())
+            .map_err(internal)
+    })
+    .await?;
+    retention(
+        State(s),
+        h,
+        Query(RetentionQuery {
+            machine: machine.map(|m| m.to_string()),
+        }),
+    )
+    .await
+}
