@@ -83,6 +83,8 @@ pub fn boot(o: &BootOptions) -> Result<BootCheckResult, BootError> {
             "-display",
             "none",
         ])
+        // Keep a VGA device: GRUB on BIOS hangs after "Welcome to GRUB!" on a machine without one.
+        .args(["-vga", "std"])
         .args(["-monitor", "none", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", o.serial_log.display()))

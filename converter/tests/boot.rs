@@ -1,0 +1,259 @@
+//! End-to-end: real Debian images (debootstrap, GRUB, configured as on Xen or VMware), converted by the
+//! real binary and booted under QEMU/TCG with virtio. Needs root, debootstrap and qemu-system-x86.
+
+mod common;
+use common::*;
+use rehost_converter::bootcheck::{self, BootOptions};
+use std::time::{Duration, Instant};
+
+fn changes(report: &serde_json::Value) -> Vec<(String, String, String, String)> {
+    report["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
+            (s("kind"), s("file"), s("old"), s("new"))
+        })
+        .collect()
+}
+
+#[test]
+fn unconverted_xen_image_does_not_boot_on_virtio() {
+    if !ready(BOOT_TOOLS) {
+        return;
+    }
+    let img = fixture("xen");
+    let dir = scratch();
+    let t = Instant::now();
+    let r = bootcheck::boot(&BootOptions {
+        image: img,
+        format: "raw".into(),
+        timeout: Duration::from_secs(300),
+        markers: vec!["REHOST-BOOT-OK".into(), "login:".into()],
+        serial_log: dir.path().join("serial.log"),
+        accel: "tcg".into(),
+        memory_mib: 1024,
+    })
+    .unwrap();
+    let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
+    eprintln!(
+        "unconverted boot: {r:?} after {:?}\n{}",
+        t.elapsed(),
+        &log[log.len().saturating_sub(2000)..]
+    );
+    assert!(!r.booted);
+    assert!(
+        log.contains("/dev/xvda1 does not exist"),
+        "expected the initramfs failure on the console"
+    );
+}
+
+#[test]
+fn converted_xen_image_boots_gets_dhcp_and_reports_changes() {
+    if !ready(BOOT_TOOLS) {
+        return;
+    }
+    let img = fixture("xen");
+    let before = file_hash(&img);
+    let dir = scratch();
+    let out = dir.path().join("xen.qcow2");
+    let report = dir.path().join("report.json");
+    let serial = dir.path().join("serial.log");
+    let t = Instant::now();
+    let o = run(&[
+        "convert",
+        "--input",
+        img.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--target",
+        "kvm-virtio",
+        "--format",
+        "qcow2",
+        "--report",
+        report.to_str().unwrap(),
+        "--boot-check",
+        "--boot-timeout",
+        "300",
+        "--boot-marker",
+        "REHOST-BOOT-OK",
+        "--serial-log",
+        serial.to_str().unwrap(),
+    ]);
+    eprintln!("convert + boot check took {:?}", t.elapsed());
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(file_hash(&img), before, "the input image was modified");
+    assert!(leftovers(out.to_str().unwrap()).is_empty());
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["boot_check"]["booted"], true);
+    let ip = r["boot_check"]["guest_ipv4"].as_str().unwrap_or("");
+    assert!(
+        ip.starts_with("10.0.2."),
+        "guest address {ip:?} is not from QEMU's user network"
+    );
+    assert!(log.contains("REHOST-BOOT-OK"));
+    let ch = changes(&r);
+    let has = |kind: &str, file: &str, old: &str, new: &str| {
+        ch.iter()
+            .any(|(k, f, o, n)| k == kind && f == file && o.contains(old) && n.contains(new))
+    };
+    assert!(has("fstab", "/etc/fstab", "/dev/xvda1", "UUID="), "{ch:#?}");
+    assert!(has("fstab", "/etc/fstab", "/dev/xvda2", "UUID="));
+    assert!(has("fstab", "/etc/fstab", "/dev/xvdb1", "nofail"));
+    assert!(has(
+        "grub-cfg",
+        "/boot/grub/grub.cfg",
+        "root=/dev/xvda1",
+        "root=UUID="
+    ));
+    assert!(has(
+        "grub-cfg",
+        "/boot/grub/grub.cfg",
+        "resume=/dev/xvda2",
+        "resume=UUID="
+    ));
+    assert!(has(
+        "default-grub",
+        "/etc/default/grub",
+        "GRUB_DISABLE_LINUX_UUID=true",
+        "false"
+    ));
+    assert!(has(
+        "initramfs",
+        "/etc/initramfs-tools/modules",
+        "",
+        "virtio_blk"
+    ));
+    assert!(ch.iter().any(|(k, f, _, n)| k == "initramfs"
+        && f.starts_with("/boot/initrd.img-")
+        && n.contains("virtio_blk")));
+    assert!(has(
+        "network",
+        "/etc/network/interfaces",
+        "iface eth0 inet static",
+        "iface eth0 inet dhcp"
+    ));
+    assert!(has(
+        "network",
+        "/etc/network/interfaces",
+        "address 192.0.2.10/24",
+        ""
+    ));
+    assert!(ch
+        .iter()
+        .any(|(k, f, _, _)| k == "udev" && f == "/etc/udev/rules.d/70-persistent-net.rules"));
+    // The Xen image already had console=ttyS0: not added twice.
+    assert!(!ch
+        .iter()
+        .any(|(_, _, _, n)| n.matches("console=ttyS0").count() > 1));
+}
+
+#[test]
+fn converted_vmware_image_boots_with_tools_disabled() {
+    if !ready(BOOT_TOOLS) {
+        return;
+    }
+    let img = fixture("vmware");
+    let dir = scratch();
+    let out = dir.path().join("vmw.raw");
+    let report = dir.path().join("report.json");
+    let serial = dir.path().join("serial.log");
+    let o = run(&[
+        "convert",
+        "--input",
+        img.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--target",
+        "kvm-virtio",
+        "--report",
+        report.to_str().unwrap(),
+        "--boot-check",
+        "--boot-timeout",
+        "300",
+        "--boot-marker",
+        "REHOST-BOOT-OK",
+        "--serial-log",
+        serial.to_str().unwrap(),
+    ]);
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
+    assert_eq!(o.status.code(), Some(0));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["boot_check"]["booted"], true);
+    assert!(r["boot_check"]["guest_ipv4"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("10.0.2."));
+    let ch = changes(&r);
+    assert!(
+        ch.iter()
+            .any(|(k, f, _, _)| k == "hypervisor-tools" && f.ends_with("/open-vm-tools.service")),
+        "{ch:#?}"
+    );
+    assert!(ch.iter().any(|(k, _, o, n)| k == "network"
+        && o.contains("ens192")
+        && n.contains("eth0 inet dhcp")));
+    assert!(ch.iter().any(|(k, _, o, n)| k == "grub-cfg"
+        && o.contains("root=/dev/sda1")
+        && n.contains("console=ttyS0,115200")
+        && n.contains("net.ifnames=0")));
+}
+
+#[test]
+fn converting_twice_gives_the_same_output() {
+    if !ready(BOOT_TOOLS) {
+        return;
+    }
+    let img = fixture("xen");
+    let dir = scratch();
+    let mut manifests = Vec::new();
+    for i in 0..2 {
+        let out = dir.path().join(format!("out{i}.raw"));
+        let report = dir.path().join(format!("report{i}.json"));
+        let o = run(&[
+            "convert",
+            "--input",
+            img.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(0));
+        let m = run(&["manifest", out.to_str().unwrap()]);
+        assert!(m.status.success());
+        let mut r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        r["outputs"] = serde_json::Value::Null;
+        r["seconds"] = serde_json::Value::Null;
+        manifests.push((String::from_utf8(m.stdout).unwrap(), r["changes"].clone()));
+        std::fs::remove_file(&out).unwrap();
+    }
+    let (a, b) = (&manifests[0].0, &manifests[1].0);
+    let diff: Vec<_> = a
+        .lines()
+        .zip(b.lines())
+        .filter(|(x, y)| x != y)
+        .take(20)
+        .collect();
+    assert!(
+        a.lines().count() > 10_000,
+        "manifest too small to mean anything"
+    );
+    assert!(
+        diff.is_empty() && a.lines().count() == b.lines().count(),
+        "outputs differ: {diff:#?}"
+    );
+    assert_eq!(
+        manifests[0].1, manifests[1].1,
+        "reports list different changes"
+    );
+    // The rebuilt initramfs is byte-identical (SOURCE_DATE_EPOCH).
+    assert!(a
+        .lines()
+        .any(|l| l.contains("/boot/initrd.img-") && l.contains(" file ")));
+}

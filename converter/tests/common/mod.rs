@@ -1,0 +1,122 @@
+//! Shared helpers of the converter's end-to-end tests: environment checks (skip without root unless
+//! CI=true, where a missing prerequisite fails the test), fixture images, running the binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rehost-converter");
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Check what a test needs. Returns false (after printing why) when the test must be skipped; panics
+/// when it cannot run and CI=true.
+pub fn ready(tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_string());
+    }
+    for t in tools {
+        if !have(t) {
+            missing.push(t.to_string());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("converter end-to-end test needs: {}", missing.join(", "));
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg} (CI=true: failing instead of skipping)");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+pub const BOOT_TOOLS: &[&str] = &[
+    "debootstrap",
+    "qemu-system-x86_64",
+    "qemu-img",
+    "losetup",
+    "partx",
+    "sfdisk",
+    "mkfs.ext4",
+];
+
+/// Build (or take from the cache) a fixture image and return its path.
+pub fn fixture(variant: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/build-debian-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(variant)
+        .output()
+        .expect("run fixture builder");
+    assert!(
+        out.status.success(),
+        "fixture builder failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        Path::new(&path).is_file(),
+        "fixture builder printed {path:?}"
+    );
+    PathBuf::from(path)
+}
+
+/// A scratch directory for outputs (on /var/tmp: outputs are sparse 1.5 GiB images).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("rehost-converter-test")
+        .tempdir_in("/var/tmp")
+        .expect("scratch dir")
+}
+
+pub fn run(args: &[&str]) -> Output {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("start rehost-converter");
+    eprintln!(
+        "$ rehost-converter {}\n-> {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// blake3 of a whole file.
+pub fn file_hash(p: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    std::io::copy(&mut std::fs::File::open(p).unwrap(), &mut h).unwrap();
+    h.finalize().to_hex().to_string()
+}
+
+/// Mounts and loop devices that point into converter work directories or at `needle`.
+pub fn leftovers(needle: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("rehost-converter.") || l.contains(needle))
+        .map(String::from)
+        .collect();
+    let lo = Command::new("losetup")
+        .arg("-a")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    v.extend(lo.lines().filter(|l| l.contains(needle)).map(String::from));
+    v
+}

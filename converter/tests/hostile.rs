@@ -1,0 +1,182 @@
+//! Hostile and broken images are refused cleanly: no panic, a clear error, no output written, nothing on
+//! the host touched, and no mount or loop device left behind.
+
+mod common;
+use common::*;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::Command;
+
+/// A 64 MiB image with an MBR whose only partition runs far past the end of the disk.
+fn bad_mbr_image(path: &Path) {
+    let mut d = vec![0u8; 512];
+    d[446] = 0x80;
+    d[446 + 4] = 0x83;
+    d[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    d[446 + 12..446 + 16].copy_from_slice(&0x7FFF_0000u32.to_le_bytes());
+    d[510] = 0x55;
+    d[511] = 0xAA;
+    std::fs::write(path, &d).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+}
+
+#[test]
+fn corrupted_partition_table_is_refused() {
+    // Needs no root: the table is refused before anything is attached or mounted.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("bad.raw");
+    bad_mbr_image(&img);
+    let out = dir.path().join("out.raw");
+    let o = run(&["inspect", img.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("partition 1") && err.contains("outside"),
+        "{err}"
+    );
+    let o = run(&[
+        "convert",
+        "--input",
+        img.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("outside"));
+    assert!(!out.exists(), "an output was written for a refused input");
+    // A GPT whose header checksum does not match (primary and backup) is refused too.
+    let mut d = std::fs::read(&img).unwrap();
+    d[446 + 4] = 0xEE;
+    d[512..520].copy_from_slice(b"EFI PART");
+    d[512 + 12..512 + 16].copy_from_slice(&92u32.to_le_bytes());
+    std::fs::write(&img, &d).unwrap();
+    let o = run(&["inspect", img.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("GPT header is invalid"));
+}
+
+/// Build a raw disk with one ext4 partition populated from `tree` (mkfs.ext4 -d, nothing mounted).
+fn ext4_image(tree: &Path, img: &Path) {
+    let f = std::fs::File::create(img).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    let sf = Command::new("sfdisk")
+        .arg("-q")
+        .arg(img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b"label: dos\nstart=2048, type=83, bootable\n")?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(sf.success());
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+        .arg(tree)
+        .arg(img)
+        .arg("60M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn escaping_symlinks_in_the_guest_never_reach_the_host() {
+    if !ready(&["sfdisk", "mkfs.ext4", "losetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Host files the guest points at; their content must never show up or change.
+    let host_fstab = dir.path().join("host-fstab");
+    std::fs::write(&host_fstab, "/dev/sda9 /HOSTSECRET ext4 defaults 0 0\n").unwrap();
+    let host_grub = dir.path().join("host-grub.cfg");
+    std::fs::write(&host_grub, "linux /vmlinuz root=/dev/HOSTSECRET\n").unwrap();
+    let tree = dir.path().join("tree");
+    for d in ["etc/network", "boot/grub", "usr/lib/modules"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::write(
+        tree.join("etc/os-release"),
+        "ID=debian\nVERSION_ID=12\nPRETTY_NAME=\"hostile\"\n",
+    )
+    .unwrap();
+    symlink(
+        format!("/../../../../../..{}", host_fstab.display()),
+        tree.join("etc/fstab"),
+    )
+    .unwrap();
+    symlink(&host_grub, tree.join("boot/grub/grub.cfg")).unwrap();
+    symlink(
+        "../../../../../../../../../etc",
+        tree.join("etc/network/interfaces"),
+    )
+    .unwrap();
+    symlink("/proc/self/root/etc/passwd", tree.join("etc/default")).unwrap();
+    std::fs::write(tree.join("boot/vmlinuz-6.1.0-hostile"), b"not a kernel").unwrap();
+    let img = dir.path().join("hostile.raw");
+    ext4_image(&tree, &img);
+    let before = file_hash(&img);
+    let work = dir.path().join("work");
+
+    let o = run(&[
+        "--work-dir",
+        work.to_str().unwrap(),
+        "inspect",
+        "--json",
+        img.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !stdout.contains("HOSTSECRET"),
+        "host file content leaked into the inspection"
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "the image must be reported as not convertible"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let blockers = v["inspection"]["blockers"].to_string();
+    assert!(blockers.contains("bootloader"), "{blockers}");
+    assert!(blockers.contains("virtio"), "{blockers}");
+
+    let out = dir.path().join("out.raw");
+    let o = run(&[
+        "--work-dir",
+        work.to_str().unwrap(),
+        "convert",
+        "--input",
+        img.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be made bootable"));
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_to_string(&host_fstab).unwrap(),
+        "/dev/sda9 /HOSTSECRET ext4 defaults 0 0\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&host_grub).unwrap(),
+        "linux /vmlinuz root=/dev/HOSTSECRET\n"
+    );
+    assert_eq!(file_hash(&img), before, "input modified");
+    assert!(
+        leftovers(img.to_str().unwrap()).is_empty(),
+        "{:?}",
+        leftovers(img.to_str().unwrap())
+    );
+    // The work directory holds nothing afterwards.
+    assert_eq!(std::fs::read_dir(&work).map(|d| d.count()).unwrap_or(0), 0);
+}
