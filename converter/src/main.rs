@@ -105,14 +105,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Cmd::Inspect { images, json } => {
             let ins = inspect::inspect_images(&images, &work).context("inspect")?;
-            // Plan the changes on a read-only session (nothing is written with apply == false).
-            let disks = ins.disks.clone();
-            let (mut s, _, _) =
-                inspect::open_guest(&images, &disks, &work, true).context("open guest")?;
-            inspect::mount_boot(&mut s, &images, &disks, &ins.volumes(), true)
-                .context("mount /boot")?;
-            let (plan, _) = convert::plan_changes(&s.root, &ins, false).context("plan changes")?;
-            drop(s);
+            // Plan the changes on a read-only session (nothing is written with apply == false);
+            // an image that cannot be converted gets its blockers, not a plan.
+            let plan = if ins.blockers.is_empty() {
+                let disks = ins.disks.clone();
+                let (mut s, _, _) =
+                    inspect::open_guest(&images, &disks, &work, true).context("open guest")?;
+                inspect::mount_boot(&mut s, &images, &disks, &ins.volumes(), true)
+                    .context("mount /boot")?;
+                convert::plan_changes(&s.root, &ins, false)
+                    .context("plan changes")?
+                    .0
+            } else {
+                Vec::new()
+            };
             if json {
                 let v = serde_json::json!({ "inspection": ins, "planned_changes": plan });
                 println!("{}", serde_json::to_string_pretty(&v)?);

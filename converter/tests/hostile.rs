@@ -180,3 +180,92 @@ fn escaping_symlinks_in_the_guest_never_reach_the_host() {
     // The work directory holds nothing afterwards.
     assert_eq!(std::fs::read_dir(&work).map(|d| d.count()).unwrap_or(0), 0);
 }
+
+#[test]
+fn escaping_symlinks_in_a_convertible_guest_are_not_followed_out() {
+    if !ready(BOOT_TOOLS) {
+        return;
+    }
+    let src = fixture("xen");
+    let dir = scratch();
+    let host_fstab = dir.path().join("host-fstab");
+    std::fs::write(&host_fstab, "/dev/xvda1 / ext4 defaults 0 1\n").unwrap();
+    let host_grub = dir.path().join("host-default-grub");
+    std::fs::write(&host_grub, "GRUB_CMDLINE_LINUX=\"root=/dev/xvda1\"\n").unwrap();
+    // A hostile variant of the real image: /etc/fstab climbs out with "..", /etc/default/grub is an
+    // absolute symlink to a host path.
+    let img = dir.path().join("hostile.raw");
+    assert!(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&src)
+        .arg(&img)
+        .status()
+        .unwrap()
+        .success());
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let lo = Command::new("losetup")
+        .args(["--find", "--show", "--offset", "1048576", "--sizelimit"])
+        .arg(format!("{}", 1407u64 << 20))
+        .arg(&img)
+        .output()
+        .unwrap();
+    let lo = String::from_utf8_lossy(&lo.stdout).trim().to_string();
+    assert!(Command::new("mount")
+        .arg(&lo)
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::remove_file(mnt.join("etc/fstab")).unwrap();
+    symlink(
+        format!("/../../../../../../..{}", host_fstab.display()),
+        mnt.join("etc/fstab"),
+    )
+    .unwrap();
+    std::fs::remove_file(mnt.join("etc/default/grub")).unwrap();
+    symlink(&host_grub, mnt.join("etc/default/grub")).unwrap();
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    assert!(Command::new("losetup")
+        .arg("-d")
+        .arg(&lo)
+        .status()
+        .unwrap()
+        .success());
+
+    let out = dir.path().join("out.raw");
+    let report = dir.path().join("report.json");
+    let o = run(&[
+        "convert",
+        "--input",
+        img.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&host_fstab).unwrap(),
+        "/dev/xvda1 / ext4 defaults 0 1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&host_grub).unwrap(),
+        "GRUB_CMDLINE_LINUX=\"root=/dev/xvda1\"\n"
+    );
+    assert!(!dir.path().join("host-fstab.rehost-orig").exists());
+    assert!(!dir.path().join("host-default-grub.rehost-orig").exists());
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let files: Vec<&str> = r["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["file"].as_str().unwrap())
+        .collect();
+    assert!(
+        !files.contains(&"/etc/fstab") && !files.contains(&"/etc/default/grub"),
+        "{files:?}"
+    );
+    assert!(files.contains(&"/boot/grub/grub.cfg"));
+    assert!(leftovers(out.to_str().unwrap()).is_empty());
+}
