@@ -71,7 +71,9 @@ pub fn boot(o: &BootOptions) -> Result<BootCheckResult, BootError> {
         o.image.display(),
         o.format
     );
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut child = Command::new("qemu-system-x86_64");
+    std::os::unix::process::CommandExt::process_group(&mut child, 0);
+    let mut child = child
         .args([
             "-accel",
             &o.accel,

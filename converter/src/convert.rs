@@ -306,6 +306,11 @@ fn rebuild_initramfs(s: &mut inspect::GuestSession, ins: &Inspection) -> Result<
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
         )?;
         s.mount_in_guest("/dev", "/dev", None, MsFlags::MS_BIND)?;
+        // Private tmpfs on /run and /tmp: what the tools leave there (blkid's cache, temp files) must
+        // not land in the output (it would also make two conversions differ).
+        let tmpfs = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        s.mount_in_guest("tmpfs", "/run", Some("tmpfs"), tmpfs)?;
+        s.mount_in_guest("tmpfs", "/tmp", Some("tmpfs"), tmpfs)?;
         let root = s.root.host_path().to_path_buf();
         let mut runs: Vec<Vec<String>> = Vec::new();
         match tool.as_str() {

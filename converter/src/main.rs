@@ -215,7 +215,14 @@ fn main() {
         std::process::exit(1);
     }
     let cli = Cli::parse();
-    let code = match run(cli) {
+    let result = run(cli);
+    if sys::interrupted().is_some() {
+        // The signal thread is releasing mounts and loop devices and will exit with 128+signal.
+        loop {
+            std::thread::park();
+        }
+    }
+    let code = match result {
         Ok(c) => c,
         Err(e) => {
             eprintln!("rehost-converter: {e:#}");

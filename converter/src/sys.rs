@@ -56,11 +56,25 @@ fn register(r: Res) -> u64 {
     id
 }
 
-fn unregister(id: u64) {
-    REGISTRY
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|(i, _)| *i != id);
+/// Remove `id` from the registry; true if it was still there. Whoever removes an entry releases it, so a
+/// guard dropped after the signal handler released its resource does not release it a second time (a
+/// loop device number may already belong to someone else by then).
+fn unregister(id: u64) -> bool {
+    let mut r = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    let before = r.len();
+    r.retain(|(i, _)| *i != id);
+    r.len() != before
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The signal that interrupted the converter, if any. The signal thread is then releasing everything
+/// and will exit the process; the main thread must not exit on its own.
+pub fn interrupted() -> Option<i32> {
+    match INTERRUPTED.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
 }
 
 fn detach_loop(dev: &str) {
@@ -97,9 +111,13 @@ pub fn release_all() {
         std::mem::take(&mut *REGISTRY.lock().unwrap_or_else(|e| e.into_inner()));
     for (_, r) in items.iter().rev() {
         if let Res::Child(pid) = r {
+            // Children run in their own process group: kill the whole group (a chroot'd
+            // update-initramfs has its own children that keep the guest mount busy).
+            let _ = kill(Pid::from_raw(-(*pid as i32)), Signal::SIGKILL);
             let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
         }
     }
+    std::thread::sleep(std::time::Duration::from_millis(200));
     for (_, r) in items.into_iter().rev() {
         match r {
             Res::Loop(dev) => detach_loop(&dev),
@@ -125,6 +143,7 @@ pub fn install_signal_cleanup() -> Result<(), nix::Error> {
         .name("signal-cleanup".into())
         .spawn(move || {
             if let Ok(sig) = set.wait() {
+                INTERRUPTED.store(sig as i32, Ordering::SeqCst);
                 eprintln!("rehost-converter: {sig:?} received, releasing mounts and loop devices");
                 release_all();
                 std::process::exit(128 + sig as i32);
@@ -177,8 +196,9 @@ impl LoopDevice {
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
-        detach_loop(&self.dev);
-        unregister(self.id);
+        if unregister(self.id) {
+            detach_loop(&self.dev);
+        }
     }
 }
 
@@ -214,8 +234,9 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        unmount(&self.target);
-        unregister(self.id);
+        if unregister(self.id) {
+            unmount(&self.target);
+        }
     }
 }
 
@@ -252,12 +273,14 @@ impl WorkDir {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         for (d, id) in self.dirs.iter().rev() {
+            if !unregister(*id) {
+                continue;
+            }
             if let Err(e) = std::fs::remove_dir(d) {
                 // A leftover file (a serial log the user asked to keep elsewhere is never here) or a mount
                 // that could not be released: leave it rather than delete through it.
                 tracing::warn!(dir = %d.display(), error = %e, "work directory not removed");
             }
-            unregister(*id);
         }
     }
 }
@@ -285,7 +308,9 @@ impl Drop for ChildGuard {
 /// Run a command to completion (registered for kill-on-signal); returns (success, stdout+stderr tail).
 pub fn run(cmd: &mut Command, what: &str) -> Result<(bool, String), SysError> {
     use std::io::Read;
+    use std::os::unix::process::CommandExt;
     let mut child = cmd
+        .process_group(0)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

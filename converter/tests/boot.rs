@@ -61,32 +61,39 @@ fn converted_xen_image_boots_gets_dhcp_and_reports_changes() {
     let report = dir.path().join("report.json");
     let serial = dir.path().join("serial.log");
     let t = Instant::now();
-    let o = run(&[
-        "convert",
-        "--input",
-        img.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--target",
-        "kvm-virtio",
-        "--format",
-        "qcow2",
-        "--report",
-        report.to_str().unwrap(),
-        "--boot-check",
-        "--boot-timeout",
-        "300",
-        "--boot-marker",
-        "REHOST-BOOT-OK",
-        "--serial-log",
-        serial.to_str().unwrap(),
-    ]);
+    let o = run_in(
+        dir.path(),
+        &[
+            "convert",
+            "--input",
+            img.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--target",
+            "kvm-virtio",
+            "--format",
+            "qcow2",
+            "--report",
+            report.to_str().unwrap(),
+            "--boot-check",
+            "--boot-timeout",
+            "300",
+            "--boot-marker",
+            "REHOST-BOOT-OK",
+            "--serial-log",
+            serial.to_str().unwrap(),
+        ],
+    );
     eprintln!("convert + boot check took {:?}", t.elapsed());
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(file_hash(&img), before, "the input image was modified");
-    assert!(leftovers(out.to_str().unwrap()).is_empty());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:#?}",
+        leftovers(dir.path())
+    );
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["boot_check"]["booted"], true);
     let ip = r["boot_check"]["guest_ipv4"].as_str().unwrap_or("");
@@ -161,24 +168,27 @@ fn converted_vmware_image_boots_with_tools_disabled() {
     let out = dir.path().join("vmw.raw");
     let report = dir.path().join("report.json");
     let serial = dir.path().join("serial.log");
-    let o = run(&[
-        "convert",
-        "--input",
-        img.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--target",
-        "kvm-virtio",
-        "--report",
-        report.to_str().unwrap(),
-        "--boot-check",
-        "--boot-timeout",
-        "300",
-        "--boot-marker",
-        "REHOST-BOOT-OK",
-        "--serial-log",
-        serial.to_str().unwrap(),
-    ]);
+    let o = run_in(
+        dir.path(),
+        &[
+            "convert",
+            "--input",
+            img.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--target",
+            "kvm-virtio",
+            "--report",
+            report.to_str().unwrap(),
+            "--boot-check",
+            "--boot-timeout",
+            "300",
+            "--boot-marker",
+            "REHOST-BOOT-OK",
+            "--serial-log",
+            serial.to_str().unwrap(),
+        ],
+    );
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
     assert_eq!(o.status.code(), Some(0));
@@ -214,17 +224,20 @@ fn converting_twice_gives_the_same_output() {
     for i in 0..2 {
         let out = dir.path().join(format!("out{i}.raw"));
         let report = dir.path().join(format!("report{i}.json"));
-        let o = run(&[
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ]);
+        let o = run_in(
+            dir.path(),
+            &[
+                "convert",
+                "--input",
+                img.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
         assert_eq!(o.status.code(), Some(0));
-        let m = run(&["manifest", out.to_str().unwrap()]);
+        let m = run_in(dir.path(), &["manifest", out.to_str().unwrap()]);
         assert!(m.status.success());
         let mut r: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();

@@ -173,9 +173,9 @@ fn escaping_symlinks_in_the_guest_never_reach_the_host() {
     );
     assert_eq!(file_hash(&img), before, "input modified");
     assert!(
-        leftovers(img.to_str().unwrap()).is_empty(),
+        leftovers(dir.path()).is_empty(),
         "{:?}",
-        leftovers(img.to_str().unwrap())
+        leftovers(dir.path())
     );
     // The work directory holds nothing afterwards.
     assert_eq!(std::fs::read_dir(&work).map(|d| d.count()).unwrap_or(0), 0);
@@ -235,15 +235,18 @@ fn escaping_symlinks_in_a_convertible_guest_are_not_followed_out() {
 
     let out = dir.path().join("out.raw");
     let report = dir.path().join("report.json");
-    let o = run(&[
-        "convert",
-        "--input",
-        img.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    let o = run_in(
+        dir.path(),
+        &[
+            "convert",
+            "--input",
+            img.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(
         std::fs::read_to_string(&host_fstab).unwrap(),
@@ -267,5 +270,9 @@ fn escaping_symlinks_in_a_convertible_guest_are_not_followed_out() {
         "{files:?}"
     );
     assert!(files.contains(&"/boot/grub/grub.cfg"));
-    assert!(leftovers(out.to_str().unwrap()).is_empty());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:#?}",
+        leftovers(dir.path())
+    );
 }

@@ -87,14 +87,29 @@ pub fn run(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("start rehost-converter");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let shown: String = stdout.chars().take(6000).collect();
     eprintln!(
-        "$ rehost-converter {}\n-> {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        "$ rehost-converter {}\n-> {:?}\n--- stdout{}\n{}\n--- stderr\n{}",
         args.join(" "),
         out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
+        if shown.len() < stdout.len() {
+            " (truncated)"
+        } else {
+            ""
+        },
+        shown,
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Run the converter with its work directory inside `dir` (so leftovers can be checked per test).
+pub fn run_in(dir: &Path, args: &[&str]) -> Output {
+    let work = dir.join("work");
+    let mut all = vec!["--work-dir", work.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run(&all)
 }
 
 /// blake3 of a whole file.
@@ -104,12 +119,14 @@ pub fn file_hash(p: &Path) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// Mounts and loop devices that point into converter work directories or at `needle`.
-pub fn leftovers(needle: &str) -> Vec<String> {
+/// Mounts and loop devices under `dir` (the test's scratch directory, which holds the converter's work
+/// directory and its outputs).
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
     let mut v: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("rehost-converter.") || l.contains(needle))
+        .filter(|l| l.contains(&needle))
         .map(String::from)
         .collect();
     let lo = Command::new("losetup")
@@ -117,6 +134,6 @@ pub fn leftovers(needle: &str) -> Vec<String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    v.extend(lo.lines().filter(|l| l.contains(needle)).map(String::from));
+    v.extend(lo.lines().filter(|l| l.contains(&needle)).map(String::from));
     v
 }
