@@ -505,6 +505,89 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn guest_pass_netplan_networkd_nm_udev_tools() {
+        let d = tempfile::tempdir().unwrap();
+        let w = |p: &str, t: &str| {
+            let path = d.path().join(p.trim_start_matches('/'));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, t).unwrap();
+        };
+        w("/etc/netplan/50-cloud-init.yaml", "network:\n  ethernets:\n    ens5:\n      match:\n        macaddress: 00:11:22:33:44:55\n      addresses: [10.1.0.5/24]\n");
+        w(
+            "/etc/netplan/60-ok.yaml",
+            "network:\n  ethernets:\n    e:\n      dhcp4: true\n",
+        );
+        w(
+            "/etc/systemd/network/10-eth.network",
+            "[Match]\nMACAddress=00:11:22:33:44:55\n[Network]\nAddress=10.1.0.5/24\n",
+        );
+        w(
+            "/etc/NetworkManager/system-connections/w.nmconnection",
+            "[ipv4]\nmethod=manual\naddress1=10.0.0.5/24\n",
+        );
+        w(
+            "/etc/udev/rules.d/70-persistent-net.rules",
+            "SUBSYSTEM==\"net\", NAME=\"eth0\"\n",
+        );
+        w("/lib/systemd/system/open-vm-tools.service", "[Unit]\n");
+        std::fs::create_dir_all(d.path().join("etc/systemd/system/multi-user.target.wants"))
+            .unwrap();
+        std::os::unix::fs::symlink(
+            "/lib/systemd/system/open-vm-tools.service",
+            d.path()
+                .join("etc/systemd/system/multi-user.target.wants/open-vm-tools.service"),
+        )
+        .unwrap();
+        let g = GuestRoot::open(d.path()).unwrap();
+        let plan = convert(&g, false).unwrap();
+        assert!(
+            d.path().join("etc/netplan/50-cloud-init.yaml").exists(),
+            "planning must not write"
+        );
+        let o = convert(&g, true).unwrap();
+        assert_eq!(plan.changes, o.changes);
+        let files: Vec<&str> = o.changes.iter().map(|c| c.file.as_str()).collect();
+        assert!(files.contains(&"/etc/netplan/50-cloud-init.yaml"));
+        assert!(!files.contains(&"/etc/netplan/60-ok.yaml"));
+        assert!(d
+            .path()
+            .join("etc/netplan/50-cloud-init.yaml.rehost-orig")
+            .exists());
+        assert!(d.path().join("etc/netplan/90-rehost-dhcp.yaml").exists());
+        assert!(d
+            .path()
+            .join("etc/systemd/network/10-eth.network.rehost-orig")
+            .exists());
+        assert!(d
+            .path()
+            .join("etc/systemd/network/80-rehost-dhcp.network")
+            .exists());
+        assert!(d
+            .path()
+            .join("etc/udev/rules.d/70-persistent-net.rules.rehost-orig")
+            .exists());
+        let nm = std::fs::read_to_string(
+            d.path()
+                .join("etc/NetworkManager/system-connections/w.nmconnection"),
+        )
+        .unwrap();
+        assert_eq!(nm, "[ipv4]\nmethod=auto\n");
+        let tools = disable_hypervisor_tools(&g, true).unwrap();
+        assert_eq!(tools.len(), 1);
+        assert!(!d
+            .path()
+            .join("etc/systemd/system/multi-user.target.wants/open-vm-tools.service")
+            .exists());
+        assert!(d
+            .path()
+            .join("lib/systemd/system/open-vm-tools.service")
+            .exists());
+        // A second pass finds nothing left to do.
+        assert!(convert(&g, true).unwrap().changes.is_empty());
+        assert!(disable_hypervisor_tools(&g, true).unwrap().is_empty());
+    }
+
     proptest! {
         #[test]
         fn random_interfaces_never_panic(text in "[ -~\\t\\n]{0,300}") {
