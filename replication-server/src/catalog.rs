@@ -396,3 +396,36 @@ fn disk_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DiskRow> {
         sync_complete: r.get(5)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_catalog_is_migrated_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&format!("{SCHEMA} PRAGMA user_version = 1;")).unwrap();
+            c.execute(
+                "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at)
+                 VALUES ('m-old', 'old-host', x'01', x'02', 't', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let cat = Catalog::open(&path).unwrap();
+        let v: i64 = cat.with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0))).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        assert_eq!(cat.machines().unwrap()[0].0.hostname, "old-host");
+        let (m, _) = cat.register_machine("new-host", &[3; 32], "t", b"s").unwrap();
+        let id = cat.begin_snapshot(&m, "crash", "manual").unwrap();
+        cat.finish_snapshot(id, &[(DiskId(1), 10, [9; 32])], 5, 1).unwrap();
+        assert_eq!(cat.snapshots(m.as_str()).unwrap()[0].state, "complete");
+        drop(cat);
+        // Reopening a current catalog changes nothing.
+        let cat = Catalog::open(&path).unwrap();
+        assert_eq!(cat.snapshots(m.as_str()).unwrap().len(), 1);
+    }
+}

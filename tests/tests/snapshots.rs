@@ -249,6 +249,12 @@ fn snapshots_taken_while_changes_stream_in_match_the_stream_point() {
         "added {added} bytes for a 16 MiB change"
     );
     let log = server.log_text();
+    let pauses: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("replication stream paused"))
+        .filter_map(|l| l.split("pause_ms=").nth(1)?.split_whitespace().next())
+        .collect();
+    eprintln!("replication stream pauses (ms) for the 3 snapshots: {pauses:?}");
     assert!(
         log.contains("replication stream paused for a recovery point") && log.contains("pause_ms"),
         "pause is logged"

@@ -26,6 +26,9 @@ pub mod api;
 pub mod export;
 pub mod rows;
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,7 +107,7 @@ pub fn take_snapshot(
         let mut changed = 0u64;
         for (disk, volume) in disks {
             let prev = shared.catalog.latest_root(*disk)?;
-            let (root, n) = snapshot_disk(store, &mut batch, *disk, volume, prev.as_ref())?;
+            let (root, n) = snapshot_disk(store, &mut batch, *disk, volume, prev.as_ref(), false)?;
             roots.push((*disk, volume.size, root));
             changed += n;
         }
@@ -132,14 +135,33 @@ pub fn take_snapshot(
     }
 }
 
+/// Pages handled together: their changed blocks are read, hashed and compressed in parallel.
+const WINDOW_PAGES: u64 = 64;
+
+/// A changed block whose chunk the store lacks: (page in window, entry, block, length, indexed id).
+struct Todo {
+    page: usize,
+    entry: usize,
+    block: u64,
+    len: usize,
+    want: Hash,
+}
+
+/// A page of the window: the previous snapshot's (id, entries) if comparable, and the new entries.
+type WindowPage = (Option<(Hash, Vec<Hash>)>, Vec<Hash>);
+
+type Produced = Result<(Hash, Option<(PathBuf, PathBuf, u64)>), SnapshotError>;
+
 /// Stores one disk's changed blocks and its pages and root; returns the root id and how many
-/// blocks differed from the previous snapshot.
+/// blocks differed from the previous snapshot. With `prepare` (see [`prepare`]) it only stores
+/// the chunks of whatever the changed blocks hold now, and no pages or root.
 fn snapshot_disk(
     store: &Store,
     batch: &mut Batch<'_>,
     disk: DiskId,
     volume: &Volume,
     prev: Option<&Hash>,
+    prepare: bool,
 ) -> Result<(Hash, u64), SnapshotError> {
     let bs = u64::from(volume.block_size);
     let blocks = volume.size.div_ceil(bs);
@@ -154,59 +176,87 @@ fn snapshot_disk(
         _ => None,
     };
     let full_zero = rehost_proto::zero_hash(bs as usize);
-    let mut buf = vec![0u8; bs as usize];
     let mut pages = Vec::new();
     let mut changed = 0u64;
     let npages = blocks.div_ceil(u64::from(PAGE_ENTRIES));
-    for p in 0..npages {
-        let start = p * u64::from(PAGE_ENTRIES);
-        let n = (blocks - start).min(u64::from(PAGE_ENTRIES)) as u32;
-        let live = volume.read_index(start, n)?;
-        let old = match &prev {
-            Some(r) if (p as usize) < r.pages.len() && r.page_len(p as usize) == n => Some((
-                r.pages[p as usize],
-                store.read_page(&r.pages[p as usize], n)?,
-            )),
-            _ => None,
-        };
-        let mut entries = Vec::with_capacity(n as usize);
-        for (i, h) in live.iter().enumerate() {
-            let b = start + i as u64;
-            let len = (volume.size - b * bs).min(bs);
-            let zero = *h == ZERO
-                || *h == full_zero
-                || (len < bs && *h == rehost_proto::zero_hash(len as usize));
-            let want = if zero { ZERO } else { *h };
-            if old.as_ref().is_some_and(|(_, e)| e[i] == want) {
-                entries.push(want);
-                continue;
-            }
-            changed += 1;
-            if want == ZERO || store.exists(Kind::Chunk, &want) {
-                entries.push(want);
-                continue;
-            }
-            let data = &mut buf[..len as usize];
-            volume.read_at(data, b * bs)?;
-            let id = if blake3::hash(data).as_bytes() != &want {
-                // The index is behind the data (possible only right after a crash): the snapshot
-                // takes what the volume holds.
-                tracing::warn!(%disk, offset = b * bs, "volume block does not match its index entry; storing the data");
-                if data.iter().all(|&x| x == 0) {
-                    ZERO
-                } else {
-                    batch.put(Kind::Chunk, data)?
-                }
-            } else {
-                batch.put(Kind::Chunk, data)?
+    let mut w = 0;
+    while w < npages {
+        let wend = npages.min(w + WINDOW_PAGES);
+        // Pass 1: compare the live index with the previous pages; list the chunks to produce.
+        let mut window: Vec<WindowPage> = Vec::new();
+        let mut todo: Vec<Todo> = Vec::new();
+        let mut queued: HashMap<Hash, usize> = HashMap::new();
+        let mut dups: Vec<(usize, usize, usize)> = Vec::new();
+        for p in w..wend {
+            let start = p * u64::from(PAGE_ENTRIES);
+            let n = (blocks - start).min(u64::from(PAGE_ENTRIES)) as u32;
+            let live = volume.read_index(start, n)?;
+            let old = match &prev {
+                Some(r) if (p as usize) < r.pages.len() && r.page_len(p as usize) == n => Some((
+                    r.pages[p as usize],
+                    store.read_page(&r.pages[p as usize], n)?,
+                )),
+                _ => None,
             };
-            entries.push(id);
+            let mut entries = Vec::with_capacity(n as usize);
+            for (i, h) in live.iter().enumerate() {
+                let b = start + i as u64;
+                let len = (volume.size - b * bs).min(bs);
+                let zero = *h == ZERO
+                    || *h == full_zero
+                    || (len < bs && *h == rehost_proto::zero_hash(len as usize));
+                let want = if zero { ZERO } else { *h };
+                entries.push(want);
+                if old.as_ref().is_some_and(|(_, e)| e[i] == want) {
+                    continue;
+                }
+                changed += 1;
+                if want == ZERO || batch.contains(Kind::Chunk, &want) {
+                    continue;
+                }
+                let page = window.len();
+                match queued.get(&want) {
+                    Some(&t) => dups.push((page, i, t)),
+                    None => {
+                        queued.insert(want, todo.len());
+                        todo.push(Todo {
+                            page,
+                            entry: i,
+                            block: b,
+                            len: len as usize,
+                            want,
+                        });
+                    }
+                }
+            }
+            window.push((old, entries));
         }
-        let page = match old {
-            Some((id, e)) if e == entries => id,
-            _ => batch.put(Kind::Page, &tree::encode_page(&entries))?,
-        };
-        pages.push(page);
+        // Pass 2: read, check, compress and write the missing chunks on all cores.
+        let produced = produce(store, volume, &todo, disk, prepare);
+        for (t, r) in todo.iter().zip(produced) {
+            let (id, written) = r?;
+            if let Some((partial, path, len)) = written {
+                batch.adopt(Kind::Chunk, id, partial, path, len);
+            }
+            window[t.page].1[t.entry] = id;
+        }
+        for (page, entry, t) in dups {
+            window[page].1[entry] = window[todo[t].page].1[todo[t].entry];
+        }
+        // Pass 3: pages, stored only where they changed.
+        if !prepare {
+            for (old, entries) in window {
+                let page = match old {
+                    Some((id, e)) if e == entries => id,
+                    _ => batch.put(Kind::Page, &tree::encode_page(&entries))?,
+                };
+                pages.push(page);
+            }
+        }
+        w = wend;
+    }
+    if prepare {
+        return Ok((ZERO, changed));
     }
     let root = Root {
         disk_size: volume.size,
@@ -215,6 +265,128 @@ fn snapshot_disk(
         pages,
     };
     Ok((batch.put(Kind::Root, &root.encode())?, changed))
+}
+
+/// Produces the chunks of `todo` on up to 4 threads; results in `todo`'s order.
+fn produce(
+    store: &Store,
+    volume: &Volume,
+    todo: &[Todo],
+    disk: DiskId,
+    prepare: bool,
+) -> Vec<Produced> {
+    let threads = if todo.len() < 8 {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+    };
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut z = zstd::bulk::Compressor::new(1).ok();
+        let mut buf = vec![0u8; volume.block_size as usize];
+        let mut mine = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(t) = todo.get(i) else { break };
+            mine.push((
+                i,
+                produce_one(store, volume, t, &mut buf, z.as_mut(), disk, prepare),
+            ));
+        }
+        mine
+    };
+    let mut all: Vec<(usize, Produced)> = if threads == 1 {
+        work()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![(
+                            usize::MAX,
+                            Err(SnapshotError::Internal("chunk worker panicked".into())),
+                        )]
+                    })
+                })
+                .collect()
+        })
+    };
+    if all.iter().any(|(i, _)| *i == usize::MAX) {
+        return todo
+            .iter()
+            .map(|_| Err(SnapshotError::Internal("chunk worker panicked".into())))
+            .collect();
+    }
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, r)| r).collect()
+}
+
+fn produce_one(
+    store: &Store,
+    volume: &Volume,
+    t: &Todo,
+    buf: &mut [u8],
+    z: Option<&mut zstd::bulk::Compressor<'static>>,
+    disk: DiskId,
+    prepare: bool,
+) -> Produced {
+    let data = &mut buf[..t.len];
+    let offset = t.block * u64::from(volume.block_size);
+    volume.read_at(data, offset)?;
+    let id = *blake3::hash(data).as_bytes();
+    if id != t.want {
+        // The index is behind the data (possible only right after a crash, or while writes go on
+        // during `prepare`): the snapshot takes what the volume holds.
+        if !prepare {
+            tracing::warn!(%disk, offset, "volume block does not match its index entry; storing the data");
+        }
+        if data.iter().all(|&x| x == 0) {
+            return Ok((ZERO, None));
+        }
+        if store.exists(Kind::Chunk, &id) {
+            return Ok((id, None));
+        }
+    }
+    let file = crate::store::object::encode_with_id(Kind::Chunk, &id, data, z);
+    let (partial, path) = store.write_partial(Kind::Chunk, &id, &file)?;
+    Ok((id, Some((partial, path, file.len() as u64))))
+}
+
+/// Shortens the stream pause of the next snapshot of a live machine: stores, without pausing
+/// anything, the chunks of every block that changed since its previous snapshot, as the volume
+/// holds them now. The snapshot proper then finds most chunks present and only reads blocks
+/// written since. The chunks are unreferenced until that snapshot completes, so GC may remove them
+/// meanwhile; the snapshot then simply stores them itself. Returns the bytes stored.
+pub fn prepare(shared: &Shared, machine: &MachineId) -> Result<u64, SnapshotError> {
+    let rows = shared.catalog.machines()?;
+    let Some((_, disks)) = rows.into_iter().find(|(m, _)| m.id == machine.as_str()) else {
+        return Ok(0);
+    };
+    if disks.is_empty() || disks.iter().any(|d| !d.sync_complete) {
+        return Ok(0);
+    }
+    let _lock = shared.store.shared_lock()?;
+    let mut batch = shared.store.batch();
+    let dir = shared.volume_dir(machine);
+    for d in &disks {
+        let volume = Volume::open(&dir, d.id, d.size_bytes, d.block_size)?;
+        let prev = shared.catalog.latest_root(DiskId(d.id))?;
+        snapshot_disk(
+            &shared.store,
+            &mut batch,
+            DiskId(d.id),
+            &volume,
+            prev.as_ref(),
+            true,
+        )?;
+    }
+    batch.commit()?;
+    Ok(batch.bytes)
 }
 
 /// What the writer thread runs for a [`Job::Snapshot`]: all the session's disks, which must have
@@ -265,8 +437,9 @@ fn snapshot_offline(
     snapshot_session(shared, machine, &refs, consistency, reason)
 }
 
-/// Takes a snapshot of `machine` now: through its live session's writer (a point in its stream),
-/// or directly from its volumes when no agent is connected.
+/// Takes a snapshot of `machine` now: through its live session's writer (a point in its stream,
+/// after [`prepare`] stored most of the changed data without pausing it), or directly from its
+/// volumes when no agent is connected.
 pub async fn request(
     shared: Arc<Shared>,
     machine: MachineId,
@@ -275,6 +448,21 @@ pub async fn request(
 ) -> Result<SnapshotInfo, SnapshotError> {
     let slot = shared.slot(&machine);
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut prepared = 0;
+    if slot.jobs().is_some() {
+        let (s, m) = (shared.clone(), machine.clone());
+        let start = Instant::now();
+        match tokio::task::spawn_blocking(move || prepare(&s, &m)).await {
+            Ok(Ok(bytes)) => {
+                prepared = bytes;
+                tracing::debug!(%machine, bytes, ms = start.elapsed().as_millis() as u64, "snapshot data prepared")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%machine, error = %e, "preparing snapshot data failed; the snapshot stores it")
+            }
+            Err(e) => tracing::warn!(%machine, error = %e, "preparing snapshot data failed"),
+        }
+    }
     loop {
         if let Some(jobs) = slot.jobs() {
             let (tx, rx) = oneshot::channel();
@@ -286,8 +474,23 @@ pub async fn request(
             };
             if jobs.send(job).await.is_ok() {
                 drop(jobs);
-                if let Ok(r) = rx.await {
-                    return r;
+                match rx.await {
+                    Ok(Ok(mut info)) if prepared > 0 => {
+                        let (s, id) = (shared.clone(), info.id);
+                        let add = move || s.catalog.add_snapshot_bytes(id, prepared);
+                        match tokio::task::spawn_blocking(add).await {
+                            Ok(Ok(())) => info.bytes_added += prepared,
+                            Ok(Err(e)) => {
+                                tracing::warn!(snapshot = id, error = %e, "record prepared bytes")
+                            }
+                            Err(e) => {
+                                tracing::warn!(snapshot = id, error = %e, "record prepared bytes")
+                            }
+                        }
+                        return Ok(info);
+                    }
+                    Ok(r) => return r,
+                    Err(_) => {}
                 }
             }
         } else if let Ok(guard) = slot.lock.clone().try_lock_owned() {

@@ -20,7 +20,8 @@ pub struct SnapshotInfo {
     pub state: String,
     /// `manual`, `scheduled`, or what requested it.
     pub reason: String,
-    /// Bytes of new store objects this snapshot wrote.
+    /// Bytes of new store objects this snapshot wrote (including those stored just before its
+    /// point to shorten the stream pause).
     pub bytes_added: u64,
     pub duration_ms: Option<u64>,
     pub disks: Vec<SnapshotDisk>,
@@ -118,6 +119,17 @@ impl Catalog {
                 params![id, now(), bytes_added, duration_ms],
             )?;
             tx.commit()
+        })
+    }
+
+    /// Adds bytes stored for a snapshot before its point (see `snapshot::prepare`).
+    pub fn add_snapshot_bytes(&self, id: i64, bytes: u64) -> Result<(), CatalogError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE snapshots SET bytes_added = bytes_added + ?2 WHERE id = ?1",
+                params![id, bytes],
+            )
+            .map(drop)
         })
     }
 

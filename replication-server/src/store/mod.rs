@@ -231,6 +231,28 @@ impl Store {
         Ok((objects, partials))
     }
 
+    /// Writes an encoded object to a fresh `.partial` file next to its final name, without making
+    /// it durable; returns (partial, final). A [`Batch`] adopts it and commits it.
+    pub fn write_partial(
+        &self,
+        kind: Kind,
+        id: &Hash,
+        file: &[u8],
+    ) -> Result<(PathBuf, PathBuf), StoreError> {
+        let path = self.path(kind, id);
+        let parent = path.parent().unwrap_or(&self.dir);
+        std::fs::create_dir_all(parent).map_err(io_err("create store directory", parent))?;
+        let mut partial = path.clone().into_os_string();
+        partial.push(format!(
+            ".{}.{}.partial",
+            std::process::id(),
+            PARTIAL_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let partial = PathBuf::from(partial);
+        std::fs::write(&partial, file).map_err(io_err("write store object", &partial))?;
+        Ok((partial, path))
+    }
+
     pub fn batch(&self) -> Batch<'_> {
         Batch {
             store: self,
@@ -253,10 +275,15 @@ pub struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    /// Whether the store has, or this batch will have, the object.
+    pub fn contains(&self, kind: Kind, id: &Hash) -> bool {
+        self.seen.contains(&(kind, *id)) || self.store.exists(kind, id)
+    }
+
     /// Stores `data` unless an object with its id exists; returns the id.
     pub fn put(&mut self, kind: Kind, data: &[u8]) -> Result<Hash, StoreError> {
         let id = *blake3::hash(data).as_bytes();
-        if self.seen.contains(&(kind, id)) || self.store.exists(kind, &id) {
+        if self.contains(kind, &id) {
             return Ok(id);
         }
         let zstd = if kind == Kind::Chunk {
@@ -264,22 +291,20 @@ impl Batch<'_> {
         } else {
             None
         };
-        let (_, file) = object::encode(kind, data, zstd);
-        let path = self.store.path(kind, &id);
-        let parent = path.parent().unwrap_or(self.store.dir());
-        std::fs::create_dir_all(parent).map_err(io_err("create store directory", parent))?;
-        let mut partial = path.clone().into_os_string();
-        partial.push(format!(
-            ".{}.{}.partial",
-            std::process::id(),
-            PARTIAL_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let partial = PathBuf::from(partial);
-        std::fs::write(&partial, &file).map_err(io_err("write store object", &partial))?;
-        self.bytes += file.len() as u64;
-        self.seen.insert((kind, id));
-        self.pending.push((partial, path));
+        let file = object::encode_with_id(kind, &id, data, zstd);
+        let (partial, path) = self.store.write_partial(kind, &id, &file)?;
+        self.adopt(kind, id, partial, path, file.len() as u64);
         Ok(id)
+    }
+
+    /// Takes over a `.partial` file written by [`Store::write_partial`] (on another thread).
+    pub fn adopt(&mut self, kind: Kind, id: Hash, partial: PathBuf, path: PathBuf, len: u64) {
+        if !self.seen.insert((kind, id)) {
+            let _ = std::fs::remove_file(partial);
+            return;
+        }
+        self.bytes += len;
+        self.pending.push((partial, path));
     }
 
     /// Makes every object of the batch durable under its final name.

@@ -97,6 +97,16 @@ pub fn encode(
     zstd: Option<&mut zstd::bulk::Compressor<'_>>,
 ) -> (Hash, Vec<u8>) {
     let id = *blake3::hash(data).as_bytes();
+    (id, encode_with_id(kind, &id, data, zstd))
+}
+
+/// [`encode`] for a caller that has already computed `id` = blake3 of `data`.
+pub fn encode_with_id(
+    kind: Kind,
+    id: &Hash,
+    data: &[u8],
+    zstd: Option<&mut zstd::bulk::Compressor<'_>>,
+) -> Vec<u8> {
     let compressed = zstd
         .and_then(|c| c.compress(data).ok())
         .filter(|c| c.len() < data.len());
@@ -110,11 +120,11 @@ pub fn encode(
     out.extend_from_slice(&[kind as u8, compression, 0, 0]);
     out.extend_from_slice(&(data.len() as u64).to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&id);
+    out.extend_from_slice(id);
     out.extend_from_slice(body);
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
-    (id, out)
+    out
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
