@@ -35,7 +35,9 @@ pub fn ready(tools: &[&str]) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{msg} (CI=true: failing instead of skipping)");
     }
-    eprintln!("SKIP: {msg}");
+    // Straight to stderr (not eprintln!, which the test harness captures) so the skip is visible.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP: {msg}");
     false
 }
 
