@@ -476,3 +476,16 @@ pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secondary_disks_get_numbered_outputs() {
+        let o = Path::new("/x/vm.qcow2");
+        assert_eq!(output_path(o, 0), PathBuf::from("/x/vm.qcow2"));
+        assert_eq!(output_path(o, 2), PathBuf::from("/x/vm-disk2.qcow2"));
+        assert_eq!(output_path(Path::new("out"), 1), PathBuf::from("out-disk1"));
+    }
+}
