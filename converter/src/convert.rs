@@ -367,18 +367,15 @@ fn rebuild_initramfs(s: &mut inspect::GuestSession, ins: &Inspection) -> Result<
     result
 }
 
-/// Convert `o.inputs` to `o.output`. The report is returned even when the boot check fails (see
-/// `report.boot_check`); errors are returned for everything else.
-pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
-    let started = Instant::now();
-    // 1. Inspect the input itself, read-only: refuse early, before writing anything.
-    let ins = inspect::inspect_images(&o.inputs, &o.work_parent)?;
-    if !ins.blockers.is_empty() {
-        return Err(ConvertError::NotConvertible(ins.blockers.clone()));
-    }
+/// Steps 2-4 of [`convert`]: copy, change, verify, qcow2. `raws`/`outputs` collect the files written, so
+/// that the caller can remove them when a step fails.
+fn produce(
+    o: &ConvertOptions,
+    ins: &Inspection,
+    raws: &mut Vec<PathBuf>,
+    outputs: &mut Vec<PathBuf>,
+) -> Result<(Vec<Change>, Vec<String>), ConvertError> {
     // 2. Copy every input to its output (raw; a qcow2 output is made from a temporary raw copy).
-    let mut raws = Vec::new();
-    let mut outputs = Vec::new();
     for (i, input) in o.inputs.iter().enumerate() {
         let out = output_path(&o.output, i);
         let raw = match o.format {
@@ -386,19 +383,24 @@ pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
             Format::Qcow2 => out.with_extension("rehost-tmp.raw"),
         };
         tracing::info!(input = %input.display(), output = %raw.display(), "sparse copy");
-        image::sparse_copy(input, &raw)?;
-        raws.push(raw);
+        // Never write over (or, on failure, remove) an input.
+        for inp in &o.inputs {
+            image::check_distinct(inp, &out)?;
+            image::check_distinct(inp, &raw)?;
+        }
         outputs.push(out);
+        raws.push(raw.clone());
+        image::sparse_copy(input, &raw)?;
     }
     // 3. Open the copy read-write and change it.
     let disks = ins.disks.clone();
     let (changes, warnings) = {
-        let (mut s, _, _) = inspect::open_guest(&raws, &disks, &o.work_parent, false)?;
-        inspect::mount_boot(&mut s, &raws, &disks, &ins.volumes(), false)?;
-        let (mut changes, rebuild) = plan_changes(&s.root, &ins, true)?;
+        let (mut s, _, _) = inspect::open_guest(raws, &disks, &o.work_parent, false)?;
+        inspect::mount_boot(&mut s, raws, &disks, &ins.volumes(), false)?;
+        let (mut changes, rebuild) = plan_changes(&s.root, ins, true)?;
         let mut warnings = ins.warnings.clone();
         if rebuild {
-            rebuild_initramfs(&mut s, &ins)?;
+            rebuild_initramfs(&mut s, ins)?;
             let after = inspect::inspect_guest(
                 &s.root,
                 disks.clone(),
@@ -440,11 +442,35 @@ pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
     };
     // 4. qcow2 output.
     if o.format == Format::Qcow2 {
-        for (raw, out) in raws.iter().zip(&outputs) {
+        for (raw, out) in raws.iter().zip(outputs.iter()) {
             image::raw_to_qcow2(raw, out)?;
             let _ = std::fs::remove_file(raw);
         }
     }
+    Ok((changes, warnings))
+}
+
+/// Convert `o.inputs` to `o.output`. The report is returned even when the boot check fails (see
+/// `report.boot_check`); errors are returned for everything else.
+pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
+    let started = Instant::now();
+    // 1. Inspect the input itself, read-only: refuse early, before writing anything.
+    let ins = inspect::inspect_images(&o.inputs, &o.work_parent)?;
+    if !ins.blockers.is_empty() {
+        return Err(ConvertError::NotConvertible(ins.blockers.clone()));
+    }
+    let mut raws = Vec::new();
+    let mut outputs = Vec::new();
+    let (changes, warnings) = match produce(o, &ins, &mut raws, &mut outputs) {
+        Ok(x) => x,
+        Err(e) => {
+            // A half-converted output must not be mistaken for a good one.
+            for f in raws.iter().chain(&outputs) {
+                let _ = std::fs::remove_file(f);
+            }
+            return Err(e);
+        }
+    };
     let mut report = Report {
         inputs: o.inputs.iter().map(|p| p.display().to_string()).collect(),
         outputs: outputs.iter().map(|p| p.display().to_string()).collect(),

@@ -21,6 +21,16 @@ pub enum ImageError {
     Qcow2(String),
 }
 
+/// Refuse when `output` is the same file as `input` (also through links).
+pub fn check_distinct(input: &Path, output: &Path) -> Result<(), ImageError> {
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(input), std::fs::metadata(output)) {
+        if a.dev() == b.dev() && a.ino() == b.ino() {
+            return Err(ImageError::SameFile(output.display().to_string()));
+        }
+    }
+    Ok(())
+}
+
 /// Copy `from` to `to`, keeping holes: only the data extents (SEEK_DATA/SEEK_HOLE) are copied, with
 /// copy_file_range. `to` is created or truncated; it must not be `from`.
 pub fn sparse_copy(from: &Path, to: &Path) -> Result<u64, ImageError> {

@@ -276,3 +276,33 @@ fn escaping_symlinks_in_a_convertible_guest_are_not_followed_out() {
         leftovers(dir.path())
     );
 }
+
+#[test]
+fn output_that_is_the_input_is_refused_and_kept() {
+    if !ready(BOOT_TOOLS) {
+        return;
+    }
+    let src = fixture("xen");
+    let dir = scratch();
+    let link = dir.path().join("same.raw");
+    std::fs::hard_link(&src, &link).unwrap();
+    let before = file_hash(&src);
+    let o = run_in(
+        dir.path(),
+        &[
+            "convert",
+            "--input",
+            src.to_str().unwrap(),
+            "--output",
+            link.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is the input itself"));
+    assert!(
+        link.exists(),
+        "the refused output (= the input) was removed"
+    );
+    assert_eq!(file_hash(&src), before);
+    assert!(leftovers(dir.path()).is_empty());
+}
