@@ -180,6 +180,24 @@ pub fn plan_changes(
         )?;
     }
     changes.extend(network::disable_hypervisor_tools(g, apply)?);
+    // SELinux guests: files written from outside carry no labels; relabel at first boot.
+    if let Some(text) = g.read_text("/etc/selinux/config")? {
+        let active = text
+            .lines()
+            .any(|l| matches!(l.trim(), "SELINUX=enforcing" | "SELINUX=permissive"));
+        if active && g.kind("/.autorelabel")?.is_none() {
+            if apply {
+                g.write("/.autorelabel", b"")?;
+            }
+            changes.push(Change::new(
+                "selinux",
+                "/.autorelabel",
+                None,
+                Some(String::new()),
+                "relabel at first boot",
+            ));
+        }
+    }
     let add = modules_to_add(ins);
     let rebuild = !add.is_empty();
     if rebuild {
@@ -506,6 +524,28 @@ pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selinux_guest_gets_relabelled() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc/selinux")).unwrap();
+        std::fs::write(
+            d.path().join("etc/selinux/config"),
+            "SELINUXTYPE=targeted\nSELINUX=enforcing\n",
+        )
+        .unwrap();
+        let g = GuestRoot::open(d.path()).unwrap();
+        let ins = inspect::empty_inspection();
+        let (plan, rebuild) = plan_changes(&g, &ins, false).unwrap();
+        assert!(!rebuild);
+        assert!(!d.path().join(".autorelabel").exists());
+        let (done, _) = plan_changes(&g, &ins, true).unwrap();
+        assert_eq!(plan, done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].file, "/.autorelabel");
+        assert!(d.path().join(".autorelabel").exists());
+        assert!(plan_changes(&g, &ins, true).unwrap().0.is_empty());
+    }
 
     #[test]
     fn secondary_disks_get_numbered_outputs() {

@@ -633,7 +633,7 @@ pub fn inspect_images(images: &[PathBuf], work_parent: &Path) -> Result<Inspecti
     inspect_guest(&session.root, disks, root, subvol, boot)
 }
 
-fn empty_inspection() -> Inspection {
+pub(crate) fn empty_inspection() -> Inspection {
     Inspection {
         disks: Vec::new(),
         root: (0, 0),
