@@ -260,7 +260,7 @@ fn mount_data(kind: FsKind, read_only: bool, subvol: Option<&str>) -> String {
     if read_only {
         match kind {
             FsKind::Xfs => opts.push("norecovery".into()),
-            FsKind::Btrfs => opts.push("nologreplay".into()),
+            FsKind::Btrfs => opts.push("rescue=nologreplay".into()),
             FsKind::Ext3 | FsKind::Ext4 => opts.push("noload".into()),
             _ => {}
         }
@@ -329,7 +329,7 @@ pub fn open_guest(
                 let (lo, m) = match attach_mount(&images[0], p, &root_mount, read_only, None) {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(part = p.part, error = %e, "could not mount candidate root");
+                        tracing::warn!(part = p.part, error = %crate::report::chain(&e), "could not mount candidate root");
                         continue;
                     }
                 };

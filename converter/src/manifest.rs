@@ -110,7 +110,7 @@ pub fn manifest(image: &Path, work_parent: &Path) -> Result<Vec<String>, Manifes
         let data = match fstype {
             "ext4" => "noload",
             "xfs" => "norecovery",
-            "btrfs" => "nologreplay",
+            "btrfs" => "rescue=nologreplay",
             _ => "",
         };
         let m = Mount::new(

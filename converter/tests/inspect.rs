@@ -96,3 +96,79 @@ fn separate_boot_partition_is_found() {
     );
     assert!(leftovers(dir.path()).is_empty());
 }
+
+#[test]
+fn btrfs_root_is_found() {
+    if !ready(&["sfdisk", "mkfs.btrfs", "losetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("boot/grub")).unwrap();
+    std::fs::write(
+        root.join("etc/os-release"),
+        "ID=opensuse-leap\nVERSION_ID=15.5\nPRETTY_NAME=\"openSUSE Leap 15.5\"\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/fstab"), "/dev/vda1 / btrfs defaults 0 0\n").unwrap();
+    std::fs::write(
+        root.join("boot/grub/grub.cfg"),
+        "linux /boot/vmlinuz-6.4 root=/dev/vda1\n",
+    )
+    .unwrap();
+    // The filesystem is built in a separate file and copied in at the partition's offset.
+    let fs = dir.path().join("fs.img");
+    std::fs::File::create(&fs)
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+    let st = Command::new("mkfs.btrfs")
+        .arg("-q")
+        .arg("-f")
+        .arg("--rootdir")
+        .arg(&root)
+        .arg(&fs)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(202 << 20)
+        .unwrap();
+    let mut sf = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&img)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=1MiB, size=200MiB, type=83\n")
+        .unwrap();
+    assert!(sf.wait().unwrap().success());
+    let st = Command::new("dd")
+        .arg(format!("if={}", fs.display()))
+        .arg(format!("of={}", img.display()))
+        .args(["bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let o = run_in(dir.path(), &["inspect", "--json", img.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ins = &v["inspection"];
+    assert_eq!(ins["root_fs"]["kind"], "btrfs");
+    assert_eq!(ins["os"]["id"], "opensuse-leap");
+    assert_eq!(ins["bootloader"], "grub2");
+    // No kernel: refused with that reason.
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        ins["blockers"].to_string().contains("no kernel"),
+        "{}",
+        ins["blockers"]
+    );
+    assert!(leftovers(dir.path()).is_empty());
+}
