@@ -473,7 +473,13 @@ fn produce(
 pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
     let started = Instant::now();
     // 1. Inspect the input itself, read-only: refuse early, before writing anything.
-    let ins = inspect::inspect_images(&o.inputs, &o.work_parent)?;
+    let ins = match inspect::inspect_images(&o.inputs, &o.work_parent) {
+        Ok(ins) => ins,
+        Err(e) if e.is_not_convertible() => {
+            return Err(ConvertError::NotConvertible(vec![e.to_string()]))
+        }
+        Err(e) => return Err(e.into()),
+    };
     if !ins.blockers.is_empty() {
         return Err(ConvertError::NotConvertible(ins.blockers.clone()));
     }

@@ -36,6 +36,16 @@ pub enum InspectError {
     LvmRoot(String),
 }
 
+impl InspectError {
+    /// True when the image was read fine but holds nothing this converter can make bootable.
+    pub fn is_not_convertible(&self) -> bool {
+        matches!(
+            self,
+            InspectError::NoRoot(..) | InspectError::EncryptedRoot(_) | InspectError::LvmRoot(_)
+        )
+    }
+}
+
 /// One input disk.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskInfo {

@@ -104,7 +104,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let work = cli.work_dir.unwrap_or_else(std::env::temp_dir);
     match cli.cmd {
         Cmd::Inspect { images, json } => {
-            let ins = inspect::inspect_images(&images, &work).context("inspect")?;
+            let ins = match inspect::inspect_images(&images, &work) {
+                Ok(ins) => ins,
+                Err(e) if e.is_not_convertible() => {
+                    eprintln!(
+                        "rehost-converter: the image cannot be made bootable on KVM/virtio: {e}"
+                    );
+                    return Ok(3);
+                }
+                Err(e) => return Err(e).context("inspect"),
+            };
             // Plan the changes on a read-only session (nothing is written with apply == false);
             // an image that cannot be converted gets its blockers, not a plan.
             let plan = if ins.blockers.is_empty() {

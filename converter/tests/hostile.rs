@@ -306,3 +306,60 @@ fn output_that_is_the_input_is_refused_and_kept() {
     assert_eq!(file_hash(&src), before);
     assert!(leftovers(dir.path()).is_empty());
 }
+
+/// A 32 MiB MBR disk whose only partition starts with `header` (at byte `at` of the partition).
+fn disk_with_header(path: &Path, at: usize, header: &[u8], kind: u8) {
+    let mut d = vec![0u8; 2 << 20];
+    d[446] = 0x80;
+    d[446 + 4] = kind;
+    d[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    d[446 + 12..446 + 16].copy_from_slice(&((30u32 << 20) / 512).to_le_bytes());
+    d[510] = 0x55;
+    d[511] = 0xAA;
+    d[(1 << 20) + at..(1 << 20) + at + header.len()].copy_from_slice(header);
+    std::fs::write(path, &d).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+}
+
+#[test]
+fn encrypted_and_lvm_roots_are_refused_with_the_reason() {
+    // Needs no root: neither is ever attached or mounted.
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let luks = dir.path().join("luks.raw");
+    disk_with_header(&luks, 0, b"LUKS\xba\xbe\x00\x02", 0x83);
+    let mut lvm_label = b"LABELONE".to_vec();
+    lvm_label.resize(24, 0);
+    lvm_label.extend_from_slice(b"LVM2 001");
+    let lvm = dir.path().join("lvm.raw");
+    disk_with_header(&lvm, 512, &lvm_label, 0x8e);
+    for (img, why) in [(&luks, "LUKS-encrypted"), (&lvm, "LVM")] {
+        let o = run(&[
+            "--work-dir",
+            work.to_str().unwrap(),
+            "inspect",
+            img.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(3));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(why));
+        let out = dir.path().join("out.raw");
+        let o = run(&[
+            "--work-dir",
+            work.to_str().unwrap(),
+            "convert",
+            "--input",
+            img.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(3));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(why));
+        assert!(!out.exists());
+    }
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
+}
