@@ -208,7 +208,12 @@ async fn round(shared: &Arc<Shared>, gc_anyway: bool) -> Result<(), SnapshotErro
             .await
             {
                 Ok(p) => points.push((p.id, p.created_at)),
-                Err(e) => tracing::warn!(%machine, error = %e, "scheduled recovery point failed"),
+                Err(e @ SnapshotError::NotReady(_)) => {
+                    tracing::info!(%machine, reason = %e, "scheduled recovery point skipped")
+                }
+                Err(e) => {
+                    tracing::warn!(%machine, error = %chain(&e), "scheduled recovery point failed")
+                }
             }
         }
         let keep = policy.keep(crate::catalog::now(), &points);

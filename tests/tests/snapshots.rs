@@ -400,7 +400,11 @@ fn sigkill_during_snapshot_and_gc_keeps_finished_snapshots_intact() {
         &[("REHOST_FAILPOINT", "snapshot-after-chunks")],
     );
     let out = server.cli(&["snapshot", "create", &m, "--wait"]);
-    assert!(!out.status.success(), "the server died mid-snapshot");
+    assert!(
+        !out.status.success(),
+        "the server must abort mid-snapshot: is rehost-server built with the `failpoints` feature \
+         (the tests crate's dev-dependency turns it on for `cargo test --workspace`)?"
+    );
     assert!(!crashing.wait_exit().success());
     assert!(
         server

@@ -155,12 +155,21 @@ pub fn verify(
                     continue;
                 }
             };
-            for id in entries.iter().filter(|e| **e != ZERO) {
+            let first = p as u64 * u64::from(root.page_entries);
+            for (i, id) in entries.iter().enumerate().filter(|(_, e)| **e != ZERO) {
                 report.chunks += 1;
                 if ok.contains(id) || bad.contains_key(&(Kind::Chunk as u8, *id)) {
                     continue;
                 }
                 match store.read(Kind::Chunk, id) {
+                    Ok(data) if data.len() as u64 != root.block_len(first + i as u64) => {
+                        let what = format!(
+                            "{} bytes where its block has {}",
+                            data.len(),
+                            root.block_len(first + i as u64)
+                        );
+                        bad.insert((Kind::Chunk as u8, *id), what);
+                    }
                     Ok(data) => {
                         report.bytes += data.len() as u64;
                         ok.insert(*id);

@@ -111,17 +111,27 @@ pub fn take_snapshot(
             roots.push((*disk, volume.size, root));
             changed += n;
         }
+        let stored_ms = start.elapsed().as_millis() as u64;
         batch.commit()?;
         crate::failpoint::hit("snapshot-after-chunks");
         let ms = start.elapsed().as_millis() as u64;
         shared
             .catalog
             .finish_snapshot(id, &roots, batch.bytes, ms)?;
-        Ok::<_, SnapshotError>((batch.bytes, changed, ms))
+        Ok::<_, SnapshotError>((batch.bytes, changed, stored_ms, ms))
     })();
     match result {
-        Ok((bytes, changed, ms)) => {
-            tracing::info!(snapshot = id, %machine, bytes_added = bytes, changed_blocks = changed, ms, "recovery point complete");
+        Ok((bytes, changed, stored_ms, ms)) => {
+            tracing::info!(
+                snapshot = id,
+                %machine,
+                bytes_added = bytes,
+                changed_blocks = changed,
+                stored_ms,
+                durable_ms = ms - stored_ms,
+                ms,
+                "recovery point complete"
+            );
             let all = shared.catalog.snapshots(machine.as_str())?;
             all.into_iter()
                 .find(|s| s.id == id)
@@ -402,6 +412,19 @@ pub fn snapshot_session(
         return Err(SnapshotError::NotReady(format!(
             "{id} of machine {machine} has not finished its initial sync"
         )));
+    }
+    // During a rescan the volume mixes old and new data: no point in time (as DRS).
+    if let Some(live) = shared.live.get(machine.as_str()) {
+        let rescanning = disks.iter().find(|(id, ..)| {
+            live.disks
+                .get(&id.0)
+                .is_some_and(|d| d.state == rehost_proto::msg::DiskState::Rescan)
+        });
+        if let Some((id, ..)) = rescanning {
+            return Err(SnapshotError::NotReady(format!(
+                "{id} of machine {machine} is being rescanned; recovery points resume when it finishes"
+            )));
+        }
     }
     let vols: Vec<(DiskId, &Volume)> = disks.iter().map(|(id, v, _)| (*id, *v)).collect();
     take_snapshot(shared, machine, &vols, consistency, reason)

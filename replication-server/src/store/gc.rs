@@ -187,3 +187,85 @@ pub fn collect(store: &Store, catalog: &Catalog) -> Result<GcStats, GcError> {
     );
     Ok(stats)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{take_snapshot, Consistency};
+    use crate::volume::Volume;
+    use rehost_proto::msg::DiskInfo;
+    use rehost_proto::DiskId;
+
+    #[test]
+    fn gc_keeps_what_complete_snapshots_use_and_removes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = crate::open(dir.path()).unwrap();
+        let (m, _) = shared
+            .catalog
+            .register_machine("gc", &[1; 32], "t", b"s")
+            .unwrap();
+        let disks = [DiskInfo {
+            device: "/dev/x".into(),
+            size_bytes: (3 << 16) + 5,
+        }];
+        let row = &shared.catalog.ensure_disks(&m, &disks, 65536).unwrap()[0];
+        let vol = Volume::open(&shared.volume_dir(&m), row.id, row.size_bytes, 65536).unwrap();
+        let write = |b: u64, seed: u8| {
+            let len = (row.size_bytes - b * 65536).min(65536) as usize;
+            let data = vec![seed; len];
+            vol.write_block(b * 65536, &data, blake3::hash(&data).as_bytes())
+                .unwrap();
+        };
+        write(0, 1);
+        write(3, 2);
+        let s1 = take_snapshot(
+            &shared,
+            &m,
+            &[(DiskId(row.id), &vol)],
+            Consistency::Crash,
+            "t",
+        )
+        .unwrap();
+        write(0, 3);
+        let s2 = take_snapshot(
+            &shared,
+            &m,
+            &[(DiskId(row.id), &vol)],
+            Consistency::App,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(s2.consistency, "app");
+        // A leftover of a crashed writer.
+        let junk = shared.store.dir().join("chunks").join("00");
+        std::fs::create_dir_all(&junk).unwrap();
+        std::fs::write(junk.join("00.1.1.partial"), b"x").unwrap();
+
+        let st = collect(&shared.store, &shared.catalog).unwrap();
+        assert_eq!(
+            (st.removed_objects, st.removed_partials, st.snapshots),
+            (0, 1, 2)
+        );
+        assert!(shared.catalog.mark_deleting(s1.id).unwrap());
+        shared.catalog.remove_snapshot(s1.id).unwrap();
+        let st = collect(&shared.store, &shared.catalog).unwrap();
+        // s1's own chunk (block 0 = 1s), page and root go; the shared chunk of block 3 stays.
+        assert_eq!(st.removed_objects, 3, "{st:?}");
+        let mut out = tempfile::tempfile().unwrap();
+        let root = s2.disks[0].root_id().unwrap();
+        crate::snapshot::export::export_raw(&shared.store, &root, &out, dir.path(), &mut |_, _| {})
+            .unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut out, &mut got).unwrap();
+        let mut want = vec![0u8; row.size_bytes as usize];
+        want[..65536].fill(3);
+        want[3 * 65536..].fill(2);
+        assert!(got == want, "s2 exports as written after GC");
+        // Another GC at the same time is refused, not run twice.
+        let _held = shared.store.gc_lock().unwrap();
+        assert!(matches!(
+            collect(&shared.store, &shared.catalog),
+            Err(GcError::Store(StoreError::Busy))
+        ));
+    }
+}
