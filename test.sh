@@ -17,4 +17,6 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# The end-to-end tests start the real binaries, which `cargo test` alone does not build.
+cargo build --workspace --bins
 cargo test --workspace "$@"
