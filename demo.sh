@@ -17,7 +17,7 @@ fi
 
 step "building rehost (release)"
 cargo build --release --workspace --bins
-BIN=$PWD/target/release
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 SERVER=("$BIN/rehost-server" --data-dir "$W/server" --admin "127.0.0.1:$ADMIN_PORT")
 
 rm -rf "$W" && mkdir -p "$W/files/etc" "$W/files/var/www" "$W/files/data"
@@ -56,6 +56,11 @@ for _ in $(seq 1 600); do
   sleep 0.5
 done
 "${SERVER[@]}" machines
+# The agent refreshes its status file every second.
+for _ in $(seq 1 50); do
+  "$BIN/rehost-agent" status --json --state-dir "$W/agent" | grep -q '"state": "continuous"' && break
+  sleep 0.2
+done
 "$BIN/rehost-agent" status --state-dir "$W/agent"
 
 step "checking the replica"

@@ -137,6 +137,11 @@ impl Conn {
         self.out.clone()
     }
 
+    /// The sequence number of the last sequenced frame sent (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.seq
+    }
+
     pub fn acked(&self) -> u64 {
         *self.acked.borrow()
     }

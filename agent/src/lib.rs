@@ -6,12 +6,16 @@
 //! - [`tls`]: TLS 1.3 client that trusts only the CA pinned by the token;
 //! - [`conn`]: handshake, send window, acknowledgements;
 //! - [`pipeline`]: read → zero-detect → blake3 → zstd on worker threads, in disk order;
-//! - [`replicate`]: the daemon: initial sync, resume, rescan, scan tracker, reconnect.
+//! - [`replicate`]: the daemon: initial sync, resume, rescan, continuous replication, reconnect;
+//! - [`tracker`]: change tracking (kernel block tracepoints through tracefs, or periodic scans);
+//! - [`cleanstop`]: the dirty bitmap saved on a clean stop, so a restart needs no rescan.
 
+pub mod cleanstop;
 pub mod conn;
 pub mod disks;
 pub mod install;
 pub mod pipeline;
 pub mod replicate;
 pub mod state;
+pub mod tracker;
 pub mod tls;

@@ -250,6 +250,11 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             hb(d.sent_bytes)
         );
+        match &d.start {
+            Some(s) => println!("    tracker: {}; this run began with {}: {}", d.tracker, s.kind, s.reason),
+            None if !d.tracker.is_empty() => println!("    tracker: {}", d.tracker),
+            None => {}
+        }
         if let Some(r) = &d.last_rescan {
             println!(
                 "    last rescan{}: {}; scanned {}, {} differing blocks, sent {}",

@@ -38,6 +38,46 @@ pub struct Plan {
     /// In a rescan, the server's digest of each block from `start` on (all-zero: unknown);
     /// blocks whose digest matches are not sent.
     pub known: Option<Arc<Vec<Hash>>>,
+    /// Only these blocks (indices, ascending) of `[start, end)`; `None`: all of them.
+    pub blocks: Option<Arc<Vec<u64>>>,
+    /// The file was opened with `O_DIRECT` (block devices): reads go through an aligned buffer.
+    /// A block device's page cache is shared with a mounted filesystem's metadata buffers, which
+    /// can differ from what is on the device (ext4 builds uninitialised bitmaps in memory), so
+    /// the agent reads the device itself.
+    pub uncached: bool,
+}
+
+impl Plan {
+    /// The `(offset, length)` reads this plan makes: runs of consecutive blocks, at most
+    /// [`SEGMENT`] bytes each.
+    fn reads(&self) -> Vec<(u64, u64)> {
+        let bs = u64::from(self.block_size);
+        let mut out = Vec::new();
+        match &self.blocks {
+            None => {
+                let mut offset = self.start;
+                while offset < self.end {
+                    let len = (self.end - offset).min(SEGMENT);
+                    out.push((offset, len));
+                    offset += len;
+                }
+            }
+            Some(blocks) => {
+                for &b in blocks.iter() {
+                    let off = b * bs;
+                    if off < self.start || off >= self.end {
+                        continue;
+                    }
+                    let len = bs.min(self.end - off);
+                    match out.last_mut() {
+                        Some((o, l)) if *o + *l == off && *l + len <= SEGMENT => *l += len,
+                        _ => out.push((off, len)),
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 pub type SegmentResult = Result<Segment, std::io::Error>;
@@ -75,22 +115,32 @@ fn reader(
     ordered: mpsc::Sender<oneshot::Receiver<SegmentResult>>,
     jobs: std_mpsc::SyncSender<Job>,
 ) {
-    let mut offset = plan.start;
-    while offset < plan.end {
-        let len = (plan.end - offset).min(SEGMENT);
+    let mut aligned = if plan.uncached { vec![0u8; SEGMENT as usize + 4096] } else { Vec::new() };
+    for (offset, len) in plan.reads() {
         let (done, rx) = oneshot::channel();
         if ordered.blocking_send(rx).is_err() {
             return;
         }
-        let mut data = vec![0u8; len as usize];
-        if let Err(e) = file.read_exact_at(&mut data, offset) {
-            let _ = done.send(Err(e));
-            return;
-        }
+        let data = if plan.uncached {
+            // O_DIRECT wants a buffer aligned to the logical block size; 4 KiB covers them all.
+            let at = aligned.as_ptr().align_offset(4096);
+            let buf = &mut aligned[at..at + len as usize];
+            if let Err(e) = file.read_exact_at(buf, offset) {
+                let _ = done.send(Err(e));
+                return;
+            }
+            buf.to_vec()
+        } else {
+            let mut data = vec![0u8; len as usize];
+            if let Err(e) = file.read_exact_at(&mut data, offset) {
+                let _ = done.send(Err(e));
+                return;
+            }
+            data
+        };
         if jobs.send(Job { offset, data, done }).is_err() {
             return;
         }
-        offset += len;
     }
 }
 
@@ -206,7 +256,7 @@ mod tests {
         }
         std::fs::write(&p, &data).unwrap();
         let f = Arc::new(File::open(&p).unwrap());
-        let plan = Plan { start: 0, end: data.len() as u64, block_size: 65536, known: None };
+        let plan = Plan { start: 0, end: data.len() as u64, block_size: 65536, known: None, blocks: None, uncached: false };
         let mut rx = spawn(f.clone(), plan, 2);
         let mut next = 0;
         let mut hashes = Vec::new();
@@ -225,12 +275,27 @@ mod tests {
         assert_eq!(hashes.len(), data.len().div_ceil(65536));
         // A rescan with every digest known sends nothing; with one wrong digest, one block.
         hashes[20] = [1; 32];
-        let plan = Plan { start: 0, end: data.len() as u64, block_size: 65536, known: Some(Arc::new(hashes)) };
-        let mut rx = spawn(f, plan, 2);
+        let plan = Plan { start: 0, end: data.len() as u64, block_size: 65536, known: Some(Arc::new(hashes)), blocks: None, uncached: false };
+        let mut rx = spawn(f.clone(), plan, 2);
         let mut items = 0;
         while let Some(seg) = rx.recv().await {
             items += seg.await.unwrap().unwrap().items.len();
         }
         assert_eq!(items, 1);
+        // A block list reads exactly those blocks, the last one short, runs merged.
+        let last = (data.len() / 65536) as u64;
+        let blocks = Arc::new(vec![3, 4, 5, 30, last]);
+        let plan = Plan { start: 0, end: data.len() as u64, block_size: 65536, known: None, blocks: Some(blocks), uncached: true };
+        assert_eq!(plan.reads(), vec![(3 * 65536, 3 * 65536), (30 * 65536, 65536), (last * 65536, data.len() as u64 - last * 65536)]);
+        let mut rx = spawn(f, plan, 2);
+        let mut offsets = Vec::new();
+        while let Some(seg) = rx.recv().await {
+            for it in seg.await.unwrap().unwrap().items {
+                match it {
+                    Item::Zero { offset, .. } | Item::Block { offset, .. } => offsets.push(offset / 65536),
+                }
+            }
+        }
+        assert_eq!(offsets, vec![3, 4, 5, 30, last]);
     }
 }

@@ -2,17 +2,20 @@
 //! resume and rescan, stream blocks through the pipeline, and keep going: reconnect with backoff
 //! after any failure that a retry can fix, resending whatever was not acknowledged.
 //!
-//! Per disk, given the server's grant and the agent's own state:
+//! Each disk gets a change tracker (see [`crate::tracker`]) when this process first sees it,
+//! before anything is read, and keeps it across reconnects. Per disk, given the server's grant:
 //! - the server has nothing yet: **initial sync** from byte 0;
-//! - the agent's state knows the disk and the server reports a partial sync: **resume** from the
-//!   server's durable watermark;
-//! - the server holds data the agent's state cannot vouch for (state lost or reinstalled, or a
-//!   restart after the sync finished, when writes during the stop are unknown): **rescan** — hash
-//!   every block the server has, send only those whose digest differs from the server's index,
-//!   then sync the rest.
+//! - the tracker vouches for every change since the server's copy was made — this process has
+//!   tracked the disk since then, or the agent stopped cleanly (saved dirty bitmap, a generation
+//!   the server agrees on, and a kernel trace instance that recorded without a break while the
+//!   agent was down): **resume** from the server's durable watermark, or from the saved bitmap;
+//! - otherwise (first start after a crash, a reinstall, a reboot, lost trace events): **rescan** —
+//!   hash every block the server has, send only those whose digest differs from its index.
 //!
-//! After the initial sync, the scan tracker keeps the replica current: a pass every
-//! `scan_interval` compares every block with the server's index and sends the differences.
+//! Then **continuous replication**: with the tracepoint tracker, dirty blocks are read and sent as
+//! they come (a round every 100 ms at most, re-dirtied blocks go again); with the scan tracker a
+//! pass every `scan_interval` compares every block with the server's index. The lag is the age of
+//! the last round the server acknowledged in full.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -24,9 +27,17 @@ use rehost_proto::{DiskId, Message, MAX_INDEX_CHUNK};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::cleanstop;
 use crate::conn::{self, Conn, ConnError};
 use crate::pipeline::{self, Item, Plan};
-use crate::state::{AgentState, DiskStatus, Phase, RescanReport, StateError, Status};
+use crate::state::{AgentState, DiskStatus, Phase, RescanReport, StartReport, StateError, Status};
+use crate::tracker::{Continuity, DirtySet, TraceTracker};
+
+/// Lag above which a continuous disk shows as `lagging`.
+const LAGGING_AFTER: Duration = Duration::from_secs(10);
+/// A round not acknowledged for this long shows the disk as `stalled`.
+const STALLED_AFTER: Duration = Duration::from_secs(30);
+const ROUND: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -121,7 +132,7 @@ impl Agent {
         let mut s = self.status().clone();
         s.updated_at = now();
         for d in &mut s.disks {
-            d.lag_seconds = if d.state == "continuous" { self.lag_ms(d.disk_id).map(|l| l / 1000) } else { None };
+            d.lag_seconds = if matches!(d.state.as_str(), "continuous" | "lagging" | "stalled") { self.lag_ms(d.disk_id).map(|l| l / 1000) } else { None };
         }
         if let Err(e) = s.save(&self.dir) {
             warn!(error = %e, "cannot write status file");
@@ -137,6 +148,8 @@ impl Agent {
                     "initial-sync" => DiskState::InitialSync,
                     "rescan" => DiskState::Rescan,
                     "continuous" => DiskState::Continuous,
+                    "lagging" => DiskState::Lagging,
+                    "stalled" => DiskState::Stalled,
                     _ => return None,
                 };
                 Some(Message::Progress(Progress {
@@ -156,9 +169,10 @@ impl Agent {
 pub async fn run(agent: Arc<Agent>, opts: Options, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
     let ticker = tokio::spawn(status_ticker(agent.clone()));
     let mut backoff = Duration::from_secs(1);
+    let mut tracked = std::collections::HashMap::new();
     let result = loop {
         let started = Instant::now();
-        let r = session(&agent, &opts, &mut shutdown).await;
+        let r = session(&agent, &opts, &mut tracked, &mut shutdown).await;
         match r {
             Ok(()) | Err(RunError::Stopped) => break Ok(()),
             Err(e) if e.is_fatal() => break Err(e),
@@ -209,9 +223,115 @@ struct OpenDisk {
     path: PathBuf,
     file: Arc<File>,
     size: u64,
+    block_device: bool,
 }
 
-async fn session(agent: &Arc<Agent>, opts: &Options, shutdown: &mut watch::Receiver<bool>) -> Result<(), RunError> {
+enum Tracker {
+    Trace(TraceTracker),
+    Scan { last_pass: Option<Instant> },
+}
+
+/// A disk's change tracking for the life of this process.
+struct Tracked {
+    tracker: Tracker,
+    /// Blocks taken from the tracker and sent, not yet acknowledged: they go back into the dirty
+    /// set if the connection drops.
+    pending: Option<DirtySet>,
+    /// The tracker (with `pending`) accounts for every difference between the source and what the
+    /// server holds, so no rescan is needed.
+    vouched: bool,
+    /// Why not, when not.
+    why_not: String,
+    /// A clean-stop bitmap to merge once the server confirms the generation.
+    saved: Option<Result<cleanstop::Saved, String>>,
+    continuity: Continuity,
+    /// The agent's state knew this disk under the server's id.
+    known: bool,
+}
+
+impl Tracked {
+    fn kind(&self) -> &'static str {
+        match self.tracker {
+            Tracker::Trace(_) => "tracepoint",
+            Tracker::Scan { .. } => "scan",
+        }
+    }
+
+    fn dirty_count(&self) -> u64 {
+        match &self.tracker {
+            Tracker::Trace(t) => t.dirty.lock().unwrap_or_else(|p| p.into_inner()).count(),
+            Tracker::Scan { .. } => 0,
+        }
+    }
+}
+
+/// Starts tracking a disk the first time this process sees it, before any of it is read.
+fn track(agent: &Agent, g: &DiskGrant, d: &OpenDisk) -> Tracked {
+    let saved = match cleanstop::take(&agent.dir, g.disk_id.0) {
+        Ok(s) => s,
+        Err(e) => Some(Err(format!("cannot read the saved dirty bitmap: {e}"))),
+    };
+    let machine = agent.state.lock().unwrap_or_else(|p| p.into_inner()).machine_id.clone();
+    let (tracker, continuity) = if d.block_device {
+        match TraceTracker::start(&TraceTracker::instance_name(&machine, g.disk_id.0), &d.path, d.size, g.block_size) {
+            Ok((t, c)) => (Tracker::Trace(t), c),
+            Err(e) => {
+                warn!(disk = %g.device, error = %format!("{:#}", anyhow::Error::from(e)), "kernel block tracepoints unavailable; using the scan tracker");
+                (Tracker::Scan { last_pass: None }, Continuity::Unbroken)
+            }
+        }
+    } else {
+        (Tracker::Scan { last_pass: None }, Continuity::Unbroken)
+    };
+    info!(disk = %g.device, tracker = match tracker { Tracker::Trace(_) => "tracepoint", _ => "scan" }, "tracking changes");
+    Tracked { tracker, pending: None, vouched: false, why_not: String::new(), saved, continuity, known: false }
+}
+
+/// Decides, on the first grant this process gets for a disk, whether the saved state vouches for
+/// the server's copy.
+fn first_decision(t: &mut Tracked, g: &DiskGrant, known: bool) {
+    t.known = known;
+    let saved = t.saved.take();
+    let verdict: Result<DirtySet, String> = match saved {
+        _ if !known => Err("the server holds data this agent has no state for (reinstalled or state lost)".into()),
+        None => Err("the agent did not stop cleanly (no saved dirty bitmap): writes made meanwhile are unknown".into()),
+        Some(Err(r)) => Err(r),
+        Some(Ok(_)) if g.clean_stop_generation == 0 => {
+            Err("the server recorded no clean stop for this disk".into())
+        }
+        Some(Ok(s)) if s.generation != g.clean_stop_generation => Err(format!(
+            "the saved dirty bitmap is generation {:016x}, the server recorded {:016x}",
+            s.generation, g.clean_stop_generation
+        )),
+        Some(Ok(s)) if s.size != g.size_bytes || s.block_size != g.block_size => {
+            Err("the saved dirty bitmap is for another disk geometry".into())
+        }
+        Some(Ok(s)) => match &t.continuity {
+            Continuity::Unbroken => Ok(s.dirty),
+            Continuity::Broken(r) => Err(r.clone()),
+        },
+    };
+    match verdict {
+        Ok(dirty) => {
+            if let Tracker::Trace(tr) = &t.tracker {
+                tr.dirty.lock().unwrap_or_else(|p| p.into_inner()).merge(&dirty);
+            }
+            t.pending = None;
+            t.vouched = true;
+        }
+        Err(r) => {
+            t.vouched = false;
+            t.why_not = r;
+        }
+    }
+}
+
+async fn session(
+    agent: &Arc<Agent>,
+    opts: &Options,
+    tracked: &mut std::collections::HashMap<u64, Tracked>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), RunError> {
     let state = agent.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let pin = state.pin().ok_or(RunError::BadState("server_pin"))?;
     let secret = state.secret().ok_or(RunError::BadState("machine_secret"))?;
@@ -219,8 +339,17 @@ async fn session(agent: &Arc<Agent>, opts: &Options, shutdown: &mut watch::Recei
     let mut disks = Vec::new();
     for d in &state.disks {
         let probed = crate::disks::probe(&d.device)?;
-        let file = File::open(&d.device).map_err(|e| crate::disks::DiskError::Open(d.device.clone(), e))?;
-        disks.push(OpenDisk { path: d.device.clone(), file: Arc::new(file), size: probed.size_bytes });
+        let block_device = crate::tracker::kernel_dev(&d.device).is_some();
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true);
+            if block_device {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(&d.device).map_err(|e| crate::disks::DiskError::Open(d.device.clone(), e))?
+        };
+        disks.push(OpenDisk { path: d.device.clone(), file: Arc::new(file), size: probed.size_bytes, block_device });
     }
     agent.status().connection = "connecting".into();
     let mut tls = conn::connect(&state.server, pin).await?;
@@ -253,6 +382,8 @@ async fn session(agent: &Arc<Agent>, opts: &Options, shutdown: &mut watch::Recei
                     sent_bytes: prev.map(|p| p.sent_bytes).unwrap_or(0),
                     sent_blocks: prev.map(|p| p.sent_blocks).unwrap_or(0),
                     last_rescan: prev.and_then(|p| p.last_rescan.clone()),
+                    tracker: prev.map(|p| p.tracker.clone()).unwrap_or_default(),
+                    start: prev.and_then(|p| p.start.clone()),
                     ..Default::default()
                 }
             })
@@ -272,8 +403,14 @@ async fn session(agent: &Arc<Agent>, opts: &Options, shutdown: &mut watch::Recei
             }
         })
     };
-    let result = replicate(agent, opts, &mut conn, &welcome.disks, &disks, shutdown).await;
+    let result = replicate(agent, opts, &mut conn, &welcome.disks, &disks, tracked, shutdown).await;
     ticker.abort();
+    // Whatever was sent and not acknowledged goes back into the dirty sets for the next session.
+    for t in tracked.values_mut() {
+        if let (Some(p), Tracker::Trace(tr)) = (t.pending.take(), &t.tracker) {
+            tr.dirty.lock().unwrap_or_else(|p| p.into_inner()).merge(&p);
+        }
+    }
     conn.close().await;
     result
 }
@@ -284,8 +421,10 @@ async fn replicate(
     conn: &mut Conn,
     grants: &[DiskGrant],
     disks: &[OpenDisk],
+    tracked: &mut std::collections::HashMap<u64, Tracked>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), RunError> {
+    let mut pairs = Vec::new();
     for g in grants {
         let d = disks
             .iter()
@@ -294,31 +433,60 @@ async fn replicate(
         if d.size != g.size_bytes {
             return Err(RunError::Resized(d.path.clone(), g.size_bytes, d.size));
         }
-        let local = agent.state.lock().unwrap_or_else(|p| p.into_inner()).disk(&d.path).cloned();
-        let known = local.as_ref().is_some_and(|l| l.disk_id == g.disk_id.0);
+        pairs.push((g, d));
+    }
+    // Trackers first: from here on no write to these disks goes unseen.
+    for (g, d) in &pairs {
+        if !tracked.contains_key(&g.disk_id.0) {
+            let local = agent.state.lock().unwrap_or_else(|p| p.into_inner()).disk(&d.path).cloned();
+            let known = local.as_ref().is_some_and(|l| l.disk_id == g.disk_id.0);
+            let mut t = track(agent, g, d);
+            first_decision(&mut t, g, known);
+            tracked.insert(g.disk_id.0, t);
+        } else if g.clean_stop_generation != 0 {
+            // Only a stopping agent sends a clean stop; this one did not stop.
+            warn!(disk = %g.device, "the server holds a clean-stop generation this running agent did not send");
+        }
+        let kind = tracked[&g.disk_id.0].kind();
+        agent.disk_status(g.disk_id.0, |s| s.tracker = kind.into());
+    }
+    for (g, d) in &pairs {
+        let t = tracked.get_mut(&g.disk_id.0).expect("tracked above");
         let started = Instant::now();
         if g.sync_complete {
-            let reason = if known {
-                "agent restarted after the initial sync: writes made while it was stopped are unknown"
+            if t.vouched {
+                info!(disk = %g.device, dirty_blocks = t.dirty_count(), "resuming continuous replication without a rescan");
+                set_start(agent, g, "resume", "the tracker accounts for every change since the server's copy");
             } else {
-                "the server holds a replica this agent has no state for (reinstalled or state lost)"
-            };
-            rescan(agent, opts, conn, g, d, g.size_bytes, reason, shutdown).await?;
-            send_mark(agent, conn, g, MarkKind::RescanDone).await?;
+                let reason = std::mem::take(&mut t.why_not);
+                set_start(agent, g, "rescan", &reason);
+                rescan(agent, opts, conn, g, d, g.size_bytes, &reason, shutdown).await?;
+                send_mark(agent, conn, g, MarkKind::RescanDone).await?;
+                t.vouched = true;
+            }
         } else {
-            if g.durable_bytes > 0 && !known {
-                let reason = "the server holds a partial replica this agent has no state for (reinstalled or state lost)";
-                rescan(agent, opts, conn, g, d, g.durable_bytes, reason, shutdown).await?;
+            // The scan tracker compares every block once the initial sync is done, so an agent
+            // that knows the disk can resume it without first rescanning what is below the
+            // watermark; kernel tracking cannot see what changed while the agent was down.
+            let covered = t.vouched || (t.known && matches!(t.tracker, Tracker::Scan { .. }));
+            if g.durable_bytes > 0 && !covered {
+                let reason = std::mem::take(&mut t.why_not);
+                set_start(agent, g, "rescan", &reason);
+                rescan(agent, opts, conn, g, d, g.durable_bytes, &reason, shutdown).await?;
             } else if g.durable_bytes > 0 {
                 info!(disk = %g.device, from = g.durable_bytes, "resuming initial sync from the server's durable watermark");
+                set_start(agent, g, "resume", "initial sync resumed from the server's durable watermark");
+            } else {
+                set_start(agent, g, "initial-sync", "the server holds nothing of this disk yet");
             }
+            t.vouched = true;
             {
                 let mut st = agent.state.lock().unwrap_or_else(|p| p.into_inner());
                 st.set_disk(&d.path, g.disk_id.0, Phase::InitialSync);
             }
             agent.save_state()?;
             agent.disk_status(g.disk_id.0, |s| s.state = "initial-sync".into());
-            let plan = Plan { start: g.durable_bytes, end: g.size_bytes, block_size: g.block_size, known: None };
+            let plan = Plan { start: g.durable_bytes, end: g.size_bytes, block_size: g.block_size, known: None, blocks: None, uncached: d.block_device };
             stream(agent, opts, conn, g, d, plan, shutdown).await?;
             send_mark(agent, conn, g, MarkKind::InitialSyncDone).await?;
             info!(disk = %g.device, secs = started.elapsed().as_secs_f64(), "initial sync complete");
@@ -329,6 +497,9 @@ async fn replicate(
         }
         agent.save_state()?;
         agent.set_consistent(g.disk_id.0, started);
+        if let Tracker::Scan { last_pass } = &mut t.tracker {
+            *last_pass = Some(started);
+        }
         agent.disk_status(g.disk_id.0, |s| {
             s.state = "continuous".into();
             s.progress_percent = 100.0;
@@ -336,29 +507,143 @@ async fn replicate(
             s.backlog_bytes = 0;
         });
     }
-    // Continuous replication with the scan tracker.
+    continuous(agent, opts, conn, &pairs, tracked, shutdown).await
+}
+
+fn set_start(agent: &Agent, g: &DiskGrant, kind: &str, reason: &str) {
+    agent.disk_status(g.disk_id.0, |s| s.start = Some(StartReport { kind: kind.into(), reason: reason.into() }));
+}
+
+/// Continuous replication until the connection fails or the agent is asked to stop.
+async fn continuous(
+    agent: &Arc<Agent>,
+    opts: &Options,
+    conn: &mut Conn,
+    pairs: &[(&DiskGrant, &OpenDisk)],
+    tracked: &mut std::collections::HashMap<u64, Tracked>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), RunError> {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(opts.scan_interval) => {}
-            _ = shutdown.changed() => return Err(RunError::Stopped),
+            _ = tokio::time::sleep(ROUND) => {}
+            _ = shutdown.changed() => {
+                clean_stop(agent, conn, pairs, tracked).await;
+                return Err(RunError::Stopped);
+            }
             e = conn.closed() => return Err(e.into()),
         }
-        for g in grants {
-            let d = disks.iter().find(|d| d.path.display().to_string() == g.device).expect("matched above");
-            let started = Instant::now();
-            let sent = scan_pass(agent, opts, conn, g, d, shutdown).await?;
-            let seq = conn.send_seq(|seq| Message::Mark { seq, disk_id: g.disk_id, kind: MarkKind::RescanDone }).await?;
-            conn.wait_acked(seq).await?;
-            agent.set_consistent(g.disk_id.0, started);
-            if sent > 0 {
-                info!(disk = %g.device, sent_bytes = sent, "scan pass sent changed blocks");
+        for (g, d) in pairs {
+            let t = tracked.get_mut(&g.disk_id.0).expect("tracked");
+            match &mut t.tracker {
+                Tracker::Trace(tr) => {
+                    let taken = tr.dirty.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let at = Instant::now();
+                    if let Some(reason) = taken.lost.clone() {
+                        warn!(disk = %g.device, reason, "change tracking lost events: comparing the whole disk");
+                        rescan(agent, opts, conn, g, d, g.size_bytes, &reason, shutdown).await?;
+                        send_mark(agent, conn, g, MarkKind::RescanDone).await?;
+                        agent.set_consistent(g.disk_id.0, at);
+                        agent.disk_status(g.disk_id.0, |s| s.state = "continuous".into());
+                        continue;
+                    }
+                    if taken.count() > 0 {
+                        let blocks: Vec<u64> = taken.iter().collect();
+                        tracing::debug!(disk = %g.device, ?blocks, "sending dirty blocks");
+                        t.pending = Some(taken);
+                        let plan = Plan { start: 0, end: g.size_bytes, block_size: g.block_size, known: None, blocks: Some(Arc::new(blocks)), uncached: d.block_device };
+                        stream(agent, opts, conn, g, d, plan, shutdown).await?;
+                        let last = conn.last_seq();
+                        loop {
+                            match tokio::time::timeout(Duration::from_secs(1), conn.wait_acked(last)).await {
+                                Ok(r) => break r?,
+                                Err(_) if at.elapsed() > STALLED_AFTER => {
+                                    agent.disk_status(g.disk_id.0, |s| s.state = "stalled".into());
+                                }
+                                Err(_) => {}
+                            }
+                        }
+                        t.pending = None;
+                    }
+                    agent.set_consistent(g.disk_id.0, at);
+                }
+                Tracker::Scan { last_pass } => {
+                    if last_pass.is_some_and(|l| l.elapsed() < opts.scan_interval) {
+                        continue;
+                    }
+                    let started = Instant::now();
+                    let sent = scan_pass(agent, opts, conn, g, d, shutdown).await?;
+                    let seq = conn.send_seq(|seq| Message::Mark { seq, disk_id: g.disk_id, kind: MarkKind::RescanDone, generation: 0 }).await?;
+                    conn.wait_acked(seq).await?;
+                    agent.set_consistent(g.disk_id.0, started);
+                    *last_pass = Some(started);
+                    if sent > 0 {
+                        info!(disk = %g.device, sent_bytes = sent, "scan pass sent changed blocks");
+                    }
+                }
             }
+            let backlog = t.dirty_count() * u64::from(g.block_size);
+            let lag = agent.lag_ms(g.disk_id.0).map(Duration::from_millis).unwrap_or_default();
+            agent.disk_status(g.disk_id.0, |s| {
+                s.backlog_bytes = backlog.min(s.size_bytes);
+                s.state = if lag > LAGGING_AFTER { "lagging" } else { "continuous" }.into();
+            });
+        }
+    }
+}
+
+/// On a clean stop: saves what is still dirty under a fresh generation and tells the server, so
+/// the next start needs no rescan. Kernel trace instances go on recording meanwhile.
+async fn clean_stop(
+    agent: &Arc<Agent>,
+    conn: &mut Conn,
+    pairs: &[(&DiskGrant, &OpenDisk)],
+    tracked: &mut std::collections::HashMap<u64, Tracked>,
+) {
+    for (g, _) in pairs {
+        let Some(t) = tracked.get_mut(&g.disk_id.0) else { continue };
+        if !t.vouched {
+            continue;
+        }
+        let mut dirty = match &mut t.tracker {
+            Tracker::Trace(tr) => {
+                tr.stop();
+                tr.dirty.lock().unwrap_or_else(|p| p.into_inner()).take()
+            }
+            Tracker::Scan { .. } => DirtySet::new(g.size_bytes, g.block_size),
+        };
+        if let Some(p) = t.pending.take() {
+            dirty.merge(&p);
+        }
+        if let Some(reason) = &dirty.lost {
+            warn!(disk = %g.device, reason, "events were lost: the next start will rescan");
+            continue;
+        }
+        let mut generation = 0u64;
+        while generation == 0 {
+            let mut b = [0u8; 8];
+            rehost_proto::random_bytes(&mut b);
+            generation = u64::from_le_bytes(b);
+        }
+        let count = dirty.count();
+        let saved = cleanstop::Saved { disk_id: g.disk_id.0, generation, size: g.size_bytes, block_size: g.block_size, dirty };
+        if let Err(e) = cleanstop::save(&agent.dir, &saved) {
+            warn!(disk = %g.device, error = %e, "cannot save the dirty bitmap: the next start will rescan");
+            continue;
+        }
+        let told = async {
+            let seq = conn.send_seq(|seq| Message::Mark { seq, disk_id: g.disk_id, kind: MarkKind::CleanStop, generation }).await?;
+            conn.wait_acked(seq).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), told).await {
+            Ok(Ok(())) => info!(disk = %g.device, dirty_blocks = count, generation = format!("{generation:016x}"), "clean stop recorded: the next start resumes without a rescan"),
+            Ok(Err(e)) => warn!(disk = %g.device, error = %e, "the server did not record the clean stop: the next start will rescan"),
+            Err(_) => warn!(disk = %g.device, "the server did not acknowledge the clean stop in time: the next start will rescan"),
         }
     }
 }
 
 async fn send_mark(agent: &Arc<Agent>, conn: &mut Conn, g: &DiskGrant, kind: MarkKind) -> Result<(), RunError> {
-    let seq = conn.send_seq(|seq| Message::Mark { seq, disk_id: g.disk_id, kind }).await?;
+    let seq = conn.send_seq(|seq| Message::Mark { seq, disk_id: g.disk_id, kind, generation: 0 }).await?;
     conn.wait_acked(seq).await?;
     agent.disk_status(g.disk_id.0, |s| s.replicated_bytes = s.size_bytes);
     Ok(())
@@ -426,7 +711,7 @@ async fn compare_range(
         let count = (blocks - b).min(u64::from(MAX_INDEX_CHUNK)) as u32;
         let known = conn.index(g.disk_id, b, count).await?;
         let end = ((b + u64::from(count)) * bs).min(g.size_bytes);
-        let plan = Plan { start: b * bs, end, block_size: g.block_size, known: Some(Arc::new(known)) };
+        let plan = Plan { start: b * bs, end, block_size: g.block_size, known: Some(Arc::new(known)), blocks: None, uncached: d.block_device };
         stream(agent, opts, conn, g, d, plan, shutdown).await?;
         b += u64::from(count);
     }

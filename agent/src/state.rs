@@ -138,6 +138,17 @@ pub struct DiskStatus {
     pub sent_blocks: u64,
     /// Why the current or last rescan happened, and what it sent.
     pub last_rescan: Option<RescanReport>,
+    /// How changes are found: `tracepoint` (kernel block events) or `scan` (periodic hashing).
+    pub tracker: String,
+    /// How this agent process picked up the disk: `initial-sync`, `resume` (clean restart: saved
+    /// dirty bitmap, no rescan) or `rescan`, and why.
+    pub start: Option<StartReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StartReport {
+    pub kind: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -99,6 +99,8 @@ pub struct DiskGrant {
     /// Initial sync watermark: every byte below it is durable on the server.
     pub durable_bytes: u64,
     pub sync_complete: bool,
+    /// See [`wire::DiskGrant::clean_stop_generation`]; 0: none.
+    pub clean_stop_generation: u64,
 }
 
 impl DiskGrant {
@@ -149,7 +151,8 @@ pub enum Message {
     IndexChunk { disk_id: DiskId, start_block: u64, hashes: Vec<Hash> },
     Block(Block),
     Zero { seq: u64, disk_id: DiskId, offset: u64, length: u64 },
-    Mark { seq: u64, disk_id: DiskId, kind: MarkKind },
+    /// `generation` is non-zero exactly for [`MarkKind::CleanStop`].
+    Mark { seq: u64, disk_id: DiskId, kind: MarkKind, generation: u64 },
     Ack { seq: u64 },
     Progress(Progress),
     Error { code: ErrorCode, message: String },
@@ -257,6 +260,7 @@ impl TryFrom<wire::Frame> for Message {
                             block_size: check_block_size(d.block_size)?,
                             durable_bytes: d.durable_bytes,
                             sync_complete: d.sync_complete,
+                            clean_stop_generation: d.clean_stop_generation,
                         })
                     })
                     .collect::<Result<_, _>>()?;
@@ -315,7 +319,13 @@ impl TryFrom<wire::Frame> for Message {
                 }
                 Message::Zero { seq: z.seq, disk_id: DiskId(z.disk_id), offset: z.offset, length: z.length }
             }
-            Body::Mark(m) => Message::Mark { seq: m.seq, disk_id: DiskId(m.disk_id), kind: enum_field(m.kind, "mark kind")? },
+            Body::Mark(m) => {
+                let kind = enum_field(m.kind, "mark kind")?;
+                if (kind == MarkKind::CleanStop) != (m.generation != 0) {
+                    return Err(DecodeError::Field("mark generation"));
+                }
+                Message::Mark { seq: m.seq, disk_id: DiskId(m.disk_id), kind, generation: m.generation }
+            }
             Body::Ack(a) => Message::Ack { seq: a.seq },
             Body::Progress(p) => Message::Progress(Progress {
                 disk_id: DiskId(p.disk_id),
@@ -376,6 +386,7 @@ impl From<Message> for wire::Frame {
                         block_size: d.block_size,
                         durable_bytes: d.durable_bytes,
                         sync_complete: d.sync_complete,
+                        clean_stop_generation: d.clean_stop_generation,
                     })
                     .collect(),
             }),
@@ -399,7 +410,9 @@ impl From<Message> for wire::Frame {
             Message::Zero { seq, disk_id, offset, length } => {
                 Body::Zero(wire::Zero { seq, disk_id: disk_id.0, offset, length })
             }
-            Message::Mark { seq, disk_id, kind } => Body::Mark(wire::Mark { seq, disk_id: disk_id.0, kind: kind as i32 }),
+            Message::Mark { seq, disk_id, kind, generation } => {
+                Body::Mark(wire::Mark { seq, disk_id: disk_id.0, kind: kind as i32, generation })
+            }
             Message::Ack { seq } => Body::Ack(wire::Ack { seq }),
             Message::Progress(p) => Body::Progress(wire::Progress {
                 disk_id: p.disk_id.0,

@@ -120,6 +120,10 @@ pub struct DiskGrant {
     pub durable_bytes: u64,
     #[prost(bool, tag = "6")]
     pub sync_complete: bool,
+    /// The generation of the agent's last clean stop for this disk as the server recorded it
+    /// (0: none). Handed out once: the server forgets it when it sends it.
+    #[prost(uint64, tag = "7")]
+    pub clean_stop_generation: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -180,6 +184,9 @@ pub struct Mark {
     pub disk_id: u64,
     #[prost(enumeration = "MarkKind", tag = "3")]
     pub kind: i32,
+    /// With `CleanStop`: the generation of the dirty bitmap the agent saved (non-zero).
+    #[prost(uint64, tag = "4")]
+    pub generation: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -234,6 +241,10 @@ pub enum MarkKind {
     InitialSyncDone = 1,
     /// A rescan compared every block with the server's index and sent the differences.
     RescanDone = 2,
+    /// The agent stops cleanly: every block it sent is acknowledged, and what is still dirty is
+    /// saved on its side under `generation`. On restart, a matching generation means the saved
+    /// bitmap is complete and no rescan is needed.
+    CleanStop = 3,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -243,6 +254,10 @@ pub enum DiskState {
     InitialSync = 1,
     Rescan = 2,
     Continuous = 3,
+    /// Continuous, but the replica is more than a few seconds behind the source.
+    Lagging = 4,
+    /// Continuous, but nothing the agent sent has been acknowledged for a long time.
+    Stalled = 5,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

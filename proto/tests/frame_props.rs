@@ -32,7 +32,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>()).prop_map(|(seq, d)| Message::Mark {
             seq,
             disk_id: DiskId(d),
-            kind: MarkKind::InitialSyncDone
+            kind: MarkKind::InitialSyncDone,
+            generation: 0
+        }),
+        (any::<u64>(), any::<u64>(), 1..u64::MAX).prop_map(|(seq, d, generation)| Message::Mark {
+            seq,
+            disk_id: DiskId(d),
+            kind: MarkKind::CleanStop,
+            generation
         }),
         any::<u64>().prop_map(|seq| Message::Ack { seq }),
         ("[a-z0-9.-]{1,40}", any::<[u8; 8]>(), any::<[u8; 24]>(), any::<[u8; 32]>(), 1u64..)

@@ -80,7 +80,7 @@ pub struct DiskView {
     pub disk_id: u64,
     pub device: String,
     pub size_bytes: u64,
-    /// initial-sync, rescan, continuous, disconnected
+    /// initial-sync, rescan, continuous, lagging, stalled, disconnected
     pub state: String,
     pub progress_percent: f64,
     pub replicated_bytes: u64,
@@ -114,9 +114,14 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
                     }
                     (Some(_), Some(ld)) => match ld.state {
                         DiskState::Rescan => ("rescan", pct(ld.done_bytes), ld.backlog_bytes, None),
-                        DiskState::Continuous => {
+                        DiskState::Continuous | DiskState::Lagging | DiskState::Stalled => {
                             let lag = ld.lag_ms / 1000 + (now - ld.reported_at).max(0) as u64;
-                            ("continuous", 100.0, ld.backlog_bytes, Some(lag))
+                            let state = match ld.state {
+                                DiskState::Lagging => "lagging",
+                                DiskState::Stalled => "stalled",
+                                _ => "continuous",
+                            };
+                            (state, 100.0, ld.backlog_bytes, Some(lag))
                         }
                         _ => ("initial-sync", pct(d.durable_bytes), d.size_bytes - d.durable_bytes.min(d.size_bytes), None),
                     },

@@ -290,10 +290,10 @@ async fn stream<R: AsyncRead + Unpin>(
                 }
                 jobs.send(Job::Zero { seq, disk_id, offset, length }).await.map_err(|_| internal("writer stopped"))?;
             }
-            Message::Mark { seq, disk_id, kind } => {
+            Message::Mark { seq, disk_id, kind, generation } => {
                 check_seq(seq)?;
                 disk(disk_id)?;
-                jobs.send(Job::Mark { seq, disk_id, kind }).await.map_err(|_| internal("writer stopped"))?;
+                jobs.send(Job::Mark { seq, disk_id, kind, generation }).await.map_err(|_| internal("writer stopped"))?;
             }
             Message::IndexRequest { disk_id, start_block, count } => {
                 let d = disk(disk_id)?;
@@ -391,6 +391,7 @@ fn open_disks(shared: &Shared, machine: &MachineId, disks: &[rehost_proto::msg::
     for r in rows {
         let volume = Volume::open(&dir, r.id, r.size_bytes, r.block_size).map_err(internal)?;
         let id = DiskId(r.id);
+        let clean_stop_generation = crate::volume::take_clean_stop(&dir, r.id).map_err(internal)?;
         grants.push(DiskGrant {
             disk_id: id,
             device: r.device,
@@ -398,6 +399,7 @@ fn open_disks(shared: &Shared, machine: &MachineId, disks: &[rehost_proto::msg::
             block_size: r.block_size,
             durable_bytes: r.durable_bytes,
             sync_complete: r.sync_complete,
+            clean_stop_generation,
         });
         ctxs.insert(id, DiskCtx::new(volume, r.durable_bytes, r.sync_complete));
     }

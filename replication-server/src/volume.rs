@@ -2,6 +2,10 @@
 //! (`<disk>.idx`). The index is a versioned header (magic, version, geometry, blake3 of the header)
 //! followed by one 32-byte blake3 per block; an all-zero entry means "never written". Data and
 //! index are written with `pwrite` and made durable together by [`Volume::sync`].
+//!
+//! `<disk>.gen` holds the generation of the agent's last clean stop (magic, version, generation,
+//! blake3), written crash-safely when the agent announces the stop and removed when it is handed
+//! back, so a generation vouches for exactly one restart.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -42,6 +46,42 @@ fn header(size: u64, block_size: u32) -> [u8; HEADER_LEN as usize] {
     h
 }
 
+const GEN_MAGIC: &[u8; 8] = b"RHGEN\0\0\x01";
+
+fn gen_path(dir: &Path, disk_id: u64) -> PathBuf {
+    dir.join(format!("disk-{disk_id}.gen"))
+}
+
+/// Records the agent's clean-stop generation for a disk, durably.
+pub fn save_clean_stop(dir: &Path, disk_id: u64, generation: u64) -> Result<(), VolumeError> {
+    let p = gen_path(dir, disk_id);
+    let mut b = Vec::with_capacity(48);
+    b.extend_from_slice(GEN_MAGIC);
+    b.extend_from_slice(&generation.to_le_bytes());
+    let sum = blake3::hash(&b);
+    b.extend_from_slice(sum.as_bytes());
+    rehost_proto::fsutil::write_atomic(&p, &b, 0o600).map_err(|source| VolumeError::Io { op: "write clean-stop generation", path: p, source })
+}
+
+/// Takes the recorded clean-stop generation (0: none, or damaged) and forgets it durably.
+pub fn take_clean_stop(dir: &Path, disk_id: u64) -> Result<u64, VolumeError> {
+    let p = gen_path(dir, disk_id);
+    let raw = match rehost_proto::fsutil::read_capped(&p, 64) {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(VolumeError::Io { op: "read clean-stop generation", path: p, source }),
+    };
+    let generation = if raw.len() == 48 && raw[..8] == *GEN_MAGIC && blake3::hash(&raw[..16]).as_bytes()[..] == raw[16..] {
+        u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"))
+    } else {
+        tracing::warn!(path = %p.display(), "clean-stop generation file is damaged; the agent will rescan");
+        0
+    };
+    std::fs::remove_file(&p).map_err(|source| VolumeError::Io { op: "remove clean-stop generation", path: p.clone(), source })?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|source| VolumeError::Io { op: "sync directory", path: dir.to_path_buf(), source })?;
+    Ok(generation)
+}
+
 impl Volume {
     pub fn paths(dir: &Path, disk_id: u64) -> (PathBuf, PathBuf) {
         (dir.join(format!("disk-{disk_id}.vol")), dir.join(format!("disk-{disk_id}.idx")))
@@ -79,6 +119,11 @@ impl Volume {
         }
         index.set_len(HEADER_LEN + blocks * 32).map_err(err("size hash index", &index_path))?;
         Ok(Self { data, index, data_path, index_path, size, block_size })
+    }
+
+    /// The directory holding this volume's files.
+    pub fn dir(&self) -> &Path {
+        self.data_path.parent().unwrap_or(Path::new("."))
     }
 
     fn io(&self, op: &'static str, index: bool) -> impl FnOnce(io::Error) -> VolumeError + '_ {

@@ -23,7 +23,7 @@ const GROUP_TIME: Duration = Duration::from_millis(50);
 pub enum Job {
     Block(Block),
     Zero { seq: u64, disk_id: DiskId, offset: u64, length: u64 },
-    Mark { seq: u64, disk_id: DiskId, kind: MarkKind },
+    Mark { seq: u64, disk_id: DiskId, kind: MarkKind, generation: u64 },
     /// A recovery point of all the session's disks at this point of the stream (see `snapshot`).
     /// The result goes to `reply` when there is one; a failed snapshot does not end the session.
     Snapshot {
@@ -120,7 +120,7 @@ impl Writer {
                 d.extend(offset, length);
                 (seq, 0)
             }
-            Job::Mark { seq, disk_id, kind } => {
+            Job::Mark { seq, disk_id, kind, generation } => {
                 // Everything before the mark is made durable first.
                 self.commit()?;
                 let d = self.disk(disk_id);
@@ -143,6 +143,11 @@ impl Writer {
                     MarkKind::RescanDone => {
                         self.shared.catalog.set_rescanned(disk_id)?;
                         tracing::info!(disk = %disk_id, "rescan complete");
+                    }
+                    MarkKind::CleanStop => {
+                        let dir = d.volume.dir().to_path_buf();
+                        crate::volume::save_clean_stop(&dir, disk_id.0, generation)?;
+                        tracing::info!(disk = %disk_id, generation, "agent stopped cleanly; its dirty bitmap vouches for the next start");
                     }
                     MarkKind::Invalid => {}
                 }

@@ -1,5 +1,5 @@
 //! Harness for the end-to-end tests: starts the real `rehost-server` and `rehost-agent` binaries
-//! (built by `cargo test --workspace` next to the test executables) on 127.0.0.1 with free ports,
+//! (built by `cargo build --workspace --bins`, which `./test.sh` runs first) on 127.0.0.1 with free ports,
 //! drives them through their command lines, and builds test disk images.
 
 use std::fs::File;
@@ -22,7 +22,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(
         p.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` so it gets built",
+        "{} is missing: build it first (`cargo build --workspace --bins`), or run ./test.sh",
         p.display()
     );
     p
@@ -240,7 +240,7 @@ impl Agent {
             .args(["run", "--state-dir"])
             .arg(&self.state)
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("REHOST_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -392,4 +392,15 @@ pub fn wait_replicated(server: &Server, device: &Path, limit: Duration) -> (Stri
             None
         },
     )
+}
+
+/// Whether a test that needs root can run. Without root it prints why it skips; under `CI=true`
+/// it fails instead, since CI runs as root and must run every test.
+pub fn require_root(what: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} needs root, and CI=true: failing instead of skipping");
+    eprintln!("SKIPPED: {what} needs root (loop devices, mount, tracefs); run the tests as root");
+    false
 }

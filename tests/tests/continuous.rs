@@ -1,0 +1,244 @@
+//! Continuous replication of a real block device: a loop device holding a mounted ext4
+//! filesystem with a writer busy on it, tracked through the kernel's block tracepoints.
+//! These tests need root (loop devices, mount, tracefs): without it they skip with a message,
+//! and under `CI=true` they fail instead.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use rehost_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A loop device over an image file, with an ext4 filesystem mounted from it.
+struct LoopFs {
+    dev: PathBuf,
+    mnt: PathBuf,
+    mounted: bool,
+}
+
+impl LoopFs {
+    fn new(dir: &Path, size_mib: u64) -> Self {
+        let img = dir.join("source.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(size_mib << 20).unwrap();
+        let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&img));
+        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mut fs = LoopFs { dev, mnt, mounted: false };
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(&fs.dev));
+        run_ok(Command::new("mount").arg(&fs.dev).arg(&fs.mnt));
+        fs.mounted = true;
+        fs
+    }
+
+    fn umount(&mut self) {
+        if self.mounted {
+            run_ok(Command::new("umount").arg(&self.mnt));
+            self.mounted = false;
+        }
+    }
+
+    /// blake3 of the whole device, bypassing any stale page cache.
+    fn hash(&self) -> String {
+        run_ok(Command::new("blockdev").arg("--flushbufs").arg(&self.dev));
+        file_hash(&self.dev)
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Removes the kernel trace instances a test's agent left behind.
+struct TraceCleanup(Option<String>);
+
+impl Drop for TraceCleanup {
+    fn drop(&mut self) {
+        let Some(machine) = &self.0 else { return };
+        let Ok(dir) = std::fs::read_dir("/sys/kernel/tracing/instances") else { return };
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&format!("rehost-{machine}-")) {
+                let _ = std::fs::write(e.path().join("events/block/block_rq_complete/enable"), "0");
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
+/// Writes files with fsync in a loop, and rewrites earlier ones in place, until stopped.
+/// Records each fsynced file's content digest.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    done: Arc<Mutex<Vec<(PathBuf, String)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(dir: &Path) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let (s, d, dir) = (stop.clone(), done.clone(), dir.join("data"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let thread = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let len = 4096 + (n as usize * 7919) % (256 << 10);
+                let data = random_bytes(n + 1, len);
+                // Every fourth write rewrites an earlier file, so blocks get dirty again.
+                let name = if n % 4 == 3 { format!("f-{}", n / 2) } else { format!("f-{n}") };
+                let p = dir.join(&name);
+                let mut f = std::fs::File::create(&p).unwrap();
+                f.write_all(&data).unwrap();
+                f.sync_all().unwrap();
+                let h = blake3::hash(&data).to_hex().to_string();
+                let mut d = d.lock().unwrap();
+                d.retain(|(q, _)| q != &p);
+                d.push((p, h));
+                drop(d);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Writer { stop, done, thread: Some(thread) }
+    }
+
+    fn stop(&mut self) -> Vec<(PathBuf, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.done.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn disk_status(agent: &Agent) -> serde_json::Value {
+    agent.status()["disks"][0].clone()
+}
+
+/// Waits for the agent to report continuous replication by the tracepoint tracker, and returns
+/// how this run began (`initial-sync`, `resume` or `rescan`) and why.
+fn wait_continuous(agent: &Agent) -> (String, String) {
+    let d = wait_until("continuous replication", LIMIT, || {
+        let d = disk_status(agent);
+        (d["state"] == "continuous" && agent.status()["running"] == true).then_some(d)
+    });
+    assert_eq!(d["tracker"], "tracepoint", "block devices are tracked by kernel tracepoints: {d}");
+    (d["start"]["kind"].as_str().unwrap_or("").into(), d["start"]["reason"].as_str().unwrap_or("").into())
+}
+
+/// Stops the writer, unmounts (everything reaches the device), and waits for the replica to
+/// become byte-identical; then checks the replica's filesystem and the files the writer fsynced.
+fn converge(fs: &mut LoopFs, writer: &mut Writer, server: &Server, dir: &Path) {
+    let files = writer.stop();
+    assert!(files.len() > 20, "the writer wrote only {} files", files.len());
+    fs.umount();
+    let want = fs.hash();
+    let m = server.machines();
+    let mid = m["machines"][0]["machine_id"].as_str().unwrap().to_string();
+    let did = m["machines"][0]["disks"][0]["disk_id"].as_u64().unwrap();
+    let vol = server.volume(&mid, did);
+    let deadline = std::time::Instant::now() + LIMIT;
+    while file_hash(&vol) != want {
+        if std::time::Instant::now() > deadline {
+            let (a, b) = (std::fs::read(&fs.dev).unwrap(), std::fs::read(&vol).unwrap());
+            let differ: Vec<usize> = (0..a.len().div_ceil(65536)).filter(|i| {
+                let r = i * 65536..((i + 1) * 65536).min(a.len());
+                a[r.clone()] != b[r]
+            }).collect();
+            panic!("the replica still differs from the source in 64 KiB blocks {differ:?}\nagent log:\n{}", agent_log_tail(dir));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let copy = dir.join("replica-copy.img");
+    std::fs::copy(&vol, &copy).unwrap();
+    run_ok(Command::new("e2fsck").arg("-fn").arg(&copy));
+    // Every fsynced file, read back from the replica with debugfs.
+    let mnt = fs.mnt.clone();
+    for (p, h) in files.iter().rev().take(30) {
+        let rel = p.strip_prefix(&mnt).unwrap();
+        let out = run_ok(Command::new("debugfs").args(["-R", &format!("cat /{}", rel.display())]).arg(&copy));
+        assert_eq!(blake3::hash(&out.stdout).to_hex().to_string(), *h, "{} differs in the replica", rel.display());
+    }
+}
+
+/// Dropped in reverse order: the agent stops before its trace instance is removed.
+fn agent_log_tail(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join("agent-a.log")).unwrap_or_default();
+    log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+fn setup(dir: &Path) -> Option<(TraceCleanup, LoopFs, Server, Agent)> {
+    if !require_root("continuous replication of a loop device") {
+        return None;
+    }
+    let fs = LoopFs::new(dir, 96);
+    let server = Server::start(dir);
+    let token = server.token();
+    let agent = Agent::new(dir, "a");
+    let out = agent.install(&server, &token, &[&fs.dev], "loop-host");
+    assert!(out.status.success(), "install: {}", String::from_utf8_lossy(&out.stderr));
+    let machine = agent.state_json()["machine_id"].as_str().map(String::from);
+    Some((TraceCleanup(machine), fs, server, agent))
+}
+
+#[test]
+fn clean_restart_resumes_without_rescan_and_the_replica_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_cleanup, mut fs, server, mut agent)) = setup(dir.path()) else { return };
+    let mut writer = Writer::start(&fs.mnt);
+    agent.run(&[]);
+    let (kind, _) = wait_continuous(&agent);
+    assert_eq!(kind, "initial-sync");
+    std::thread::sleep(Duration::from_secs(2));
+    let lag = wait_until("the lag to be reported", LIMIT, || disk_status(&agent)["lag_seconds"].as_u64());
+    assert!(lag <= 2, "lag {lag}s with a light writer");
+
+    agent.kill(Signal::SIGTERM);
+    assert!(agent.log_text().contains("clean stop recorded"), "{}", agent.log_text());
+    // Writes while the agent is down are recorded by the kernel trace instance.
+    std::thread::sleep(Duration::from_secs(1));
+    agent.run(&[]);
+    let (kind, reason) = wait_continuous(&agent);
+    assert_eq!(kind, "resume", "a clean restart must not rescan: {reason}");
+    assert!(disk_status(&agent)["last_rescan"].is_null(), "no rescan after a clean stop");
+    std::thread::sleep(Duration::from_secs(1));
+    converge(&mut fs, &mut writer, &server, dir.path());
+}
+
+#[test]
+fn crash_restart_rescans_and_the_replica_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_cleanup, mut fs, server, mut agent)) = setup(dir.path()) else { return };
+    let mut writer = Writer::start(&fs.mnt);
+    agent.run(&[]);
+    wait_continuous(&agent);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill(Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(500));
+    agent.run(&[]);
+    let (kind, reason) = wait_continuous(&agent);
+    assert_eq!(kind, "rescan");
+    assert!(reason.contains("did not stop cleanly"), "{reason}");
+    let r = &disk_status(&agent)["last_rescan"];
+    assert_eq!(r["finished"], true, "{r}");
+    std::thread::sleep(Duration::from_secs(1));
+    converge(&mut fs, &mut writer, &server, dir.path());
+}
