@@ -1,11 +1,11 @@
-//! Failpoints for crash tests: with the `failpoints` feature, `REHOST_FAILPOINT=NAME` makes the
-//! process abort when it reaches the point called NAME. Without the feature (release builds)
-//! [`hit`] compiles to nothing.
+//! Failpoints for crash tests: in debug builds (what `cargo build` and the end-to-end tests use) or
+//! with the `failpoints` feature, `REHOST_FAILPOINT=NAME` makes the process abort when it reaches
+//! the point called NAME. In release builds without the feature [`hit`] compiles to nothing.
 //!
 //! Points: `snapshot-after-chunks` (a snapshot's objects are durable, the catalog still says
 //! `creating`), `gc-mid-sweep` (GC removed some unreferenced objects, not all).
 
-#[cfg(feature = "failpoints")]
+#[cfg(any(feature = "failpoints", debug_assertions))]
 pub fn hit(name: &str) {
     if std::env::var("REHOST_FAILPOINT").is_ok_and(|v| v == name) {
         eprintln!("failpoint {name}: aborting");
@@ -13,6 +13,6 @@ pub fn hit(name: &str) {
     }
 }
 
-#[cfg(not(feature = "failpoints"))]
+#[cfg(not(any(feature = "failpoints", debug_assertions)))]
 #[inline(always)]
 pub fn hit(_name: &str) {}

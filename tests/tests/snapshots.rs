@@ -402,8 +402,8 @@ fn sigkill_during_snapshot_and_gc_keeps_finished_snapshots_intact() {
     let out = server.cli(&["snapshot", "create", &m, "--wait"]);
     assert!(
         !out.status.success(),
-        "the server must abort mid-snapshot: is rehost-server built with the `failpoints` feature \
-         (the tests crate's dev-dependency turns it on for `cargo test --workspace`)?"
+        "the server must abort mid-snapshot: failpoints exist in debug builds \
+         (or with the `failpoints` feature)"
     );
     assert!(!crashing.wait_exit().success());
     assert!(
