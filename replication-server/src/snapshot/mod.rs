@@ -460,6 +460,26 @@ fn snapshot_offline(
     snapshot_session(shared, machine, &refs, consistency, reason)
 }
 
+/// The job for a point the session itself chooses (an agent's consistency point, made with the
+/// source's filesystems frozen): queue it on the session's writer queue where the point is in the
+/// stream, e.g. `jobs.send(job).await`; the receiver yields the snapshot once it is complete
+/// (dropping it is fine). Calling [`prepare`] on a blocking thread first, while the stream still
+/// flows, shortens the pause.
+pub fn point_job(
+    machine: &MachineId,
+    consistency: Consistency,
+    reason: &str,
+) -> (Job, oneshot::Receiver<Result<SnapshotInfo, SnapshotError>>) {
+    let (tx, rx) = oneshot::channel();
+    let job = Job::Snapshot {
+        machine: machine.clone(),
+        consistency,
+        reason: reason.into(),
+        reply: Some(tx),
+    };
+    (job, rx)
+}
+
 /// Takes a snapshot of `machine` now: through its live session's writer (a point in its stream,
 /// after [`prepare`] stored most of the changed data without pausing it), or directly from its
 /// volumes when no agent is connected.
@@ -488,13 +508,7 @@ pub async fn request(
     }
     loop {
         if let Some(jobs) = slot.jobs() {
-            let (tx, rx) = oneshot::channel();
-            let job = Job::Snapshot {
-                machine: machine.clone(),
-                consistency,
-                reason: reason.clone(),
-                reply: Some(tx),
-            };
+            let (job, rx) = point_job(&machine, consistency, &reason);
             if jobs.send(job).await.is_ok() {
                 drop(jobs);
                 match rx.await {
