@@ -362,14 +362,27 @@ fn rebuild_initramfs(s: &mut inspect::GuestSession, ins: &Inspection) -> Result<
             }
         }
         for args in runs {
-            let mut cmd = Command::new("chroot");
-            cmd.arg(&root)
-                .args(&args)
-                .env_clear()
-                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-                .env("SOURCE_DATE_EPOCH", epoch.to_string())
-                .env("LC_ALL", "C")
-                .env("TMPDIR", "/tmp");
+            // The guest's own tool runs as root: give it private mount, PID, network, IPC and UTS
+            // namespaces on top of the chroot, so it cannot see or signal host processes, reach the
+            // network, or change host mounts. (This is hardening, not a sandbox: root in a chroot is
+            // still root.)
+            let mut cmd = Command::new("unshare");
+            cmd.args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "--kill-child",
+            ])
+            .args(["--net", "--ipc", "--uts", "chroot"])
+            .arg(&root)
+            .args(&args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("SOURCE_DATE_EPOCH", epoch.to_string())
+            .env("LC_ALL", "C")
+            .env("TMPDIR", "/tmp");
             tracing::info!(?args, "running in the guest chroot");
             let (ok, out) = sys::run(&mut cmd, &args[0])?;
             if !ok {
