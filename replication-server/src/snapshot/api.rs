@@ -81,12 +81,15 @@ async fn create(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &h)?;
     let machine = resolve(&s, m).await?;
-    let task = tokio::spawn(super::request(
-        s.clone(),
-        machine.clone(),
-        Consistency::Crash,
-        "manual".into(),
-    ));
+    let (s2, m2) = (s.clone(), machine.clone());
+    let task = tokio::spawn(async move {
+        let r = super::request(s2, m2.clone(), Consistency::Crash, "manual".into()).await;
+        if let Err(e) = &r {
+            // Whoever asked may not be waiting for the answer.
+            tracing::warn!(machine = %m2, error = %chain(e), "requested recovery point failed");
+        }
+        r
+    });
     if !req.wait {
         return Ok(Json(
             serde_json::json!({ "requested": true, "machine_id": machine.as_str() }),
