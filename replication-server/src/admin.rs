@@ -227,7 +227,8 @@ async fn revoke_token(
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Result<String, ApiError> {
-    let view = blocking(move || machines_view(&s)).await?;
+    let s2 = s.clone();
+    let view = blocking(move || machines_view(&s2)).await?;
     let mut out = String::new();
     let connected = view.machines.iter().filter(|m| m.connected).count();
     let _ = writeln!(out, "# TYPE rehost_agents_connected gauge\nrehost_agents_connected {connected}");
@@ -258,5 +259,6 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Result<String, ApiError> {
             }
         }
     }
+    out.push_str(&blocking(move || crate::snapshot::api::metrics(&s)).await?);
     Ok(out)
 }
