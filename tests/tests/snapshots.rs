@@ -165,6 +165,13 @@ fn snapshots_taken_while_changes_stream_in_match_the_stream_point() {
         .success());
     // 40 Mbit/s: a 16 MiB change takes about 3 s to stream, so a snapshot lands in the middle.
     agent.run(&["--scan-interval", "1", "--max-mbps", "40"]);
+    // No recovery point before the initial sync is complete.
+    let early = server.cli(&["snapshot", "create", "snap-stream", "--wait"]);
+    assert!(!early.status.success());
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("has not finished its initial sync"),
+        "{early:?}"
+    );
     let (m, _) = wait_replicated(&server, &a, LIMIT);
     wait_replicated(&server, &b, LIMIT);
 
@@ -355,6 +362,12 @@ fn identical_machines_share_chunks_and_snapshots_are_incremental() {
 
     // A few changed blocks cost about their size.
     ag1.kill(nix::sys::signal::Signal::SIGTERM);
+    wait_until("machine one to be disconnected", LIMIT, || {
+        (server.disk(&a)?["state"] == "disconnected").then_some(())
+    });
+    // Without a session the snapshot is taken from the volumes; nothing changed, nothing added.
+    let offline = snapshot(&server, &m1);
+    assert_eq!(offline["bytes_added"], 0, "{offline}");
     for (i, off) in [0u64, 5 << 20, (12 << 20) - 10].iter().enumerate() {
         write_at(&a, *off, &random_bytes(50 + i as u64, 10));
     }
@@ -370,7 +383,7 @@ fn identical_machines_share_chunks_and_snapshots_are_incremental() {
 
     let text = metrics(&server);
     assert!(
-        text.contains(&format!("rehost_recovery_points{{machine=\"{m1}\"}} 2")),
+        text.contains(&format!("rehost_recovery_points{{machine=\"{m1}\"}} 3")),
         "{text}"
     );
     assert!(
@@ -387,6 +400,11 @@ fn identical_machines_share_chunks_and_snapshots_are_incremental() {
     assert!(
         same(&x, &b),
         "machine one's first snapshot is the original data"
+    );
+    export(&server, &m1, &offline["id"].to_string(), &a, &x);
+    assert!(
+        same(&x, &b),
+        "the offline snapshot is the replica as the agent left it"
     );
     export(&server, &m1, &s3["id"].to_string(), &a, &x);
     assert!(same(&x, &a));
