@@ -17,6 +17,11 @@
 //! catalog before GC ignores it; a `creating` row under the exclusive lock can only be a crash
 //! leftover (startup removes those), and is marked anyway as far as its roots are readable.
 //!
+//! **What it costs the replication stream.** A snapshot waits for at most one batch (2048
+//! removals and the marking of snapshots completed since the previous batch). Linux grants a
+//! shared flock while an exclusive one is only waiting, so a GC queued behind a long export never
+//! holds up snapshot creation.
+//!
 //! Marking a damaged page or root of a complete snapshot stops GC with an error rather than
 //! guessing what it referenced.
 
