@@ -614,3 +614,67 @@ fn scheduler_takes_points_and_expires_them_by_policy() {
         "no new point with retention off"
     );
 }
+
+#[test]
+fn sigkill_at_any_moment_of_snapshot_creation_leaves_only_whole_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = quiet_server(dir.path());
+    let token = server.token();
+    let img = dir.path().join("k.img");
+    std::fs::write(&img, random_bytes(31, 40 << 20)).unwrap();
+    let mut agent = Agent::new(dir.path(), "k");
+    assert!(agent
+        .install(&server, &token, &[&img], "kill")
+        .status
+        .success());
+    agent.run(&["--scan-interval", "1"]);
+    let (m, _) = wait_replicated(&server, &img, LIMIT);
+    // Snapshot id -> the source as it was when that snapshot was requested.
+    let mut expected: Vec<(String, PathBuf)> = Vec::new();
+    let mut seen = 0;
+    for round in 0..5u64 {
+        write_at(
+            &img,
+            (round * 7 + 1) << 20,
+            &random_bytes(100 + round, 12 << 20),
+        );
+        wait_replicated(&server, &img, LIMIT);
+        let copy_path = copy(&img, &dir.path().join(format!("k{round}")));
+        let mut req = Command::new(bin("rehost-server"))
+            .args(["--data-dir".as_ref(), server.data.as_os_str()])
+            .args(["--admin", &server.admin, "snapshot", "create", &m, "--wait"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // From "just requested" to "done": the kill lands in every phase over the rounds.
+        let delay = [30, 250, 600, 1200, 4000][round as usize];
+        std::thread::sleep(Duration::from_millis(delay));
+        server.kill();
+        let _ = req.wait();
+        server.restart();
+        let list = snapshots(&server, &m);
+        assert!(
+            list.iter().all(|s| s["state"] == "complete"),
+            "round {round}: {list:?}"
+        );
+        assert!(
+            list.len() >= seen && list.len() <= seen + 1,
+            "round {round}: {list:?}"
+        );
+        if list.len() == seen + 1 {
+            expected.push((list[seen]["id"].to_string(), copy_path));
+        }
+        seen = list.len();
+        let x = dir.path().join("x");
+        for (id, want) in &expected {
+            export(&server, &m, id, &img, &x);
+            assert!(same(&x, want), "round {round}: snapshot {id} after SIGKILL");
+        }
+        eprintln!("round {round}: killed after {delay} ms; {seen} complete snapshots");
+    }
+    assert!(
+        !expected.is_empty() && expected.len() < 5,
+        "some kills must interrupt a snapshot and some come after one: {seen} of 5 completed"
+    );
+}
