@@ -192,7 +192,8 @@ fn snapshots_taken_while_changes_stream_in_match_the_stream_point() {
             .ok()?;
         (buf == first_new).then_some(())
     });
-    let s1 = snapshot(&server, &m);
+    // A point where the stream stands, without the agent's drain: mid-change.
+    let s1: Value = serde_json::from_str(&ok(&server, &["snapshot", "create", &m, "--wait", "--json", "--stream-point"])).unwrap();
     wait_replicated(&server, &a, LIMIT);
     wait_replicated(&server, &b, LIMIT);
     let s2 = snapshot(&server, &m);

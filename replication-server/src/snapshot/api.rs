@@ -71,6 +71,9 @@ pub struct CreateSnapshot {
     /// Answer once the snapshot is complete (with it), rather than once it is requested.
     #[serde(default)]
     pub wait: bool,
+    /// Take the point where the stream stands, without the agent's freeze and drain.
+    #[serde(default)]
+    pub stream_point: bool,
 }
 
 async fn create(
@@ -86,6 +89,7 @@ async fn create(
         machine.clone(),
         Consistency::Crash,
         "manual".into(),
+        !req.stream_point,
     ));
     if !req.wait {
         return Ok(Json(
