@@ -17,6 +17,7 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-# The end-to-end tests start the real binaries, which `cargo test` alone does not build.
-cargo build --workspace --bins
+# The end-to-end tests start the real binaries, which `cargo test` alone does not build; building
+# every target builds them with the features the tests enable (failpoints in rehost-server).
+cargo build --workspace --all-targets
 cargo test --workspace "$@"

@@ -90,6 +90,8 @@ pub struct Conn {
     out: mpsc::Sender<Message>,
     acked: watch::Receiver<u64>,
     index: mpsc::Receiver<IndexChunk>,
+    /// Consistency points the server asks for: (id, longest freeze in ms).
+    points: mpsc::Receiver<(u64, u32)>,
     inbound: Option<JoinHandle<Result<(), ConnError>>>,
     outbound: JoinHandle<()>,
     seq: u64,
@@ -124,17 +126,23 @@ impl Conn {
         let (out_tx, out_rx) = mpsc::channel(64);
         let (ack_tx, ack_rx) = watch::channel(0u64);
         let (idx_tx, idx_rx) = mpsc::channel(4);
-        let inbound = tokio::spawn(inbound(BufReader::new(rd), ack_tx, idx_tx));
+        let (pt_tx, pt_rx) = mpsc::channel(16);
+        let inbound = tokio::spawn(inbound(BufReader::new(rd), ack_tx, idx_tx, pt_tx));
         let outbound = tokio::spawn(outbound(wr, out_rx));
         let throttle = max_mbps.filter(|m| *m > 0).map(|m| Throttle {
             bytes_per_sec: m as f64 * 1_000_000.0 / 8.0,
             next: tokio::time::Instant::now(),
         });
-        Self { out: out_tx, acked: ack_rx, index: idx_rx, inbound: Some(inbound), outbound, seq: 0, throttle }
+        Self { out: out_tx, acked: ack_rx, index: idx_rx, points: pt_rx, inbound: Some(inbound), outbound, seq: 0, throttle }
     }
 
     pub fn sender(&self) -> mpsc::Sender<Message> {
         self.out.clone()
+    }
+
+    /// The consistency points the server asks for, as (id, longest freeze in ms). Taken once.
+    pub fn take_points(&mut self) -> mpsc::Receiver<(u64, u32)> {
+        std::mem::replace(&mut self.points, mpsc::channel(1).1)
     }
 
     /// The sequence number of the last sequenced frame sent (0: none yet).
@@ -237,6 +245,7 @@ async fn inbound<R: AsyncRead + Unpin>(
     mut rd: BufReader<ReadHalf<R>>,
     acked: watch::Sender<u64>,
     index: mpsc::Sender<IndexChunk>,
+    points: mpsc::Sender<(u64, u32)>,
 ) -> Result<(), ConnError> {
     loop {
         match read_message(&mut rd).await? {
@@ -257,6 +266,10 @@ async fn inbound<R: AsyncRead + Unpin>(
             }
             Some(Message::Error { code, message }) => return Err(ConnError::Refused { code, message }),
             Some(Message::Ping { .. }) => {}
+            Some(Message::PointRequest { id, max_freeze_ms }) => {
+                // A full queue means points are already pending; the server times this one out.
+                let _ = points.try_send((id, max_freeze_ms));
+            }
             Some(m) => return Err(ConnError::Protocol(format!("unexpected {} from the server", m.kind()))),
         }
     }

@@ -8,11 +8,13 @@
 //! - [`pipeline`]: read → zero-detect → blake3 → zstd on worker threads, in disk order;
 //! - [`replicate`]: the daemon: initial sync, resume, rescan, continuous replication, reconnect;
 //! - [`tracker`]: change tracking (kernel block tracepoints through tracefs, or periodic scans);
+//! - [`freeze`]: filesystem freezes for consistency points, with a thaw guard process;
 //! - [`cleanstop`]: the dirty bitmap saved on a clean stop, so a restart needs no rescan.
 
 pub mod cleanstop;
 pub mod conn;
 pub mod disks;
+pub mod freeze;
 pub mod install;
 pub mod pipeline;
 pub mod replicate;

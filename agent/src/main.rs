@@ -68,6 +68,14 @@ enum Cmd {
         #[arg(long)]
         max_mbps: Option<u64>,
     },
+    /// Internal: thaws MOUNTS unless the agent says so on stdin within --max-ms (started by the
+    /// agent around each filesystem freeze, so no freeze outlives a killed agent).
+    #[command(hide = true)]
+    ThawGuard {
+        #[arg(long)]
+        max_ms: u64,
+        mounts: Vec<PathBuf>,
+    },
     /// Print the blake3 digest of devices or image files (to compare a source with its replica).
     Checksum {
         #[arg(required = true)]
@@ -169,6 +177,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Cmd::Status { state_dir, json } => status(&state_dir, json),
+        Cmd::ThawGuard { max_ms, mounts } => {
+            rehost_agent::freeze::guard_main(Duration::from_millis(max_ms), &mounts).context("thaw guard")
+        }
         Cmd::Checksum { paths } => {
             for p in paths {
                 let f = std::fs::File::open(&p).with_context(|| format!("open {}", p.display()))?;

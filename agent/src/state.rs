@@ -119,6 +119,18 @@ pub struct Status {
     pub last_error: Option<String>,
     pub updated_at: i64,
     pub disks: Vec<DiskStatus>,
+    /// The last consistency point this agent marked.
+    #[serde(default)]
+    pub last_point: Option<PointReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PointReport {
+    pub at: i64,
+    /// `app` (filesystems frozen) or `crash` (a quiet moment).
+    pub consistency: String,
+    pub freeze_ms: u32,
+    pub note: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -212,6 +212,9 @@ pub struct TraceTracker {
     pub instance: PathBuf,
     pub dirty: Arc<Mutex<DirtySet>>,
     pub wake: Arc<tokio::sync::Notify>,
+    /// Counts the times the reader found the pipe empty: two more mean every event that
+    /// happened before the count was read has been applied to `dirty`.
+    drained: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -265,14 +268,24 @@ impl TraceTracker {
         let dirty = Arc::new(Mutex::new(DirtySet::new(size, block_size)));
         let wake = Arc::new(tokio::sync::Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
+        let drained = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let thread = {
-            let (dirty, wake, stop, inst) = (dirty.clone(), wake.clone(), stop.clone(), instance.clone());
+            let (dirty, wake, stop, inst, dr) = (dirty.clone(), wake.clone(), stop.clone(), instance.clone(), drained.clone());
             std::thread::Builder::new()
                 .name("rehost-trace".into())
-                .spawn(move || read_loop(pipe, dev, &inst, &dirty, &wake, &stop))
+                .spawn(move || read_loop(pipe, dev, &inst, &dirty, &wake, &stop, &dr))
                 .map_err(io("start trace reader", &instance))?
         };
-        Ok((Self { instance, dirty, wake, stop, thread: Some(thread) }, continuity))
+        Ok((Self { instance, dirty, wake, drained, stop, thread: Some(thread) }, continuity))
+    }
+
+    /// Waits until every write completed before this call is in the dirty set (or 1 s passed).
+    pub async fn settle(&self) {
+        let start = self.drained.load(Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(1);
+        while self.drained.load(Ordering::SeqCst) < start + 2 && Instant::now() < until && self.thread.is_some() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Stops reading; the kernel instance goes on recording for the next start.
@@ -303,7 +316,15 @@ fn remove_instance(instance: &Path) {
     }
 }
 
-fn read_loop(mut pipe: File, dev: u32, instance: &Path, dirty: &Mutex<DirtySet>, wake: &tokio::sync::Notify, stop: &AtomicBool) {
+fn read_loop(
+    mut pipe: File,
+    dev: u32,
+    instance: &Path,
+    dirty: &Mutex<DirtySet>,
+    wake: &tokio::sync::Notify,
+    stop: &AtomicBool,
+    drained: &std::sync::atomic::AtomicU64,
+) {
     let mut buf = vec![0u8; 256 << 10];
     let mut carry = Vec::new();
     let mut lost_seen = lost_events(instance);
@@ -328,8 +349,13 @@ fn read_loop(mut pipe: File, dev: u32, instance: &Path, dirty: &Mutex<DirtySet>,
                 wake.notify_one();
                 continue;
             }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(_) => {
+                drained.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                drained.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 let mut d = dirty.lock().unwrap_or_else(|p| p.into_inner());
                 d.lost = Some(format!("reading the kernel trace pipe failed: {e}"));
@@ -350,7 +376,7 @@ fn read_loop(mut pipe: File, dev: u32, instance: &Path, dirty: &Mutex<DirtySet>,
                 wake.notify_one();
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -60,7 +60,7 @@ pub fn getrandom_fill(buf: &mut [u8]) {
         .expect("read /dev/urandom");
 }
 
-pub use wire::{Compression, DiskState, ErrorCode, MarkKind};
+pub use wire::{Compression, DiskState, ErrorCode, MarkKind, PointConsistency};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskInfo {
@@ -157,6 +157,8 @@ pub enum Message {
     Progress(Progress),
     Error { code: ErrorCode, message: String },
     Ping { nonce: u64 },
+    PointRequest { id: u64, max_freeze_ms: u32 },
+    Point { seq: u64, id: u64, consistency: PointConsistency, freeze_ms: u32, note: String },
 }
 
 impl Message {
@@ -174,6 +176,8 @@ impl Message {
             Message::Progress(_) => "progress",
             Message::Error { .. } => "error",
             Message::Ping { .. } => "ping",
+            Message::PointRequest { .. } => "point request",
+            Message::Point { .. } => "point",
         }
     }
 }
@@ -340,6 +344,14 @@ impl TryFrom<wire::Frame> for Message {
                 message: e.message.chars().take(1024).filter(|c| !c.is_control()).collect(),
             },
             Body::Ping(p) => Message::Ping { nonce: p.nonce },
+            Body::PointRequest(r) => Message::PointRequest { id: r.id, max_freeze_ms: r.max_freeze_ms },
+            Body::Point(p) => Message::Point {
+                seq: p.seq,
+                id: p.id,
+                consistency: enum_field(p.consistency, "point consistency")?,
+                freeze_ms: p.freeze_ms,
+                note: text(p.note, "note", 1024)?,
+            },
         })
     }
 }
@@ -424,6 +436,10 @@ impl From<Message> for wire::Frame {
             }),
             Message::Error { code, message } => Body::Error(wire::Error { code: code as i32, message }),
             Message::Ping { nonce } => Body::Ping(wire::Ping { nonce }),
+            Message::PointRequest { id, max_freeze_ms } => Body::PointRequest(wire::PointRequest { id, max_freeze_ms }),
+            Message::Point { seq, id, consistency, freeze_ms, note } => {
+                Body::Point(wire::Point { seq, id, consistency: consistency as i32, freeze_ms, note })
+            }
         };
         wire::Frame { body: Some(body) }
     }

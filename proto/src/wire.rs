@@ -7,7 +7,7 @@ use bytes::Bytes;
 /// One frame on the connection: exactly one body.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Frame {
-    #[prost(oneof = "frame::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    #[prost(oneof = "frame::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13")]
     pub body: Option<frame::Body>,
 }
 
@@ -37,6 +37,10 @@ pub mod frame {
         Error(super::Error),
         #[prost(message, tag = "11")]
         Ping(super::Ping),
+        #[prost(message, tag = "12")]
+        PointRequest(super::PointRequest),
+        #[prost(message, tag = "13")]
+        Point(super::Point),
     }
 }
 
@@ -225,6 +229,34 @@ pub struct Ping {
     pub nonce: u64,
 }
 
+/// Server → agent: make a consistency point now (freeze, drain, mark, thaw).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PointRequest {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// The longest the agent may keep filesystems frozen.
+    #[prost(uint32, tag = "2")]
+    pub max_freeze_ms: u32,
+}
+
+/// Agent → server, in the stream: every write the agent saw before this frame is in the stream
+/// before it. The server takes the recovery point of request `id` here.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Point {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(uint64, tag = "2")]
+    pub id: u64,
+    #[prost(enumeration = "PointConsistency", tag = "3")]
+    pub consistency: i32,
+    /// How long the filesystems were frozen (0 when none was).
+    #[prost(uint32, tag = "4")]
+    pub freeze_ms: u32,
+    /// What the agent did, for the job log (e.g. which filesystems it froze, or why none).
+    #[prost(string, tag = "5")]
+    pub note: String,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
 pub enum Compression {
@@ -245,6 +277,16 @@ pub enum MarkKind {
     /// saved on its side under `generation`. On restart, a matching generation means the saved
     /// bitmap is complete and no rescan is needed.
     CleanStop = 3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum PointConsistency {
+    Invalid = 0,
+    /// No write was seen while the point was drained: as if the power had been cut there.
+    Crash = 1,
+    /// Every filesystem on the machine's disks was frozen while the point was drained.
+    App = 2,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

@@ -41,6 +41,16 @@ pub struct Slot {
     pub kick: Arc<tokio::sync::Notify>,
     /// The live session's writer queue, for snapshots at a point of its stream.
     jobs: Mutex<Option<tokio::sync::mpsc::WeakSender<writer::Job>>>,
+    /// The live session's frames to its agent (weak, like `jobs`).
+    agent: Mutex<Option<tokio::sync::mpsc::WeakSender<rehost_proto::Message>>>,
+    /// Consistency points asked of the agent and not yet marked in its stream.
+    points: Mutex<(u64, HashMap<u64, PendingPoint>)>,
+}
+
+/// A consistency point the server asked an agent for.
+pub struct PendingPoint {
+    pub reason: String,
+    pub reply: tokio::sync::oneshot::Sender<Result<snapshot::SnapshotInfo, snapshot::SnapshotError>>,
 }
 
 impl Slot {
@@ -48,6 +58,43 @@ impl Slot {
     /// session drops its sender.
     pub fn attach_jobs(&self, jobs: &tokio::sync::mpsc::Sender<writer::Job>) {
         *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = Some(jobs.downgrade());
+    }
+
+    /// Called by a session once it can send frames to its agent.
+    pub fn attach_agent(&self, out: &tokio::sync::mpsc::Sender<rehost_proto::Message>) {
+        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(out.downgrade());
+    }
+
+    /// The live session's frames to its agent, if a session is running.
+    pub fn agent(&self) -> Option<tokio::sync::mpsc::Sender<rehost_proto::Message>> {
+        self.agent.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|w| w.upgrade())
+    }
+
+    /// Registers a point to ask the agent for; returns its id and where its snapshot will come.
+    pub fn expect_point(
+        &self,
+        reason: &str,
+    ) -> (u64, tokio::sync::oneshot::Receiver<Result<snapshot::SnapshotInfo, snapshot::SnapshotError>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut p = self.points.lock().unwrap_or_else(|p| p.into_inner());
+        p.0 += 1;
+        let id = p.0;
+        p.1.insert(id, PendingPoint { reason: reason.to_string(), reply: tx });
+        (id, rx)
+    }
+
+    /// The pending point `id`, if it is still awaited.
+    pub fn take_point(&self, id: u64) -> Option<PendingPoint> {
+        self.points.lock().unwrap_or_else(|p| p.into_inner()).1.remove(&id)
+    }
+
+    pub fn forget_point(&self, id: u64) {
+        self.take_point(id);
+    }
+
+    /// Drops every pending point (their requesters fall back at once): the session ended.
+    pub fn clear_points(&self) {
+        self.points.lock().unwrap_or_else(|p| p.into_inner()).1.clear();
     }
 
     /// The live session's writer queue, if a session is running.
@@ -81,6 +128,8 @@ impl Shared {
                     lock: Arc::new(tokio::sync::Mutex::new(())),
                     kick: Arc::new(tokio::sync::Notify::new()),
                     jobs: Mutex::new(None),
+                    agent: Mutex::new(None),
+                    points: Mutex::new((0, HashMap::new())),
                 })
             })
             .clone()

@@ -204,6 +204,7 @@ async fn round(shared: &Arc<Shared>, gc_anyway: bool) -> Result<(), SnapshotErro
                 machine.clone(),
                 Consistency::Crash,
                 SCHEDULED.into(),
+                true,
             )
             .await
             {

@@ -200,6 +200,8 @@ async fn session<R: AsyncRead + Unpin>(
 
     let (job_tx, job_rx) = mpsc::channel::<Job>(64);
     shared.slot(&machine).attach_jobs(&job_tx);
+    shared.slot(&machine).attach_agent(&out);
+    let _points = PointsGuard(shared.slot(&machine));
     let mut writer = {
         let (shared, out) = (shared.clone(), out.clone());
         let span = tracing::Span::current();
@@ -221,6 +223,14 @@ async fn session<R: AsyncRead + Unpin>(
     match writer.await.map_err(internal)? {
         Err(e) => Err(e.into()),
         Ok(()) => result,
+    }
+}
+
+/// Fails the points still awaited from this session's agent when the session ends.
+struct PointsGuard(Arc<crate::Slot>);
+impl Drop for PointsGuard {
+    fn drop(&mut self) {
+        self.0.clear_points();
     }
 }
 
@@ -318,8 +328,26 @@ async fn stream<R: AsyncRead + Unpin>(
                 shared.live.progress(machine.as_str(), &p);
             }
             Message::Ping { .. } => {}
+            Message::Point { seq, id, consistency, freeze_ms, note } => {
+                check_seq(seq)?;
+                let job = match shared.slot(machine).take_point(id) {
+                    Some(p) => {
+                        let consistency = match consistency {
+                            rehost_proto::msg::PointConsistency::App => crate::snapshot::Consistency::App,
+                            _ => crate::snapshot::Consistency::Crash,
+                        };
+                        info!(point = id, freeze_ms, %note, consistency = consistency.as_str(), "consistency point from the agent");
+                        Job::Snapshot { machine: machine.clone(), consistency, reason: p.reason, reply: Some(p.reply), seq: Some(seq) }
+                    }
+                    None => {
+                        warn!(point = id, "consistency point arrived after its request was given up");
+                        Job::Ack { seq }
+                    }
+                };
+                jobs.send(job).await.map_err(|_| internal("writer stopped"))?;
+            }
             Message::Error { code, message } => return Err(SessionError::Agent(format!("{code:?}: {message}"))),
-            m @ (Message::Hello(_) | Message::Welcome(_) | Message::IndexChunk { .. } | Message::Ack { .. }) => {
+            m @ (Message::Hello(_) | Message::Welcome(_) | Message::IndexChunk { .. } | Message::Ack { .. } | Message::PointRequest { .. }) => {
                 return Err(SessionError::Protocol(format!("unexpected {} from an agent", m.kind())))
             }
         }

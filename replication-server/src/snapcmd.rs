@@ -28,6 +28,11 @@ pub enum SnapshotCmd {
         /// Wait until the snapshot is complete and print it.
         #[arg(long)]
         wait: bool,
+        /// Take the point where the replication stream stands, without asking the agent to
+        /// freeze and drain first (crash-consistent at best; by default a connected agent makes
+        /// the point: app-consistent where it can freeze the filesystems).
+        #[arg(long)]
+        stream_point: bool,
         #[arg(long)]
         json: bool,
     },
@@ -145,11 +150,12 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
         SnapshotCmd::Create {
             machine,
             wait,
+            stream_point,
             json,
         } => {
             let v: serde_json::Value = client()?.post_long(
                 &format!("/v1/machines/{machine}/snapshots"),
-                &serde_json::json!({ "wait": wait }),
+                &serde_json::json!({ "wait": wait, "stream_point": stream_point }),
             )?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&v)?);

@@ -31,7 +31,11 @@ pub enum Job {
         consistency: crate::snapshot::Consistency,
         reason: String,
         reply: Option<tokio::sync::oneshot::Sender<Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError>>>,
+        /// The agent's `Point` frame this snapshot answers, acknowledged once it is taken.
+        seq: Option<u64>,
     },
+    /// A sequenced frame with nothing to write (a point nobody waits for any more).
+    Ack { seq: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,9 +157,15 @@ impl Writer {
                 }
                 (seq, 0)
             }
-            Job::Snapshot { machine, consistency, reason, reply } => {
-                return self.snapshot(&machine, consistency, &reason, reply);
+            Job::Snapshot { machine, consistency, reason, reply, seq } => {
+                self.snapshot(&machine, consistency, &reason, reply)?;
+                if let Some(seq) = seq {
+                    self.pending_seq = Some(seq);
+                    self.commit()?;
+                }
+                return Ok(());
             }
+            Job::Ack { seq } => (seq, 0),
         };
         if self.pending_seq.is_none() {
             self.pending_since = Instant::now();

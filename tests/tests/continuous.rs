@@ -242,3 +242,86 @@ fn crash_restart_rescans_and_the_replica_converges() {
     std::thread::sleep(Duration::from_secs(1));
     converge(&mut fs, &mut writer, &server, dir.path());
 }
+
+fn cli_ok(server: &Server, args: &[&str]) -> String {
+    let out = server.cli(args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_consistency_point_while_the_writer_runs_is_a_clean_filesystem_with_every_fsynced_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_cleanup, fs, server, mut agent)) = setup(dir.path()) else { return };
+    let mut writer = Writer::start(&fs.mnt);
+    agent.run(&[]);
+    wait_continuous(&agent);
+    let mut freezes = Vec::new();
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(700));
+        // Everything the writer fsynced before the request must be in the point.
+        let before = writer.done.lock().unwrap().clone();
+        let snap: serde_json::Value =
+            serde_json::from_str(&cli_ok(&server, &["snapshot", "create", "loop-host", "--wait", "--json"])).unwrap();
+        assert_eq!(snap["consistency"], "app", "a mounted ext4 is frozen for the point: {snap}");
+        let point = wait_until("the agent to report its point", LIMIT, || {
+            let p = agent.status()["last_point"].clone();
+            (p["consistency"] == "app" && p["at"].as_i64().is_some()).then_some(p)
+        });
+        freezes.push(point["freeze_ms"].as_u64().unwrap());
+        let id = snap["id"].to_string();
+        let img = dir.path().join(format!("point-{round}.img"));
+        cli_ok(
+            &server,
+            &["snapshot", "export", "loop-host", &id, "--disk", &fs.dev.display().to_string(), "--output", &img.display().to_string()],
+        );
+        run_ok(Command::new("e2fsck").arg("-fn").arg(&img));
+        for (p, h) in before.iter().rev().take(25) {
+            let rel = p.strip_prefix(&fs.mnt).unwrap();
+            let out = run_ok(Command::new("debugfs").args(["-R", &format!("cat /{}", rel.display())]).arg(&img));
+            assert_eq!(blake3::hash(&out.stdout).to_hex().to_string(), *h, "{} is not in point {round}", rel.display());
+        }
+        std::fs::remove_file(&img).unwrap();
+    }
+    eprintln!("freeze windows: {freezes:?} ms");
+    assert!(freezes.iter().all(|f| *f < 2000), "freezes stay under the cap: {freezes:?}");
+    writer.stop();
+}
+
+#[test]
+fn a_killed_agent_leaves_no_frozen_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_cleanup, fs, server, mut agent)) = setup(dir.path()) else { return };
+    // A slow link, so draining under the freeze takes long enough to kill the agent meanwhile.
+    agent.run(&["--max-mbps", "1"]);
+    wait_continuous(&agent);
+    std::fs::write(fs.mnt.join("big"), random_bytes(5, 24 << 20)).unwrap();
+    let pid = agent.pid().unwrap();
+    let mut create = std::process::Command::new(bin("rehost-server"))
+        .args(["--data-dir".as_ref(), server.data.as_os_str()])
+        .args(["--admin", &server.admin, "snapshot", "create", "loop-host", "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The thaw guard runs exactly while filesystems are frozen.
+    let guard = wait_until("the agent to freeze the filesystem", LIMIT, || {
+        let out = Command::new("pgrep").args(["-P", &pid.to_string(), "-f", "thaw-guard"]).output().ok()?;
+        let pids = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!pids.is_empty()).then_some(pids)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL), Ok(()));
+    // A write to the filesystem completes: the guard thawed it when the agent died (the cap timer
+    // died with the agent).
+    let probe = fs.mnt.join("probe");
+    let mut w = Command::new("sh").arg("-c").arg(format!("echo ok > {} && sync -f {}", probe.display(), probe.display())).spawn().unwrap();
+    let st = wait_until("a write to the formerly frozen filesystem", Duration::from_secs(10), || w.try_wait().unwrap());
+    assert!(st.success());
+    let guard = guard.lines().next().unwrap().to_string();
+    wait_until("the thaw guard to exit", Duration::from_secs(10), || {
+        (!Path::new(&format!("/proc/{guard}")).exists()).then_some(())
+    });
+    let _ = create.kill();
+    let _ = create.wait();
+}

@@ -71,6 +71,9 @@ pub struct CreateSnapshot {
     /// Answer once the snapshot is complete (with it), rather than once it is requested.
     #[serde(default)]
     pub wait: bool,
+    /// Take the point where the stream stands, without the agent's freeze and drain.
+    #[serde(default)]
+    pub stream_point: bool,
 }
 
 async fn create(
@@ -81,9 +84,10 @@ async fn create(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &h)?;
     let machine = resolve(&s, m).await?;
+    let ask_agent = !req.stream_point;
     let (s2, m2) = (s.clone(), machine.clone());
     let task = tokio::spawn(async move {
-        let r = super::request(s2, m2.clone(), Consistency::Crash, "manual".into()).await;
+        let r = super::request(s2, m2.clone(), Consistency::Crash, "manual".into(), ask_agent).await;
         if let Err(e) = &r {
             // Whoever asked may not be waiting for the answer.
             tracing::warn!(machine = %m2, error = %chain(e), "requested recovery point failed");

@@ -476,8 +476,71 @@ pub fn point_job(
         consistency,
         reason: reason.into(),
         reply: Some(tx),
+        seq: None,
     };
     (job, rx)
+}
+
+/// How long the agent gets to answer a consistency-point request before the server takes a point
+/// of the stream without its help.
+pub const POINT_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest an agent may keep the source's filesystems frozen for a point.
+pub const MAX_FREEZE_MS: u32 = 2000;
+
+/// Asks the connected agent for a consistency point (it freezes the filesystems on its disks,
+/// or waits for a quiet moment, and marks the point in its stream, where the writer takes the
+/// snapshot). `Ok(None)`: no agent is connected, or it did not answer in time (logged), and the
+/// caller takes a point of the stream instead.
+async fn agent_point(
+    _shared: &Arc<Shared>,
+    slot: &crate::Slot,
+    machine: &MachineId,
+    reason: &str,
+) -> Result<Option<SnapshotInfo>, SnapshotError> {
+    let Some(out) = slot.agent() else { return Ok(None) };
+    let (id, rx) = slot.expect_point(reason);
+    let asked = out.send(rehost_proto::Message::PointRequest { id, max_freeze_ms: MAX_FREEZE_MS }).await;
+    drop(out);
+    if asked.is_err() {
+        slot.forget_point(id);
+        return Ok(None);
+    }
+    match tokio::time::timeout(POINT_TIMEOUT, rx).await {
+        Ok(Ok(r)) => r.map(Some),
+        Ok(Err(_)) => {
+            tracing::warn!(%machine, "the agent's session ended before its consistency point; taking a point of the stream");
+            Ok(None)
+        }
+        Err(_) => {
+            slot.forget_point(id);
+            tracing::warn!(%machine, secs = POINT_TIMEOUT.as_secs(), "the agent gave no consistency point in time; taking a point of the stream");
+            Ok(None)
+        }
+    }
+}
+
+/// Whether every disk of `machine` finished its initial sync (an agent still syncing answers a
+/// point only once it is done; the stream point path reports why it cannot be taken yet).
+async fn synced(shared: &Arc<Shared>, machine: &MachineId) -> Result<bool, SnapshotError> {
+    let (s, m) = (shared.clone(), machine.clone());
+    let rows = tokio::task::spawn_blocking(move || s.catalog.machines())
+        .await
+        .map_err(|e| SnapshotError::Internal(e.to_string()))??;
+    Ok(rows.into_iter().find(|(r, _)| r.id == m.as_str()).is_some_and(|(_, d)| !d.is_empty() && d.iter().all(|d| d.sync_complete)))
+}
+
+/// Counts the chunks [`prepare`] stored ahead of the point as added by this snapshot.
+async fn add_prepared(shared: &Arc<Shared>, info: &mut SnapshotInfo, prepared: u64) {
+    if prepared == 0 {
+        return;
+    }
+    let (s, id) = (shared.clone(), info.id);
+    let add = move || s.catalog.add_snapshot_bytes(id, prepared);
+    match tokio::task::spawn_blocking(add).await {
+        Ok(Ok(())) => info.bytes_added += prepared,
+        Ok(Err(e)) => tracing::warn!(snapshot = id, error = %e, "record prepared bytes"),
+        Err(e) => tracing::warn!(snapshot = id, error = %e, "record prepared bytes"),
+    }
 }
 
 /// Takes a snapshot of `machine` now: through its live session's writer (a point in its stream,
@@ -488,6 +551,7 @@ pub async fn request(
     machine: MachineId,
     consistency: Consistency,
     reason: String,
+    ask_agent: bool,
 ) -> Result<SnapshotInfo, SnapshotError> {
     let slot = shared.slot(&machine);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -506,6 +570,15 @@ pub async fn request(
             Err(e) => tracing::warn!(%machine, error = %e, "preparing snapshot data failed"),
         }
     }
+    let from_agent = if ask_agent && synced(&shared, &machine).await? {
+        agent_point(&shared, &slot, &machine, &reason).await?
+    } else {
+        None
+    };
+    if let Some(mut info) = from_agent {
+        add_prepared(&shared, &mut info, prepared).await;
+        return Ok(info);
+    }
     loop {
         if let Some(jobs) = slot.jobs() {
             let (job, rx) = point_job(&machine, consistency, &reason);
@@ -513,17 +586,7 @@ pub async fn request(
                 drop(jobs);
                 match rx.await {
                     Ok(Ok(mut info)) if prepared > 0 => {
-                        let (s, id) = (shared.clone(), info.id);
-                        let add = move || s.catalog.add_snapshot_bytes(id, prepared);
-                        match tokio::task::spawn_blocking(add).await {
-                            Ok(Ok(())) => info.bytes_added += prepared,
-                            Ok(Err(e)) => {
-                                tracing::warn!(snapshot = id, error = %e, "record prepared bytes")
-                            }
-                            Err(e) => {
-                                tracing::warn!(snapshot = id, error = %e, "record prepared bytes")
-                            }
-                        }
+                        add_prepared(&shared, &mut info, prepared).await;
                         return Ok(info);
                     }
                     Ok(r) => return r,
