@@ -95,24 +95,37 @@ pub struct Conn {
     inbound: Option<JoinHandle<Result<(), ConnError>>>,
     outbound: JoinHandle<()>,
     seq: u64,
-    throttle: Option<Throttle>,
+    throttle: Throttle,
 }
 
-/// A token bucket over block payload bytes.
+/// A token bucket over block payload bytes. The rate is the server's setting when it sets one,
+/// else the agent's own `--max-mbps`; none means unlimited.
 struct Throttle {
-    bytes_per_sec: f64,
+    local_mbps: Option<u64>,
+    server_mbps: watch::Receiver<u64>,
     next: tokio::time::Instant,
 }
 
 impl Throttle {
+    fn mbps(&self) -> Option<u64> {
+        let server = *self.server_mbps.borrow();
+        if server > 0 {
+            Some(server)
+        } else {
+            self.local_mbps.filter(|m| *m > 0)
+        }
+    }
+
     async fn take(&mut self, bytes: usize) {
+        let Some(mbps) = self.mbps() else { return };
+        let bytes_per_sec = mbps as f64 * 1_000_000.0 / 8.0;
         let now = tokio::time::Instant::now();
         // Allow at most a quarter second of burst after an idle period.
         let floor = now - Duration::from_millis(250);
         if self.next < floor {
             self.next = floor;
         }
-        self.next += Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+        self.next += Duration::from_secs_f64(bytes as f64 / bytes_per_sec);
         if self.next > now {
             tokio::time::sleep_until(self.next).await;
         }
@@ -127,17 +140,20 @@ impl Conn {
         let (ack_tx, ack_rx) = watch::channel(0u64);
         let (idx_tx, idx_rx) = mpsc::channel(4);
         let (pt_tx, pt_rx) = mpsc::channel(16);
-        let inbound = tokio::spawn(inbound(BufReader::new(rd), ack_tx, idx_tx, pt_tx));
+        let (set_tx, set_rx) = watch::channel(0u64);
+        let inbound = tokio::spawn(inbound(BufReader::new(rd), ack_tx, idx_tx, pt_tx, set_tx));
         let outbound = tokio::spawn(outbound(wr, out_rx));
-        let throttle = max_mbps.filter(|m| *m > 0).map(|m| Throttle {
-            bytes_per_sec: m as f64 * 1_000_000.0 / 8.0,
-            next: tokio::time::Instant::now(),
-        });
+        let throttle = Throttle { local_mbps: max_mbps, server_mbps: set_rx, next: tokio::time::Instant::now() };
         Self { out: out_tx, acked: ack_rx, index: idx_rx, points: pt_rx, inbound: Some(inbound), outbound, seq: 0, throttle }
     }
 
     pub fn sender(&self) -> mpsc::Sender<Message> {
         self.out.clone()
+    }
+
+    /// The bandwidth cap in force (Mbps), if any.
+    pub fn max_mbps(&self) -> Option<u64> {
+        self.throttle.mbps()
     }
 
     /// The consistency points the server asks for, as (id, longest freeze in ms). Taken once.
@@ -174,8 +190,8 @@ impl Conn {
             return Err(self.failure().await);
         }
         let m = make(seq);
-        if let (Some(t), Message::Block(b)) = (self.throttle.as_mut(), &m) {
-            t.take(b.payload.len()).await;
+        if let Message::Block(b) = &m {
+            self.throttle.take(b.payload.len()).await;
         }
         self.send(m).await?;
         Ok(seq)
@@ -246,6 +262,7 @@ async fn inbound<R: AsyncRead + Unpin>(
     acked: watch::Sender<u64>,
     index: mpsc::Sender<IndexChunk>,
     points: mpsc::Sender<(u64, u32)>,
+    settings: watch::Sender<u64>,
 ) -> Result<(), ConnError> {
     loop {
         match read_message(&mut rd).await? {
@@ -266,6 +283,12 @@ async fn inbound<R: AsyncRead + Unpin>(
             }
             Some(Message::Error { code, message }) => return Err(ConnError::Refused { code, message }),
             Some(Message::Ping { .. }) => {}
+            Some(Message::Settings { max_mbps }) => {
+                if *settings.borrow() != max_mbps {
+                    tracing::info!(max_mbps, "bandwidth cap set by the server (0: none)");
+                }
+                let _ = settings.send(max_mbps);
+            }
             Some(Message::PointRequest { id, max_freeze_ms }) => {
                 // A full queue means points are already pending; the server times this one out.
                 let _ = points.try_send((id, max_freeze_ms));

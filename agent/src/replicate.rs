@@ -586,6 +586,8 @@ async fn continuous(
                     }
                 }
             }
+            let cap = conn.max_mbps();
+            agent.status().max_mbps = cap;
             let backlog = t.dirty_count() * u64::from(g.block_size);
             let lag = agent.lag_ms(g.disk_id.0).map(Duration::from_millis).unwrap_or_default();
             agent.disk_status(g.disk_id.0, |s| {

@@ -119,6 +119,9 @@ pub struct Status {
     pub last_error: Option<String>,
     pub updated_at: i64,
     pub disks: Vec<DiskStatus>,
+    /// The bandwidth cap in force (Mbps): the server's setting, else `--max-mbps`; null: none.
+    #[serde(default)]
+    pub max_mbps: Option<u64>,
     /// The last consistency point this agent marked.
     #[serde(default)]
     pub last_point: Option<PointReport>,

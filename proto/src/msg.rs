@@ -159,6 +159,8 @@ pub enum Message {
     Ping { nonce: u64 },
     PointRequest { id: u64, max_freeze_ms: u32 },
     Point { seq: u64, id: u64, consistency: PointConsistency, freeze_ms: u32, note: String },
+    /// `max_mbps` 0: no server-side cap.
+    Settings { max_mbps: u64 },
 }
 
 impl Message {
@@ -178,6 +180,7 @@ impl Message {
             Message::Ping { .. } => "ping",
             Message::PointRequest { .. } => "point request",
             Message::Point { .. } => "point",
+            Message::Settings { .. } => "settings",
         }
     }
 }
@@ -344,6 +347,7 @@ impl TryFrom<wire::Frame> for Message {
                 message: e.message.chars().take(1024).filter(|c| !c.is_control()).collect(),
             },
             Body::Ping(p) => Message::Ping { nonce: p.nonce },
+            Body::Settings(x) => Message::Settings { max_mbps: x.max_mbps },
             Body::PointRequest(r) => Message::PointRequest { id: r.id, max_freeze_ms: r.max_freeze_ms },
             Body::Point(p) => Message::Point {
                 seq: p.seq,
@@ -436,6 +440,7 @@ impl From<Message> for wire::Frame {
             }),
             Message::Error { code, message } => Body::Error(wire::Error { code: code as i32, message }),
             Message::Ping { nonce } => Body::Ping(wire::Ping { nonce }),
+            Message::Settings { max_mbps } => Body::Settings(wire::Settings { max_mbps }),
             Message::PointRequest { id, max_freeze_ms } => Body::PointRequest(wire::PointRequest { id, max_freeze_ms }),
             Message::Point { seq, id, consistency, freeze_ms, note } => {
                 Body::Point(wire::Point { seq, id, consistency: consistency as i32, freeze_ms, note })

@@ -7,7 +7,7 @@ use bytes::Bytes;
 /// One frame on the connection: exactly one body.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Frame {
-    #[prost(oneof = "frame::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13")]
+    #[prost(oneof = "frame::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
     pub body: Option<frame::Body>,
 }
 
@@ -41,6 +41,8 @@ pub mod frame {
         PointRequest(super::PointRequest),
         #[prost(message, tag = "13")]
         Point(super::Point),
+        #[prost(message, tag = "14")]
+        Settings(super::Settings),
     }
 }
 
@@ -227,6 +229,15 @@ pub struct Error {
 pub struct Ping {
     #[prost(uint64, tag = "1")]
     pub nonce: u64,
+}
+
+/// Server → agent, after `Welcome` and whenever the operator changes them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Settings {
+    /// Bandwidth cap for block payloads in megabits per second; 0: none set on the server (the
+    /// agent's own `--max-mbps`, if any, applies).
+    #[prost(uint64, tag = "1")]
+    pub max_mbps: u64,
 }
 
 /// Server → agent: make a consistency point now (freeze, drain, mark, thaw).

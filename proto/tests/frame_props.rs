@@ -4,7 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use rehost_proto::frame::{decode, encode, split_frame};
-use rehost_proto::msg::{Auth, Block, Compression, DiskInfo, Hello, MarkKind};
+use rehost_proto::msg::{Auth, Block, Compression, DiskInfo, Hello, MarkKind, PointConsistency};
 use rehost_proto::{DiskId, FrameError, MachineId, Message, MAX_FRAME};
 
 fn arb_message() -> impl Strategy<Value = Message> {
@@ -42,6 +42,17 @@ fn arb_message() -> impl Strategy<Value = Message> {
             generation
         }),
         any::<u64>().prop_map(|seq| Message::Ack { seq }),
+        any::<u64>().prop_map(|max_mbps| Message::Settings { max_mbps }),
+        (any::<u64>(), any::<u32>()).prop_map(|(id, max_freeze_ms)| Message::PointRequest { id, max_freeze_ms }),
+        (any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>(), "[a-z0-9 /()-]{0,60}").prop_map(|(seq, id, app, freeze_ms, note)| {
+            Message::Point {
+                seq,
+                id,
+                consistency: if app { PointConsistency::App } else { PointConsistency::Crash },
+                freeze_ms,
+                note,
+            }
+        }),
         ("[a-z0-9.-]{1,40}", any::<[u8; 8]>(), any::<[u8; 24]>(), any::<[u8; 32]>(), 1u64..)
             .prop_map(|(hostname, token_id, token_secret, source_id, size)| Message::Hello(Hello {
                 min_version: 1,

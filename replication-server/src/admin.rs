@@ -48,6 +48,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/health", get(|| async { Json(serde_json::json!({ "ok": true })) }))
         .route("/v1/machines", get(machines))
         .route("/v1/machines/{id}/revoke", post(revoke_machine))
+        .route("/v1/machines/{id}/throttle", post(throttle_machine))
         .route("/v1/tokens", get(tokens).post(create_token))
         .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/metrics", get(metrics))
@@ -176,6 +177,36 @@ async fn revoke_machine(
         s.slot(&mid).kick.notify_waiters();
     }
     Ok(Json(serde_json::json!({ "revoked": id })))
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct Throttle {
+    /// Megabits per second; null or 0 removes the cap.
+    pub max_mbps: Option<u64>,
+}
+
+/// Sets a machine's bandwidth cap; a connected agent applies it at once.
+async fn throttle_machine(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(req): Json<Throttle>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &h)?;
+    let cap = req.max_mbps.filter(|m| *m > 0);
+    let s2 = s.clone();
+    let id = blocking(move || {
+        let id = s2.catalog.resolve_machine(&name).map_err(internal)?.map_err(|m| ApiError(StatusCode::NOT_FOUND, m))?;
+        s2.catalog.set_max_mbps(id.as_str(), cap).map_err(internal)?;
+        Ok(id)
+    })
+    .await?;
+    let applied = match s.slot(&id).agent() {
+        Some(out) => out.send(rehost_proto::Message::Settings { max_mbps: cap.unwrap_or(0) }).await.is_ok(),
+        None => false,
+    };
+    tracing::info!(machine = %id, max_mbps = ?cap, applied, "bandwidth cap set");
+    Ok(Json(serde_json::json!({ "machine_id": id.as_str(), "max_mbps": cap, "applied_now": applied })))
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]

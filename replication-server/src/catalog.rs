@@ -17,7 +17,7 @@ pub enum CatalogError {
     Schema(i64),
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE tokens (
@@ -52,6 +52,9 @@ CREATE TABLE disks (
     UNIQUE (machine_id, device)
 );
 ";
+
+/// Version 3: the bandwidth cap the operator set for a machine's agent.
+const MIGRATE_3: &str = "ALTER TABLE machines ADD COLUMN max_mbps INTEGER;";
 
 /// Version 2: recovery points (see `snapshot`) and retention policies.
 const MIGRATE_2: &str = "
@@ -142,10 +145,11 @@ impl Catalog {
         match version {
             0 => {
                 conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} {MIGRATE_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN; {SCHEMA} {MIGRATE_2} {MIGRATE_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
-            1 => conn.execute_batch(&format!("BEGIN; {MIGRATE_2} PRAGMA user_version = 2; COMMIT;"))?,
+            1 => conn.execute_batch(&format!("BEGIN; {MIGRATE_2} {MIGRATE_3} PRAGMA user_version = 3; COMMIT;"))?,
+            2 => conn.execute_batch(&format!("BEGIN; {MIGRATE_3} PRAGMA user_version = 3; COMMIT;"))?,
             SCHEMA_VERSION => {}
             v => return Err(CatalogError::Schema(v)),
         }
@@ -275,6 +279,19 @@ impl Catalog {
         self.with(|c| {
             c.execute("UPDATE machines SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1", params![id, now()])
                 .map(|n| n > 0)
+        })
+    }
+
+    /// Sets (or, with `None`, removes) the bandwidth cap of a machine's agent.
+    pub fn set_max_mbps(&self, id: &str, mbps: Option<u64>) -> Result<bool, CatalogError> {
+        self.with(|c| c.execute("UPDATE machines SET max_mbps = ?2 WHERE id = ?1", params![id, mbps.map(|m| m as i64)]).map(|n| n > 0))
+    }
+
+    pub fn max_mbps(&self, id: &str) -> Result<Option<u64>, CatalogError> {
+        self.with(|c| {
+            c.query_row("SELECT max_mbps FROM machines WHERE id = ?1", [id], |r| r.get::<_, Option<i64>>(0))
+                .optional()
+                .map(|v| v.flatten().map(|m| m as u64))
         })
     }
 

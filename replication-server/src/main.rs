@@ -98,6 +98,15 @@ enum TokenCmd {
 enum MachineCmd {
     /// Revoke a machine's credential: its agent is disconnected and refused from now on.
     Revoke { machine_id: String },
+    /// Cap the bandwidth a machine's agent uses for replication; a connected agent applies it at
+    /// once, and it stays in force across reconnects until changed. 0 removes the cap.
+    Throttle {
+        /// Machine id or hostname.
+        machine: String,
+        /// Megabits per second (0: no cap).
+        #[arg(long)]
+        mbps: u64,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -200,6 +209,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Token(TokenCmd::Revoke { id }) => {
             let _: serde_json::Value = client()?.post(&format!("/v1/tokens/{id}/revoke"), &serde_json::json!({}))?;
             println!("token {id} revoked");
+            Ok(())
+        }
+        Cmd::Machine(MachineCmd::Throttle { machine, mbps }) => {
+            let v: serde_json::Value =
+                client()?.post(&format!("/v1/machines/{machine}/throttle"), &serde_json::json!({ "max_mbps": mbps }))?;
+            let now = if v["applied_now"] == true { "applied now" } else { "applies when its agent connects" };
+            match v["max_mbps"].as_u64() {
+                Some(m) => println!("{}: bandwidth capped at {m} Mbit/s ({now})", v["machine_id"].as_str().unwrap_or("?")),
+                None => println!("{}: no bandwidth cap ({now})", v["machine_id"].as_str().unwrap_or("?")),
+            }
             Ok(())
         }
         Cmd::Machine(MachineCmd::Revoke { machine_id }) => {

@@ -195,6 +195,11 @@ async fn session<R: AsyncRead + Unpin>(
     }))
     .await
     .map_err(internal)?;
+    let cap = {
+        let (s, m) = (shared.clone(), machine.clone());
+        blocking(move || s.catalog.max_mbps(m.as_str()).map_err(internal)).await?
+    };
+    out.send(Message::Settings { max_mbps: cap.unwrap_or(0) }).await.map_err(internal)?;
     shared.live.connected(machine.as_str(), peer.to_string(), hello.agent_version.clone());
     let _live = LiveGuard(shared.clone(), machine.clone());
 
@@ -347,7 +352,7 @@ async fn stream<R: AsyncRead + Unpin>(
                 jobs.send(job).await.map_err(|_| internal("writer stopped"))?;
             }
             Message::Error { code, message } => return Err(SessionError::Agent(format!("{code:?}: {message}"))),
-            m @ (Message::Hello(_) | Message::Welcome(_) | Message::IndexChunk { .. } | Message::Ack { .. } | Message::PointRequest { .. }) => {
+            m @ (Message::Hello(_) | Message::Welcome(_) | Message::IndexChunk { .. } | Message::Ack { .. } | Message::PointRequest { .. } | Message::Settings { .. }) => {
                 return Err(SessionError::Protocol(format!("unexpected {} from an agent", m.kind())))
             }
         }
