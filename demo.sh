@@ -10,10 +10,7 @@ ADMIN_PORT=${REHOST_DEMO_ADMIN_PORT:-1501}
 
 step() { printf '\n== %s\n' "$*"; }
 
-if ! command -v mkfs.ext4 >/dev/null || ! command -v debugfs >/dev/null; then
-  step "installing e2fsprogs"
-  apt-get update -qq && apt-get install -y -qq e2fsprogs >/dev/null
-fi
+scripts/install-deps.sh
 
 step "building rehost (release)"
 cargo build --release --workspace --bins
@@ -75,5 +72,26 @@ if [ "$SRC_SUM" = "$DST_SUM" ]; then
   echo "OK: the replica's blake3 equals the source's"
 else
   echo "FAILED: the replica differs from the source" >&2
+  exit 1
+fi
+
+step "taking a recovery point while replication goes on, and exporting it"
+printf 'changed after the initial sync\n' > "$W/files/etc/motd"
+debugfs -w -R "write $W/files/etc/motd /etc/motd" "$W/source.img" >/dev/null 2>&1
+POINT_SUM=$("$BIN/rehost-agent" checksum "$W/source.img" | cut -d' ' -f1)
+"${SERVER[@]}" snapshot create demo-host --wait
+"${SERVER[@]}" snapshots demo-host
+"${SERVER[@]}" snapshot export demo-host latest --output "$W/point.img"
+EXPORT_SUM=$("$BIN/rehost-agent" checksum "$W/point.img" | cut -d' ' -f1)
+echo "source at the point blake3 $POINT_SUM"
+echo "exported point      blake3 $EXPORT_SUM"
+e2fsck -fn "$W/point.img" >/dev/null && echo "exported filesystem: e2fsck clean"
+debugfs -R 'cat /etc/motd' "$W/point.img" 2>/dev/null | sed 's/^/exported \/etc\/motd: /'
+"${SERVER[@]}" snapshot verify demo-host latest
+"$BIN/rehost-converter" inspect "$W/point.img" || echo "(inspect: this demo image holds files, not an OS: the converter says what a bootable disk would need)"
+if [ "$POINT_SUM" = "$EXPORT_SUM" ]; then
+  echo "OK: the recovery point is byte-identical to the source at that point"
+else
+  echo "FAILED: the exported recovery point differs from the source" >&2
   exit 1
 fi

@@ -5,17 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-need=()
-command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
-command -v debugfs >/dev/null || need+=(e2fsprogs)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "test.sh: installing ${need[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    echo "test.sh: missing ${need[*]} (run as root to install them)" >&2
-  fi
-fi
+scripts/install-deps.sh
 
 # The end-to-end tests start the real binaries, which `cargo test` alone does not build; building
 # every target builds them with the features the tests enable (failpoints in rehost-server).

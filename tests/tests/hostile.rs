@@ -63,7 +63,7 @@ fn attack(server: &Server, c: &Creds, raw: Vec<u8>) -> (ErrorCode, String) {
             loop {
                 match read_message(&mut tls).await {
                     Ok(Some(Message::Error { code, message })) => return (code, message),
-                    Ok(Some(Message::Ack { .. })) => continue,
+                    Ok(Some(Message::Ack { .. } | Message::Settings { .. } | Message::Ping { .. })) => continue,
                     other => panic!("expected an error frame, got {other:?}"),
                 }
             }
