@@ -82,7 +82,7 @@ fn measure(dir: &Path, rate_mb: u64, secs: u64) -> Run {
     std::fs::write(&load, random_bytes(1, 256 << 20)).unwrap();
     let probe_path = mnt.join("probe.bin");
     std::fs::write(&probe_path, vec![0u8; 64 * 4096]).unwrap();
-    run_ok(Command::new("sync"));
+    run_ok(&mut Command::new("sync"));
     let probe_phys = physical_offset(&probe_path, 64 * 4096);
 
     let server = Server::start(dir);
