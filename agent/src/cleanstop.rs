@@ -64,16 +64,33 @@ pub fn decode(b: &[u8]) -> Result<Saved, &'static str> {
         return Err("unknown version");
     }
     let block_size = u32::from_le_bytes(body[12..16].try_into().expect("4 bytes"));
-    let (disk_id, generation, size, nwords) = (u64_at(body, 16), u64_at(body, 24), u64_at(body, 32), u64_at(body, 40));
-    if !(rehost_proto::MIN_BLOCK_SIZE..=rehost_proto::MAX_BLOCK_SIZE).contains(&block_size) || generation == 0 {
+    let (disk_id, generation, size, nwords) = (
+        u64_at(body, 16),
+        u64_at(body, 24),
+        u64_at(body, 32),
+        u64_at(body, 40),
+    );
+    if !(rehost_proto::MIN_BLOCK_SIZE..=rehost_proto::MAX_BLOCK_SIZE).contains(&block_size)
+        || generation == 0
+    {
         return Err("bad header");
     }
     if nwords > MAX_WORDS || body.len() - HEADER != nwords as usize * 8 {
         return Err("bad length");
     }
-    let words = body[HEADER..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-    let dirty = DirtySet::from_words(size, block_size, words).ok_or("bitmap does not fit the disk size")?;
-    Ok(Saved { disk_id, generation, size, block_size, dirty })
+    let words = body[HEADER..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    let dirty =
+        DirtySet::from_words(size, block_size, words).ok_or("bitmap does not fit the disk size")?;
+    Ok(Saved {
+        disk_id,
+        generation,
+        size,
+        block_size,
+        dirty,
+    })
 }
 
 pub fn save(dir: &Path, s: &Saved) -> io::Result<()> {
@@ -91,7 +108,9 @@ pub fn take(dir: &Path, disk_id: u64) -> io::Result<Option<Result<Saved, String>
     };
     std::fs::remove_file(&p)?;
     std::fs::File::open(dir)?.sync_all()?;
-    Ok(Some(decode(&raw).map_err(|e| format!("{} is unusable: {e}", p.display()))))
+    Ok(Some(
+        decode(&raw).map_err(|e| format!("{} is unusable: {e}", p.display())),
+    ))
 }
 
 #[cfg(test)]
@@ -103,7 +122,13 @@ mod tests {
         let mut dirty = DirtySet::new(5 << 20, 65536);
         dirty.mark_bytes(0, 1);
         dirty.mark_bytes(3 << 20, 200_000);
-        Saved { disk_id: 3, generation: 0xfeed, size: 5 << 20, block_size: 65536, dirty }
+        Saved {
+            disk_id: 3,
+            generation: 0xfeed,
+            size: 5 << 20,
+            block_size: 65536,
+            dirty,
+        }
     }
 
     #[test]

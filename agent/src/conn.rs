@@ -42,7 +42,10 @@ impl ConnError {
         matches!(
             self,
             ConnError::Refused {
-                code: ErrorCode::Unauthorized | ErrorCode::Revoked | ErrorCode::Forbidden | ErrorCode::Version,
+                code: ErrorCode::Unauthorized
+                    | ErrorCode::Revoked
+                    | ErrorCode::Forbidden
+                    | ErrorCode::Version,
                 ..
             }
         )
@@ -59,10 +62,13 @@ pub async fn connect(server: &str, pin: [u8; 32]) -> Result<Tls, ConnError> {
         .map_err(|e| ConnError::Connect(server.into(), e))?;
     let _ = tcp.set_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(crate::tls::client_config(pin));
-    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(crate::tls::server_name(), tcp))
-        .await
-        .map_err(|_| ConnError::Timeout(format!("TLS handshake with {server}")))?
-        .map_err(|e| ConnError::Tls(server.into(), e))
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        connector.connect(crate::tls::server_name(), tcp),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout(format!("TLS handshake with {server}")))?
+    .map_err(|e| ConnError::Tls(server.into(), e))
 }
 
 /// Sends `hello`, returns the server's `Welcome` (or its refusal).
@@ -74,7 +80,10 @@ pub async fn handshake(tls: &mut Tls, hello: Hello) -> Result<Welcome, ConnError
     match reply {
         Some(Message::Welcome(w)) => Ok(w),
         Some(Message::Error { code, message }) => Err(ConnError::Refused { code, message }),
-        Some(m) => Err(ConnError::Protocol(format!("expected welcome, got {}", m.kind()))),
+        Some(m) => Err(ConnError::Protocol(format!(
+            "expected welcome, got {}",
+            m.kind()
+        ))),
         None => Err(ConnError::Closed),
     }
 }
@@ -143,8 +152,21 @@ impl Conn {
         let (set_tx, set_rx) = watch::channel(0u64);
         let inbound = tokio::spawn(inbound(BufReader::new(rd), ack_tx, idx_tx, pt_tx, set_tx));
         let outbound = tokio::spawn(outbound(wr, out_rx));
-        let throttle = Throttle { local_mbps: max_mbps, server_mbps: set_rx, next: tokio::time::Instant::now() };
-        Self { out: out_tx, acked: ack_rx, index: idx_rx, points: pt_rx, inbound: Some(inbound), outbound, seq: 0, throttle }
+        let throttle = Throttle {
+            local_mbps: max_mbps,
+            server_mbps: set_rx,
+            next: tokio::time::Instant::now(),
+        };
+        Self {
+            out: out_tx,
+            acked: ack_rx,
+            index: idx_rx,
+            points: pt_rx,
+            inbound: Some(inbound),
+            outbound,
+            seq: 0,
+            throttle,
+        }
     }
 
     pub fn sender(&self) -> mpsc::Sender<Message> {
@@ -173,7 +195,9 @@ impl Conn {
     /// The reason the connection ended (after a send or wait failed).
     /// Cancel safe: the inbound task is only given up once it has finished.
     pub async fn failure(&mut self) -> ConnError {
-        let Some(h) = self.inbound.as_mut() else { return ConnError::Closed };
+        let Some(h) = self.inbound.as_mut() else {
+            return ConnError::Closed;
+        };
         let r = h.await;
         self.inbound = None;
         match r {
@@ -212,13 +236,29 @@ impl Conn {
         Ok(())
     }
 
-    pub async fn index(&mut self, disk_id: DiskId, start_block: u64, count: u32) -> Result<Vec<Hash>, ConnError> {
-        self.send(Message::IndexRequest { disk_id, start_block, count }).await?;
+    pub async fn index(
+        &mut self,
+        disk_id: DiskId,
+        start_block: u64,
+        count: u32,
+    ) -> Result<Vec<Hash>, ConnError> {
+        self.send(Message::IndexRequest {
+            disk_id,
+            start_block,
+            count,
+        })
+        .await?;
         match self.index.recv().await {
-            Some(c) if c.disk_id == disk_id && c.start_block == start_block && c.hashes.len() == count as usize => {
+            Some(c)
+                if c.disk_id == disk_id
+                    && c.start_block == start_block
+                    && c.hashes.len() == count as usize =>
+            {
                 Ok(c.hashes)
             }
-            Some(_) => Err(ConnError::Protocol("index chunk does not answer the request".into())),
+            Some(_) => Err(ConnError::Protocol(
+                "index chunk does not answer the request".into(),
+            )),
             None => Err(self.failure().await),
         }
     }
@@ -276,12 +316,26 @@ async fn inbound<R: AsyncRead + Unpin>(
                     newer
                 });
             }
-            Some(Message::IndexChunk { disk_id, start_block, hashes }) => {
-                if index.send(IndexChunk { disk_id, start_block, hashes }).await.is_err() {
+            Some(Message::IndexChunk {
+                disk_id,
+                start_block,
+                hashes,
+            }) => {
+                if index
+                    .send(IndexChunk {
+                        disk_id,
+                        start_block,
+                        hashes,
+                    })
+                    .await
+                    .is_err()
+                {
                     return Err(ConnError::Closed);
                 }
             }
-            Some(Message::Error { code, message }) => return Err(ConnError::Refused { code, message }),
+            Some(Message::Error { code, message }) => {
+                return Err(ConnError::Refused { code, message })
+            }
             Some(Message::Ping { .. }) => {}
             Some(Message::Settings { max_mbps }) => {
                 if *settings.borrow() != max_mbps {
@@ -293,7 +347,12 @@ async fn inbound<R: AsyncRead + Unpin>(
                 // A full queue means points are already pending; the server times this one out.
                 let _ = points.try_send((id, max_freeze_ms));
             }
-            Some(m) => return Err(ConnError::Protocol(format!("unexpected {} from the server", m.kind()))),
+            Some(m) => {
+                return Err(ConnError::Protocol(format!(
+                    "unexpected {} from the server",
+                    m.kind()
+                )))
+            }
         }
     }
 }

@@ -35,7 +35,9 @@ nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 
 /// The size of an open block device or regular file.
 pub fn size_of(file: &File, path: &Path) -> Result<(u64, bool), DiskError> {
-    let meta = file.metadata().map_err(|e| DiskError::Size(path.into(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| DiskError::Size(path.into(), e))?;
     let ft = meta.file_type();
     if ft.is_file() {
         return Ok((meta.len(), true));
@@ -46,7 +48,8 @@ pub fn size_of(file: &File, path: &Path) -> Result<(u64, bool), DiskError> {
     let mut size = 0u64;
     use std::os::fd::AsRawFd;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a live local.
-    unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(|e| DiskError::Size(path.into(), e.into()))?;
+    unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }
+        .map_err(|e| DiskError::Size(path.into(), e.into()))?;
     Ok((size, false))
 }
 
@@ -57,13 +60,27 @@ pub fn probe(path: &Path) -> Result<Disk, DiskError> {
     if size == 0 {
         return Err(DiskError::Empty(path.into()));
     }
-    let model = if is_file { "image file".into() } else { sys_model(path.file_name().and_then(|n| n.to_str()).unwrap_or("")) };
-    Ok(Disk { path: path.into(), size_bytes: size, model, is_file, skipped: None })
+    let model = if is_file {
+        "image file".into()
+    } else {
+        sys_model(path.file_name().and_then(|n| n.to_str()).unwrap_or(""))
+    };
+    Ok(Disk {
+        path: path.into(),
+        size_bytes: size,
+        model,
+        is_file,
+        skipped: None,
+    })
 }
 
 fn sys_model(name: &str) -> String {
     let base = Path::new("/sys/block").join(name).join("device");
-    let read = |f: &str| std::fs::read_to_string(base.join(f)).map(|s| s.trim().to_string()).unwrap_or_default();
+    let read = |f: &str| {
+        std::fs::read_to_string(base.join(f))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
     let (vendor, model) = (read("vendor"), read("model"));
     match (vendor.is_empty(), model.is_empty()) {
         (true, true) => "-".into(),
@@ -85,14 +102,19 @@ fn skip_reason(name: &str) -> Option<&'static str> {
         ("nbd", "network block device"),
         ("zd", "ZFS volume"),
     ];
-    SKIP.iter().find(|(p, _)| name.starts_with(p)).map(|(_, why)| *why)
+    SKIP.iter()
+        .find(|(p, _)| name.starts_with(p))
+        .map(|(_, why)| *why)
 }
 
 /// Every whole disk in `/sys/block`, with the reason it is skipped by default where there is one.
 pub fn discover() -> Result<Vec<Disk>, DiskError> {
     let mut out = Vec::new();
     let entries = std::fs::read_dir("/sys/block").map_err(DiskError::Sysfs)?;
-    let mut names: Vec<String> = entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     for name in names {
         let path = Path::new("/dev").join(&name);
@@ -102,7 +124,10 @@ pub fn discover() -> Result<Vec<Disk>, DiskError> {
             .unwrap_or(0)
             * 512;
         let mut skipped = skip_reason(&name);
-        let size = match File::open(&path).map_err(|e| DiskError::Open(path.clone(), e)).and_then(|f| size_of(&f, &path)) {
+        let size = match File::open(&path)
+            .map_err(|e| DiskError::Open(path.clone(), e))
+            .and_then(|f| size_of(&f, &path))
+        {
             Ok((s, _)) => s,
             Err(_) => {
                 skipped = skipped.or(Some("cannot be opened"));
@@ -112,7 +137,13 @@ pub fn discover() -> Result<Vec<Disk>, DiskError> {
         if size == 0 {
             skipped = skipped.or(Some("no medium / empty"));
         }
-        out.push(Disk { path, size_bytes: size, model: sys_model(&name), is_file: false, skipped });
+        out.push(Disk {
+            path,
+            size_bytes: size,
+            model: sys_model(&name),
+            is_file: false,
+            skipped,
+        });
     }
     Ok(out)
 }

@@ -11,8 +11,8 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,7 +33,11 @@ pub enum FreezeError {
 fn dev_of(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(path).ok()?.rdev();
-    Some(format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)))
+    Some(format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    ))
 }
 
 /// The device numbers of a disk and its partitions.
@@ -59,7 +63,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -77,7 +84,9 @@ pub fn mounts_in(mountinfo: &str, devs: &BTreeSet<String>) -> Vec<(PathBuf, Stri
     let mut out = Vec::new();
     for line in mountinfo.lines() {
         let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else { continue };
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
         if f.len() < 5 || sep + 1 >= f.len() {
             continue;
         }
@@ -153,10 +162,17 @@ impl Frozen {
         if !matches!(ready, Some(Ok(true))) {
             let _ = guard.kill();
             let _ = guard.wait();
-            return Err(FreezeError::Guard(std::io::Error::other("the thaw guard did not start")));
+            return Err(FreezeError::Guard(std::io::Error::other(
+                "the thaw guard did not start",
+            )));
         }
         let thawed = Arc::new(AtomicBool::new(false));
-        let mut frozen = Frozen { mounts: Vec::new(), guard: Some(guard), thawed: thawed.clone(), started: Instant::now() };
+        let mut frozen = Frozen {
+            mounts: Vec::new(),
+            guard: Some(guard),
+            thawed: thawed.clone(),
+            started: Instant::now(),
+        };
         for m in mounts {
             if let Err(e) = ioctl_on(m, false) {
                 frozen.thaw();
@@ -172,7 +188,10 @@ impl Frozen {
                 for m in &list {
                     let _ = thaw(m);
                 }
-                tracing::warn!(cap_ms = max.as_millis() as u64, "freeze cap reached: filesystems thawed");
+                tracing::warn!(
+                    cap_ms = max.as_millis() as u64,
+                    "freeze cap reached: filesystems thawed"
+                );
             }
         });
         Ok(frozen)
@@ -224,8 +243,12 @@ pub fn guard_main(max: Duration, mounts: &[PathBuf]) -> std::io::Result<()> {
         if left.is_zero() {
             break;
         }
-        let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(&stdin), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(&stdin),
+            PollFlags::POLLIN,
+        )];
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, ms) {
             Ok(0) => continue,
             Ok(_) => {
@@ -267,6 +290,12 @@ garbage line
 ";
         let devs: BTreeSet<String> = ["7:0".to_string(), "259:1".to_string()].into();
         let m = mounts_in(info, &devs);
-        assert_eq!(m, vec![(PathBuf::from("/mnt/a b"), "ext4".into()), (PathBuf::from("/data"), "xfs".into())]);
+        assert_eq!(
+            m,
+            vec![
+                (PathBuf::from("/mnt/a b"), "ext4".into()),
+                (PathBuf::from("/data"), "xfs".into())
+            ]
+        );
     }
 }

@@ -24,7 +24,10 @@ pub struct InstallOptions {
 }
 
 pub fn system_hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A stable identity for this source that is not derived from any hardware address: the OS
@@ -40,7 +43,11 @@ pub fn source_id(hostname: &str) -> [u8; 32] {
 }
 
 fn with_port(server: &str) -> String {
-    if server.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !server.ends_with(']') {
+    if server
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !server.ends_with(']')
+    {
         server.to_string()
     } else {
         format!("{server}:{}", rehost_proto::DEFAULT_PORT)
@@ -52,7 +59,9 @@ fn select_disks(opts: &InstallOptions, out: &mut impl Write) -> anyhow::Result<V
         Some(devs) => {
             let mut v = Vec::new();
             for d in devs {
-                v.push(disks::probe(d).with_context(|| format!("cannot replicate {}", d.display()))?);
+                v.push(
+                    disks::probe(d).with_context(|| format!("cannot replicate {}", d.display()))?,
+                );
             }
             writeln!(out, "Disks named on the command line:")?;
             v
@@ -65,7 +74,13 @@ fn select_disks(opts: &InstallOptions, out: &mut impl Write) -> anyhow::Result<V
                     None => "will replicate".to_string(),
                     Some(why) => format!("skipped: {why} (name it with --devices to replicate it)"),
                 };
-                writeln!(out, "  {:<20} {:>10}  {:<24} {what}", d.path.display(), human_bytes(d.size_bytes), d.model)?;
+                writeln!(
+                    out,
+                    "  {:<20} {:>10}  {:<24} {what}",
+                    d.path.display(),
+                    human_bytes(d.size_bytes),
+                    d.model
+                )?;
             }
             all.into_iter().filter(|d| d.skipped.is_none()).collect()
         }
@@ -83,9 +98,20 @@ fn select_disks(opts: &InstallOptions, out: &mut impl Write) -> anyhow::Result<V
     let mut total = 0;
     for d in &chosen {
         total += d.size_bytes;
-        writeln!(out, "  {:<20} {:>10}  {}", d.path.display(), human_bytes(d.size_bytes), d.model)?;
+        writeln!(
+            out,
+            "  {:<20} {:>10}  {}",
+            d.path.display(),
+            human_bytes(d.size_bytes),
+            d.model
+        )?;
     }
-    writeln!(out, "  {} disk(s), {} in total", chosen.len(), human_bytes(total))?;
+    writeln!(
+        out,
+        "  {} disk(s), {} in total",
+        chosen.len(),
+        human_bytes(total)
+    )?;
     Ok(chosen)
 }
 
@@ -104,19 +130,30 @@ fn confirm(out: &mut impl Write) -> anyhow::Result<()> {
 }
 
 /// Registers this machine and saves its state. Returns the state written.
-pub async fn install(opts: &InstallOptions, out: &mut (impl Write + Send)) -> anyhow::Result<AgentState> {
+pub async fn install(
+    opts: &InstallOptions,
+    out: &mut (impl Write + Send),
+) -> anyhow::Result<AgentState> {
     let token = InstallToken::parse(&opts.token).context("read the install token")?;
     let server = with_port(&opts.server);
     writeln!(out, "rehost agent installer {}", env!("CARGO_PKG_VERSION"))?;
-    writeln!(out, "Replication server: {server} (identity pinned by the install token)")?;
+    writeln!(
+        out,
+        "Replication server: {server} (identity pinned by the install token)"
+    )?;
     let chosen = select_disks(opts, out)?;
     if !opts.no_prompt {
         confirm(out)?;
     }
     let hostname = opts.hostname.clone().unwrap_or_else(system_hostname);
-    write!(out, "Registering {hostname} with the replication server... ")?;
+    write!(
+        out,
+        "Registering {hostname} with the replication server... "
+    )?;
     out.flush()?;
-    let mut tls = crate::conn::connect(&server, token.server_pin).await.context("reach the replication server")?;
+    let mut tls = crate::conn::connect(&server, token.server_pin)
+        .await
+        .context("reach the replication server")?;
     let hello = Hello {
         min_version: rehost_proto::MIN_PROTOCOL_VERSION,
         max_version: rehost_proto::PROTOCOL_VERSION,
@@ -127,31 +164,69 @@ pub async fn install(opts: &InstallOptions, out: &mut (impl Write + Send)) -> an
             hostname: hostname.clone(),
             source_id: source_id(&hostname),
         },
-        disks: chosen.iter().map(|d| DiskInfo { device: d.path.display().to_string(), size_bytes: d.size_bytes }).collect(),
+        disks: chosen
+            .iter()
+            .map(|d| DiskInfo {
+                device: d.path.display().to_string(),
+                size_bytes: d.size_bytes,
+            })
+            .collect(),
     };
-    let welcome = crate::conn::handshake(&mut tls, hello).await.context("register with the replication server")?;
-    let secret = welcome.machine_secret.context("the server registered us but sent no machine credential")?;
+    let welcome = crate::conn::handshake(&mut tls, hello)
+        .await
+        .context("register with the replication server")?;
+    let secret = welcome
+        .machine_secret
+        .context("the server registered us but sent no machine credential")?;
     writeln!(out, "done: machine {}", welcome.machine_id)?;
-    let mut state = AgentState::new(server, &token.server_pin, welcome.machine_id.to_string(), &secret, hostname);
+    let mut state = AgentState::new(
+        server,
+        &token.server_pin,
+        welcome.machine_id.to_string(),
+        &secret,
+        hostname,
+    );
     // Disks start with no local phase: if the server already holds data for them (a reinstall),
     // the first run rescans instead of trusting it blindly.
     for g in &welcome.disks {
         if g.durable_bytes == 0 && !g.sync_complete {
             state.set_disk(Path::new(&g.device), g.disk_id.0, Phase::InitialSync);
         } else {
-            writeln!(out, "  {}: the server already holds {} of it; the agent will rescan it", g.device, human_bytes(if g.sync_complete { g.size_bytes } else { g.durable_bytes }))?;
+            writeln!(
+                out,
+                "  {}: the server already holds {} of it; the agent will rescan it",
+                g.device,
+                human_bytes(if g.sync_complete {
+                    g.size_bytes
+                } else {
+                    g.durable_bytes
+                })
+            )?;
         }
     }
     for d in &chosen {
         if state.disk(&d.path).is_none() {
-            state.disks.push(crate::state::DiskState { device: d.path.clone(), disk_id: 0, phase: Phase::InitialSync });
+            state.disks.push(crate::state::DiskState {
+                device: d.path.clone(),
+                disk_id: 0,
+                phase: Phase::InitialSync,
+            });
         }
     }
     state.save(&opts.state_dir).context("save agent state")?;
-    writeln!(out, "Agent state saved in {} (machine credential readable by root only)", opts.state_dir.display())?;
+    writeln!(
+        out,
+        "Agent state saved in {} (machine credential readable by root only)",
+        opts.state_dir.display()
+    )?;
     if opts.no_service {
         let exe = std::env::current_exe().unwrap_or_else(|_| "rehost-agent".into());
-        writeln!(out, "No service installed. Start replication with:\n  {} run --state-dir {}", exe.display(), opts.state_dir.display())?;
+        writeln!(
+            out,
+            "No service installed. Start replication with:\n  {} run --state-dir {}",
+            exe.display(),
+            opts.state_dir.display()
+        )?;
     } else {
         install_service(&opts.state_dir, out)?;
     }
@@ -171,13 +246,23 @@ fn install_service(state_dir: &Path, out: &mut impl Write) -> anyhow::Result<()>
     if !Path::new("/run/systemd/system").exists() {
         bail!("systemd is not running here, so no service can be installed; rerun with --no-service and start `rehost-agent run` yourself");
     }
-    rehost_proto::fsutil::write_atomic(path, unit.as_bytes(), 0o644).with_context(|| format!("write {}", path.display()))?;
-    for args in [&["daemon-reload"][..], &["enable", "--now", "rehost-agent.service"][..]] {
-        let st = std::process::Command::new("systemctl").args(args).status().context("run systemctl")?;
+    rehost_proto::fsutil::write_atomic(path, unit.as_bytes(), 0o644)
+        .with_context(|| format!("write {}", path.display()))?;
+    for args in [
+        &["daemon-reload"][..],
+        &["enable", "--now", "rehost-agent.service"][..],
+    ] {
+        let st = std::process::Command::new("systemctl")
+            .args(args)
+            .status()
+            .context("run systemctl")?;
         if !st.success() {
             bail!("systemctl {} failed ({st})", args.join(" "));
         }
     }
-    writeln!(out, "Service rehost-agent installed and started (systemctl status rehost-agent).")?;
+    writeln!(
+        out,
+        "Service rehost-agent installed and started (systemctl status rehost-agent)."
+    )?;
     Ok(())
 }

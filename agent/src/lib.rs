@@ -19,5 +19,5 @@ pub mod install;
 pub mod pipeline;
 pub mod replicate;
 pub mod state;
-pub mod tracker;
 pub mod tls;
+pub mod tracker;

@@ -178,7 +178,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Status { state_dir, json } => status(&state_dir, json),
         Cmd::ThawGuard { max_ms, mounts } => {
-            rehost_agent::freeze::guard_main(Duration::from_millis(max_ms), &mounts).context("thaw guard")
+            rehost_agent::freeze::guard_main(Duration::from_millis(max_ms), &mounts)
+                .context("thaw guard")
         }
         Cmd::Checksum { paths } => {
             for p in paths {
@@ -262,7 +263,10 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             hb(d.sent_bytes)
         );
         match &d.start {
-            Some(s) => println!("    tracker: {}; this run began with {}: {}", d.tracker, s.kind, s.reason),
+            Some(s) => println!(
+                "    tracker: {}; this run began with {}: {}",
+                d.tracker, s.kind, s.reason
+            ),
             None if !d.tracker.is_empty() => println!("    tracker: {}", d.tracker),
             None => {}
         }

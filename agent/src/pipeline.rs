@@ -18,8 +18,17 @@ const SEGMENT: u64 = 1 << 20;
 
 #[derive(Debug)]
 pub enum Item {
-    Block { offset: u64, length: u32, hash: Hash, compression: Compression, payload: Bytes },
-    Zero { offset: u64, length: u64 },
+    Block {
+        offset: u64,
+        length: u32,
+        hash: Hash,
+        compression: Compression,
+        payload: Bytes,
+    },
+    Zero {
+        offset: u64,
+        length: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -115,7 +124,11 @@ fn reader(
     ordered: mpsc::Sender<oneshot::Receiver<SegmentResult>>,
     jobs: std_mpsc::SyncSender<Job>,
 ) {
-    let mut aligned = if plan.uncached { vec![0u8; SEGMENT as usize + 4096] } else { Vec::new() };
+    let mut aligned = if plan.uncached {
+        vec![0u8; SEGMENT as usize + 4096]
+    } else {
+        Vec::new()
+    };
     for (offset, len) in plan.reads() {
         let (done, rx) = oneshot::channel();
         if ordered.blocking_send(rx).is_err() {
@@ -146,12 +159,19 @@ fn reader(
 
 pub fn is_zero(data: &[u8]) -> bool {
     let (chunks, rest) = data.split_at(data.len() - data.len() % 16);
-    chunks.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0) && rest.iter().all(|b| *b == 0)
+    chunks
+        .chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+        && rest.iter().all(|b| *b == 0)
 }
 
 /// Compresses when it pays: a 4 KiB probe skips data that zstd cannot shrink (already compressed
 /// or encrypted), and a result that saves less than 1/16 is sent raw.
-fn compress(c: &mut zstd::bulk::Compressor<'static>, data: &[u8], scratch: &mut Vec<u8>) -> Option<Vec<u8>> {
+fn compress(
+    c: &mut zstd::bulk::Compressor<'static>,
+    data: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Option<Vec<u8>> {
     const PROBE: usize = 4096;
     if data.len() > 2 * PROBE {
         scratch.resize(PROBE + PROBE / 8, 0);
@@ -192,7 +212,13 @@ fn worker(jobs: Arc<Mutex<std_mpsc::Receiver<Job>>>, plan: Plan) {
             let block = &job.data[pos..pos + len];
             pos += len;
             let zero = is_zero(block);
-            let hash = if zero && len as u64 == bs { full_zero } else if zero { rehost_proto::zero_hash(len) } else { *blake3::hash(block).as_bytes() };
+            let hash = if zero && len as u64 == bs {
+                full_zero
+            } else if zero {
+                rehost_proto::zero_hash(len)
+            } else {
+                *blake3::hash(block).as_bytes()
+            };
             if let Some(known) = &plan.known {
                 let i = ((offset - plan.start) / bs) as usize;
                 if known.get(i) == Some(&hash) {
@@ -200,16 +226,29 @@ fn worker(jobs: Arc<Mutex<std_mpsc::Receiver<Job>>>, plan: Plan) {
                 }
             }
             if zero {
-                items.push(Item::Zero { offset, length: len as u64 });
+                items.push(Item::Zero {
+                    offset,
+                    length: len as u64,
+                });
                 continue;
             }
             let (compression, payload) = match compress(&mut zstd, block, &mut scratch) {
                 Some(c) => (Compression::Zstd, Bytes::from(c)),
                 None => (Compression::None, Bytes::copy_from_slice(block)),
             };
-            items.push(Item::Block { offset, length: len as u32, hash, compression, payload });
+            items.push(Item::Block {
+                offset,
+                length: len as u32,
+                hash,
+                compression,
+                payload,
+            });
         }
-        let _ = job.done.send(Ok(Segment { offset: job.offset, len: job.data.len() as u64, items }));
+        let _ = job.done.send(Ok(Segment {
+            offset: job.offset,
+            len: job.data.len() as u64,
+            items,
+        }));
     }
 }
 
@@ -232,7 +271,12 @@ mod tests {
     fn compression_skips_random_data_and_shrinks_text() {
         let mut c = zstd::bulk::Compressor::new(1).unwrap();
         let mut s = Vec::new();
-        let text: Vec<u8> = b"hello rehost ".iter().cycle().take(65536).copied().collect();
+        let text: Vec<u8> = b"hello rehost "
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
         assert!(compress(&mut c, &text, &mut s).unwrap().len() < 4096);
         let mut x = 0x9e3779b97f4a7c15u64;
         let random: Vec<u8> = (0..65536)
@@ -256,7 +300,14 @@ mod tests {
         }
         std::fs::write(&p, &data).unwrap();
         let f = Arc::new(File::open(&p).unwrap());
-        let plan = Plan { start: 0, end: data.len() as u64, block_size: 65536, known: None, blocks: None, uncached: false };
+        let plan = Plan {
+            start: 0,
+            end: data.len() as u64,
+            block_size: 65536,
+            known: None,
+            blocks: None,
+            uncached: false,
+        };
         let mut rx = spawn(f.clone(), plan, 2);
         let mut next = 0;
         let mut hashes = Vec::new();
@@ -266,7 +317,9 @@ mod tests {
             next += seg.len;
             for it in seg.items {
                 match it {
-                    Item::Zero { length, .. } => hashes.push(rehost_proto::zero_hash(length as usize)),
+                    Item::Zero { length, .. } => {
+                        hashes.push(rehost_proto::zero_hash(length as usize))
+                    }
                     Item::Block { hash, .. } => hashes.push(hash),
                 }
             }
@@ -275,7 +328,14 @@ mod tests {
         assert_eq!(hashes.len(), data.len().div_ceil(65536));
         // A rescan with every digest known sends nothing; with one wrong digest, one block.
         hashes[20] = [1; 32];
-        let plan = Plan { start: 0, end: data.len() as u64, block_size: 65536, known: Some(Arc::new(hashes)), blocks: None, uncached: false };
+        let plan = Plan {
+            start: 0,
+            end: data.len() as u64,
+            block_size: 65536,
+            known: Some(Arc::new(hashes)),
+            blocks: None,
+            uncached: false,
+        };
         let mut rx = spawn(f.clone(), plan, 2);
         let mut items = 0;
         while let Some(seg) = rx.recv().await {
@@ -285,14 +345,30 @@ mod tests {
         // A block list reads exactly those blocks, the last one short, runs merged.
         let last = (data.len() / 65536) as u64;
         let blocks = Arc::new(vec![3, 4, 5, 30, last]);
-        let plan = Plan { start: 0, end: data.len() as u64, block_size: 65536, known: None, blocks: Some(blocks), uncached: true };
-        assert_eq!(plan.reads(), vec![(3 * 65536, 3 * 65536), (30 * 65536, 65536), (last * 65536, data.len() as u64 - last * 65536)]);
+        let plan = Plan {
+            start: 0,
+            end: data.len() as u64,
+            block_size: 65536,
+            known: None,
+            blocks: Some(blocks),
+            uncached: true,
+        };
+        assert_eq!(
+            plan.reads(),
+            vec![
+                (3 * 65536, 3 * 65536),
+                (30 * 65536, 65536),
+                (last * 65536, data.len() as u64 - last * 65536)
+            ]
+        );
         let mut rx = spawn(f, plan, 2);
         let mut offsets = Vec::new();
         while let Some(seg) = rx.recv().await {
             for it in seg.await.unwrap().unwrap().items {
                 match it {
-                    Item::Zero { offset, .. } | Item::Block { offset, .. } => offsets.push(offset / 65536),
+                    Item::Zero { offset, .. } | Item::Block { offset, .. } => {
+                        offsets.push(offset / 65536)
+                    }
                 }
             }
         }

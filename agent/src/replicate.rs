@@ -71,14 +71,20 @@ impl RunError {
     fn is_fatal(&self) -> bool {
         match self {
             RunError::Conn(c) => c.is_fatal(),
-            RunError::State(_) | RunError::BadState(_) | RunError::Resized(..) | RunError::UnknownGrant(_) => true,
+            RunError::State(_)
+            | RunError::BadState(_)
+            | RunError::Resized(..)
+            | RunError::UnknownGrant(_) => true,
             _ => false,
         }
     }
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Shared between the replication flow and the status ticker.
@@ -101,7 +107,12 @@ impl Agent {
             connection: "connecting".into(),
             ..Default::default()
         };
-        Arc::new(Self { dir, state: Mutex::new(state), status: Mutex::new(status), consistent_at: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            dir,
+            state: Mutex::new(state),
+            status: Mutex::new(status),
+            consistent_at: Mutex::new(Vec::new()),
+        })
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
@@ -109,12 +120,18 @@ impl Agent {
     }
 
     fn disk_status<T>(&self, disk: u64, f: impl FnOnce(&mut DiskStatus) -> T) -> Option<T> {
-        self.status().disks.iter_mut().find(|d| d.disk_id == disk).map(f)
+        self.status()
+            .disks
+            .iter_mut()
+            .find(|d| d.disk_id == disk)
+            .map(f)
     }
 
     fn lag_ms(&self, disk: u64) -> Option<u64> {
         let c = self.consistent_at.lock().unwrap_or_else(|p| p.into_inner());
-        c.iter().find(|(d, _)| *d == disk).map(|(_, t)| t.elapsed().as_millis() as u64)
+        c.iter()
+            .find(|(d, _)| *d == disk)
+            .map(|(_, t)| t.elapsed().as_millis() as u64)
     }
 
     fn set_consistent(&self, disk: u64, at: Instant) {
@@ -132,7 +149,11 @@ impl Agent {
         let mut s = self.status().clone();
         s.updated_at = now();
         for d in &mut s.disks {
-            d.lag_seconds = if matches!(d.state.as_str(), "continuous" | "lagging" | "stalled") { self.lag_ms(d.disk_id).map(|l| l / 1000) } else { None };
+            d.lag_seconds = if matches!(d.state.as_str(), "continuous" | "lagging" | "stalled") {
+                self.lag_ms(d.disk_id).map(|l| l / 1000)
+            } else {
+                None
+            };
         }
         if let Err(e) = s.save(&self.dir) {
             warn!(error = %e, "cannot write status file");
@@ -166,7 +187,11 @@ impl Agent {
 }
 
 /// Runs until `shutdown` flips or a fatal error (bad credential, revoked machine).
-pub async fn run(agent: Arc<Agent>, opts: Options, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+pub async fn run(
+    agent: Arc<Agent>,
+    opts: Options,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
     let ticker = tokio::spawn(status_ticker(agent.clone()));
     let mut backoff = Duration::from_secs(1);
     let mut tracked = std::collections::HashMap::new();
@@ -200,8 +225,15 @@ pub async fn run(agent: Arc<Agent>, opts: Options, mut shutdown: watch::Receiver
     {
         let mut s = agent.status();
         s.running = false;
-        s.connection = if result.is_ok() { "stopped".into() } else { "failed".into() };
-        s.last_error = result.as_ref().err().map(|e| format!("{:#}", anyhow::Error::msg(e.to_string())));
+        s.connection = if result.is_ok() {
+            "stopped".into()
+        } else {
+            "failed".into()
+        };
+        s.last_error = result
+            .as_ref()
+            .err()
+            .map(|e| format!("{:#}", anyhow::Error::msg(e.to_string())));
         for d in &mut s.disks {
             d.state = "disconnected".into();
         }
@@ -271,9 +303,19 @@ fn track(agent: &Agent, g: &DiskGrant, d: &OpenDisk) -> Tracked {
         Ok(s) => s,
         Err(e) => Some(Err(format!("cannot read the saved dirty bitmap: {e}"))),
     };
-    let machine = agent.state.lock().unwrap_or_else(|p| p.into_inner()).machine_id.clone();
+    let machine = agent
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .machine_id
+        .clone();
     let (tracker, continuity) = if d.block_device {
-        match TraceTracker::start(&TraceTracker::instance_name(&machine, g.disk_id.0), &d.path, d.size, g.block_size) {
+        match TraceTracker::start(
+            &TraceTracker::instance_name(&machine, g.disk_id.0),
+            &d.path,
+            d.size,
+            g.block_size,
+        ) {
             Ok((t, c)) => (Tracker::Trace(t), c),
             Err(e) => {
                 warn!(disk = %g.device, error = %format!("{:#}", anyhow::Error::from(e)), "kernel block tracepoints unavailable; using the scan tracker");
@@ -284,7 +326,15 @@ fn track(agent: &Agent, g: &DiskGrant, d: &OpenDisk) -> Tracked {
         (Tracker::Scan { last_pass: None }, Continuity::Unbroken)
     };
     info!(disk = %g.device, tracker = match tracker { Tracker::Trace(_) => "tracepoint", _ => "scan" }, "tracking changes");
-    Tracked { tracker, pending: None, vouched: false, why_not: String::new(), saved, continuity, known: false }
+    Tracked {
+        tracker,
+        pending: None,
+        vouched: false,
+        why_not: String::new(),
+        saved,
+        continuity,
+        known: false,
+    }
 }
 
 /// Decides, on the first grant this process gets for a disk, whether the saved state vouches for
@@ -314,7 +364,10 @@ fn first_decision(t: &mut Tracked, g: &DiskGrant, known: bool) {
     match verdict {
         Ok(dirty) => {
             if let Tracker::Trace(tr) = &t.tracker {
-                tr.dirty.lock().unwrap_or_else(|p| p.into_inner()).merge(&dirty);
+                tr.dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .merge(&dirty);
             }
             t.pending = None;
             t.vouched = true;
@@ -332,10 +385,15 @@ async fn session(
     tracked: &mut std::collections::HashMap<u64, Tracked>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), RunError> {
-    let state = agent.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let state = agent
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let pin = state.pin().ok_or(RunError::BadState("server_pin"))?;
     let secret = state.secret().ok_or(RunError::BadState("machine_secret"))?;
-    let machine_id = rehost_proto::MachineId::parse(&state.machine_id).map_err(|_| RunError::BadState("machine_id"))?;
+    let machine_id = rehost_proto::MachineId::parse(&state.machine_id)
+        .map_err(|_| RunError::BadState("machine_id"))?;
     let mut disks = Vec::new();
     for d in &state.disks {
         let probed = crate::disks::probe(&d.device)?;
@@ -347,9 +405,15 @@ async fn session(
             if block_device {
                 o.custom_flags(libc::O_DIRECT);
             }
-            o.open(&d.device).map_err(|e| crate::disks::DiskError::Open(d.device.clone(), e))?
+            o.open(&d.device)
+                .map_err(|e| crate::disks::DiskError::Open(d.device.clone(), e))?
         };
-        disks.push(OpenDisk { path: d.device.clone(), file: Arc::new(file), size: probed.size_bytes, block_device });
+        disks.push(OpenDisk {
+            path: d.device.clone(),
+            file: Arc::new(file),
+            size: probed.size_bytes,
+            block_device,
+        });
     }
     agent.status().connection = "connecting".into();
     let mut tls = conn::connect(&state.server, pin).await?;
@@ -358,7 +422,13 @@ async fn session(
         max_version: rehost_proto::PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         auth: Auth::Machine { machine_id, secret },
-        disks: disks.iter().map(|d| DiskInfo { device: d.path.display().to_string(), size_bytes: d.size }).collect(),
+        disks: disks
+            .iter()
+            .map(|d| DiskInfo {
+                device: d.path.display().to_string(),
+                size_bytes: d.size,
+            })
+            .collect(),
     };
     let welcome = conn::handshake(&mut tls, hello).await?;
     let mut conn = Conn::start(tls, opts.max_mbps);
@@ -378,7 +448,11 @@ async fn session(
                     disk_id: g.disk_id.0,
                     size_bytes: g.size_bytes,
                     state: "connecting".into(),
-                    replicated_bytes: if g.sync_complete { g.size_bytes } else { g.durable_bytes },
+                    replicated_bytes: if g.sync_complete {
+                        g.size_bytes
+                    } else {
+                        g.durable_bytes
+                    },
                     sent_bytes: prev.map(|p| p.sent_bytes).unwrap_or(0),
                     sent_blocks: prev.map(|p| p.sent_blocks).unwrap_or(0),
                     last_rescan: prev.and_then(|p| p.last_rescan.clone()),
@@ -403,7 +477,16 @@ async fn session(
             }
         })
     };
-    let result = replicate(agent, opts, &mut conn, &welcome.disks, &disks, tracked, shutdown).await;
+    let result = replicate(
+        agent,
+        opts,
+        &mut conn,
+        &welcome.disks,
+        &disks,
+        tracked,
+        shutdown,
+    )
+    .await;
     ticker.abort();
     // Whatever was sent and not acknowledged goes back into the dirty sets for the next session.
     for t in tracked.values_mut() {
@@ -437,15 +520,24 @@ async fn replicate(
     }
     // Trackers first: from here on no write to these disks goes unseen.
     for (g, d) in &pairs {
-        if !tracked.contains_key(&g.disk_id.0) {
-            let local = agent.state.lock().unwrap_or_else(|p| p.into_inner()).disk(&d.path).cloned();
-            let known = local.as_ref().is_some_and(|l| l.disk_id == g.disk_id.0);
-            let mut t = track(agent, g, d);
-            first_decision(&mut t, g, known);
-            tracked.insert(g.disk_id.0, t);
-        } else if g.clean_stop_generation != 0 {
-            // Only a stopping agent sends a clean stop; this one did not stop.
-            warn!(disk = %g.device, "the server holds a clean-stop generation this running agent did not send");
+        match tracked.entry(g.disk_id.0) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let local = agent
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .disk(&d.path)
+                    .cloned();
+                let known = local.as_ref().is_some_and(|l| l.disk_id == g.disk_id.0);
+                let mut t = track(agent, g, d);
+                first_decision(&mut t, g, known);
+                slot.insert(t);
+            }
+            std::collections::hash_map::Entry::Occupied(_) if g.clean_stop_generation != 0 => {
+                // Only a stopping agent sends a clean stop; this one did not stop.
+                warn!(disk = %g.device, "the server holds a clean-stop generation this running agent did not send");
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {}
         }
         let kind = tracked[&g.disk_id.0].kind();
         agent.disk_status(g.disk_id.0, |s| s.tracker = kind.into());
@@ -456,7 +548,12 @@ async fn replicate(
         if g.sync_complete {
             if t.vouched {
                 info!(disk = %g.device, dirty_blocks = t.dirty_count(), "resuming continuous replication without a rescan");
-                set_start(agent, g, "resume", "the tracker accounts for every change since the server's copy");
+                set_start(
+                    agent,
+                    g,
+                    "resume",
+                    "the tracker accounts for every change since the server's copy",
+                );
             } else {
                 let reason = std::mem::take(&mut t.why_not);
                 set_start(agent, g, "rescan", &reason);
@@ -475,9 +572,19 @@ async fn replicate(
                 rescan(agent, opts, conn, g, d, g.durable_bytes, &reason, shutdown).await?;
             } else if g.durable_bytes > 0 {
                 info!(disk = %g.device, from = g.durable_bytes, "resuming initial sync from the server's durable watermark");
-                set_start(agent, g, "resume", "initial sync resumed from the server's durable watermark");
+                set_start(
+                    agent,
+                    g,
+                    "resume",
+                    "initial sync resumed from the server's durable watermark",
+                );
             } else {
-                set_start(agent, g, "initial-sync", "the server holds nothing of this disk yet");
+                set_start(
+                    agent,
+                    g,
+                    "initial-sync",
+                    "the server holds nothing of this disk yet",
+                );
             }
             t.vouched = true;
             {
@@ -486,7 +593,14 @@ async fn replicate(
             }
             agent.save_state()?;
             agent.disk_status(g.disk_id.0, |s| s.state = "initial-sync".into());
-            let plan = Plan { start: g.durable_bytes, end: g.size_bytes, block_size: g.block_size, known: None, blocks: None, uncached: d.block_device };
+            let plan = Plan {
+                start: g.durable_bytes,
+                end: g.size_bytes,
+                block_size: g.block_size,
+                known: None,
+                blocks: None,
+                uncached: d.block_device,
+            };
             stream(agent, opts, conn, g, d, plan, shutdown).await?;
             send_mark(agent, conn, g, MarkKind::InitialSyncDone).await?;
             info!(disk = %g.device, secs = started.elapsed().as_secs_f64(), "initial sync complete");
@@ -511,7 +625,12 @@ async fn replicate(
 }
 
 fn set_start(agent: &Agent, g: &DiskGrant, kind: &str, reason: &str) {
-    agent.disk_status(g.disk_id.0, |s| s.start = Some(StartReport { kind: kind.into(), reason: reason.into() }));
+    agent.disk_status(g.disk_id.0, |s| {
+        s.start = Some(StartReport {
+            kind: kind.into(),
+            reason: reason.into(),
+        })
+    });
 }
 
 /// Continuous replication until the connection fails or the agent is asked to stop.
@@ -555,11 +674,23 @@ async fn continuous(
                         let blocks: Vec<u64> = taken.iter().collect();
                         tracing::debug!(disk = %g.device, ?blocks, "sending dirty blocks");
                         t.pending = Some(taken);
-                        let plan = Plan { start: 0, end: g.size_bytes, block_size: g.block_size, known: None, blocks: Some(Arc::new(blocks)), uncached: d.block_device };
+                        let plan = Plan {
+                            start: 0,
+                            end: g.size_bytes,
+                            block_size: g.block_size,
+                            known: None,
+                            blocks: Some(Arc::new(blocks)),
+                            uncached: d.block_device,
+                        };
                         stream(agent, opts, conn, g, d, plan, shutdown).await?;
                         let last = conn.last_seq();
                         loop {
-                            match tokio::time::timeout(Duration::from_secs(1), conn.wait_acked(last)).await {
+                            match tokio::time::timeout(
+                                Duration::from_secs(1),
+                                conn.wait_acked(last),
+                            )
+                            .await
+                            {
                                 Ok(r) => break r?,
                                 Err(_) if at.elapsed() > STALLED_AFTER => {
                                     agent.disk_status(g.disk_id.0, |s| s.state = "stalled".into());
@@ -577,7 +708,14 @@ async fn continuous(
                     }
                     let started = Instant::now();
                     let sent = scan_pass(agent, opts, conn, g, d, shutdown).await?;
-                    let seq = conn.send_seq(|seq| Message::Mark { seq, disk_id: g.disk_id, kind: MarkKind::RescanDone, generation: 0 }).await?;
+                    let seq = conn
+                        .send_seq(|seq| Message::Mark {
+                            seq,
+                            disk_id: g.disk_id,
+                            kind: MarkKind::RescanDone,
+                            generation: 0,
+                        })
+                        .await?;
                     conn.wait_acked(seq).await?;
                     agent.set_consistent(g.disk_id.0, started);
                     *last_pass = Some(started);
@@ -589,10 +727,18 @@ async fn continuous(
             let cap = conn.max_mbps();
             agent.status().max_mbps = cap;
             let backlog = t.dirty_count() * u64::from(g.block_size);
-            let lag = agent.lag_ms(g.disk_id.0).map(Duration::from_millis).unwrap_or_default();
+            let lag = agent
+                .lag_ms(g.disk_id.0)
+                .map(Duration::from_millis)
+                .unwrap_or_default();
             agent.disk_status(g.disk_id.0, |s| {
                 s.backlog_bytes = backlog.min(s.size_bytes);
-                s.state = if lag > LAGGING_AFTER { "lagging" } else { "continuous" }.into();
+                s.state = if lag > LAGGING_AFTER {
+                    "lagging"
+                } else {
+                    "continuous"
+                }
+                .into();
             });
         }
     }
@@ -621,7 +767,10 @@ async fn drain_until_quiet(
                     let taken = tr.dirty.lock().unwrap_or_else(|p| p.into_inner()).take();
                     if let Some(reason) = taken.lost.clone() {
                         // Put the loss back: the continuous loop answers it with a full compare.
-                        tr.dirty.lock().unwrap_or_else(|p| p.into_inner()).merge(&taken);
+                        tr.dirty
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .merge(&taken);
                         warn!(disk = %g.device, reason, "no consistency point: change tracking lost events");
                         return Ok(false);
                     }
@@ -629,7 +778,14 @@ async fn drain_until_quiet(
                         sent_any = true;
                         let blocks: Vec<u64> = taken.iter().collect();
                         t.pending = Some(taken);
-                        let plan = Plan { start: 0, end: g.size_bytes, block_size: g.block_size, known: None, blocks: Some(Arc::new(blocks)), uncached: d.block_device };
+                        let plan = Plan {
+                            start: 0,
+                            end: g.size_bytes,
+                            block_size: g.block_size,
+                            known: None,
+                            blocks: Some(Arc::new(blocks)),
+                            uncached: d.block_device,
+                        };
                         stream(agent, opts, conn, g, d, plan, shutdown).await?;
                         conn.wait_acked(conn.last_seq()).await?;
                         t.pending = None;
@@ -667,25 +823,45 @@ async fn consistency_point(
 ) -> Result<(), RunError> {
     use rehost_proto::msg::PointConsistency;
     let cap = Duration::from_millis(u64::from(max_ms.clamp(10, 60_000)));
-    let block_disks: Vec<PathBuf> = pairs.iter().filter(|(_, d)| d.block_device).map(|(_, d)| d.path.clone()).collect();
-    let all_scanned = pairs.iter().all(|(g, _)| matches!(tracked[&g.disk_id.0].tracker, Tracker::Scan { .. }));
+    let block_disks: Vec<PathBuf> = pairs
+        .iter()
+        .filter(|(_, d)| d.block_device)
+        .map(|(_, d)| d.path.clone())
+        .collect();
+    let all_scanned = pairs
+        .iter()
+        .all(|(g, _)| matches!(tracked[&g.disk_id.0].tracker, Tracker::Scan { .. }));
     let mounts = crate::freeze::mounts_on(&block_disks);
     let mut frozen = None;
     let mut note = String::new();
     if !mounts.is_empty() {
         let paths: Vec<PathBuf> = mounts.iter().map(|(p, _)| p.clone()).collect();
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("rehost-agent"));
-        match tokio::task::spawn_blocking(move || crate::freeze::Frozen::freeze(&paths, cap, &exe)).await {
+        match tokio::task::spawn_blocking(move || crate::freeze::Frozen::freeze(&paths, cap, &exe))
+            .await
+        {
             Ok(Ok(f)) => frozen = Some(f),
             Ok(Err(e)) => note = format!("{:#}; ", anyhow::Error::from(e)),
             Err(e) => note = format!("freeze: {e}; "),
         }
     }
-    let deadline = Instant::now() + if frozen.is_some() { cap } else { Duration::from_secs(10) };
+    let deadline = Instant::now()
+        + if frozen.is_some() {
+            cap
+        } else {
+            Duration::from_secs(10)
+        };
     let quiet = drain_until_quiet(agent, opts, conn, pairs, tracked, deadline, shutdown).await;
     let app = frozen.as_ref().is_some_and(|f| !f.expired());
-    let consistency = if app { PointConsistency::App } else { PointConsistency::Crash };
-    let described: Vec<String> = mounts.iter().map(|(p, t)| format!("{} ({t})", p.display())).collect();
+    let consistency = if app {
+        PointConsistency::App
+    } else {
+        PointConsistency::Crash
+    };
+    let described: Vec<String> = mounts
+        .iter()
+        .map(|(p, t)| format!("{} ({t})", p.display()))
+        .collect();
     let result = match quiet {
         Ok(true) => {
             // Nothing is sent between the quiet drain and the point, so the stream up to the
@@ -696,16 +872,38 @@ async fn consistency_point(
             note.push_str(&match (app, held) {
                 (true, _) => format!("froze {} for {freeze_ms} ms", described.join(", ")),
                 (false, Some(_)) => {
-                    format!("the freeze of {} reached its {} ms cap: crash-consistent point", described.join(", "), cap.as_millis())
+                    format!(
+                        "the freeze of {} reached its {} ms cap: crash-consistent point",
+                        described.join(", "),
+                        cap.as_millis()
+                    )
                 }
-                (false, None) if all_scanned => "no kernel change tracking: point after a full compare pass".to_string(),
-                (false, None) => "no freezable filesystem: point at a quiet moment (crash-consistent)".to_string(),
+                (false, None) if all_scanned => {
+                    "no kernel change tracking: point after a full compare pass".to_string()
+                }
+                (false, None) => {
+                    "no freezable filesystem: point at a quiet moment (crash-consistent)"
+                        .to_string()
+                }
             });
             info!(point = id, consistency = ?consistency, freeze_ms, note, "consistency point marked");
             let text = note.clone();
-            let r = conn.send_seq(|seq| Message::Point { seq, id, consistency, freeze_ms, note: text }).await;
+            let r = conn
+                .send_seq(|seq| Message::Point {
+                    seq,
+                    id,
+                    consistency,
+                    freeze_ms,
+                    note: text,
+                })
+                .await;
             let kind = if app { "app" } else { "crash" };
-            agent.status().last_point = Some(crate::state::PointReport { at: now(), consistency: kind.into(), freeze_ms, note });
+            agent.status().last_point = Some(crate::state::PointReport {
+                at: now(),
+                consistency: kind.into(),
+                freeze_ms,
+                note,
+            });
             r.map(drop).map_err(RunError::from)
         }
         Ok(false) => {
@@ -730,7 +928,9 @@ async fn clean_stop(
     tracked: &mut std::collections::HashMap<u64, Tracked>,
 ) {
     for (g, _) in pairs {
-        let Some(t) = tracked.get_mut(&g.disk_id.0) else { continue };
+        let Some(t) = tracked.get_mut(&g.disk_id.0) else {
+            continue;
+        };
         if !t.vouched {
             continue;
         }
@@ -755,25 +955,56 @@ async fn clean_stop(
             generation = u64::from_le_bytes(b);
         }
         let count = dirty.count();
-        let saved = cleanstop::Saved { disk_id: g.disk_id.0, generation, size: g.size_bytes, block_size: g.block_size, dirty };
+        let saved = cleanstop::Saved {
+            disk_id: g.disk_id.0,
+            generation,
+            size: g.size_bytes,
+            block_size: g.block_size,
+            dirty,
+        };
         if let Err(e) = cleanstop::save(&agent.dir, &saved) {
             warn!(disk = %g.device, error = %e, "cannot save the dirty bitmap: the next start will rescan");
             continue;
         }
         let told = async {
-            let seq = conn.send_seq(|seq| Message::Mark { seq, disk_id: g.disk_id, kind: MarkKind::CleanStop, generation }).await?;
+            let seq = conn
+                .send_seq(|seq| Message::Mark {
+                    seq,
+                    disk_id: g.disk_id,
+                    kind: MarkKind::CleanStop,
+                    generation,
+                })
+                .await?;
             conn.wait_acked(seq).await
         };
         match tokio::time::timeout(Duration::from_secs(10), told).await {
-            Ok(Ok(())) => info!(disk = %g.device, dirty_blocks = count, generation = format!("{generation:016x}"), "clean stop recorded: the next start resumes without a rescan"),
-            Ok(Err(e)) => warn!(disk = %g.device, error = %e, "the server did not record the clean stop: the next start will rescan"),
-            Err(_) => warn!(disk = %g.device, "the server did not acknowledge the clean stop in time: the next start will rescan"),
+            Ok(Ok(())) => {
+                info!(disk = %g.device, dirty_blocks = count, generation = format!("{generation:016x}"), "clean stop recorded: the next start resumes without a rescan")
+            }
+            Ok(Err(e)) => {
+                warn!(disk = %g.device, error = %e, "the server did not record the clean stop: the next start will rescan")
+            }
+            Err(_) => {
+                warn!(disk = %g.device, "the server did not acknowledge the clean stop in time: the next start will rescan")
+            }
         }
     }
 }
 
-async fn send_mark(agent: &Arc<Agent>, conn: &mut Conn, g: &DiskGrant, kind: MarkKind) -> Result<(), RunError> {
-    let seq = conn.send_seq(|seq| Message::Mark { seq, disk_id: g.disk_id, kind, generation: 0 }).await?;
+async fn send_mark(
+    agent: &Arc<Agent>,
+    conn: &mut Conn,
+    g: &DiskGrant,
+    kind: MarkKind,
+) -> Result<(), RunError> {
+    let seq = conn
+        .send_seq(|seq| Message::Mark {
+            seq,
+            disk_id: g.disk_id,
+            kind,
+            generation: 0,
+        })
+        .await?;
     conn.wait_acked(seq).await?;
     agent.disk_status(g.disk_id.0, |s| s.replicated_bytes = s.size_bytes);
     Ok(())
@@ -793,11 +1024,18 @@ async fn rescan(
     warn!(disk = %g.device, bytes = upto, reason, "rescan: comparing every block with the server's hash index");
     agent.disk_status(g.disk_id.0, |s| {
         s.state = "rescan".into();
-        s.last_rescan = Some(RescanReport { reason: reason.into(), ..Default::default() });
+        s.last_rescan = Some(RescanReport {
+            reason: reason.into(),
+            ..Default::default()
+        });
     });
-    let before = agent.disk_status(g.disk_id.0, |s| (s.sent_bytes, s.sent_blocks)).unwrap_or_default();
+    let before = agent
+        .disk_status(g.disk_id.0, |s| (s.sent_bytes, s.sent_blocks))
+        .unwrap_or_default();
     compare_range(agent, opts, conn, g, d, upto, shutdown).await?;
-    let (bytes, blocks) = agent.disk_status(g.disk_id.0, |s| (s.sent_bytes, s.sent_blocks)).unwrap_or_default();
+    let (bytes, blocks) = agent
+        .disk_status(g.disk_id.0, |s| (s.sent_bytes, s.sent_blocks))
+        .unwrap_or_default();
     agent.disk_status(g.disk_id.0, |s| {
         if let Some(r) = &mut s.last_rescan {
             r.scanned_bytes = upto;
@@ -819,9 +1057,14 @@ async fn scan_pass(
     d: &OpenDisk,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<u64, RunError> {
-    let before = agent.disk_status(g.disk_id.0, |s| s.sent_bytes).unwrap_or_default();
+    let before = agent
+        .disk_status(g.disk_id.0, |s| s.sent_bytes)
+        .unwrap_or_default();
     compare_range(agent, opts, conn, g, d, g.size_bytes, shutdown).await?;
-    Ok(agent.disk_status(g.disk_id.0, |s| s.sent_bytes).unwrap_or_default() - before)
+    Ok(agent
+        .disk_status(g.disk_id.0, |s| s.sent_bytes)
+        .unwrap_or_default()
+        - before)
 }
 
 /// Hashes `[0, upto)` chunk by chunk against the server's index and sends what differs.
@@ -841,7 +1084,14 @@ async fn compare_range(
         let count = (blocks - b).min(u64::from(MAX_INDEX_CHUNK)) as u32;
         let known = conn.index(g.disk_id, b, count).await?;
         let end = ((b + u64::from(count)) * bs).min(g.size_bytes);
-        let plan = Plan { start: b * bs, end, block_size: g.block_size, known: Some(Arc::new(known)), blocks: None, uncached: d.block_device };
+        let plan = Plan {
+            start: b * bs,
+            end,
+            block_size: g.block_size,
+            known: Some(Arc::new(known)),
+            blocks: None,
+            uncached: d.block_device,
+        };
         stream(agent, opts, conn, g, d, plan, shutdown).await?;
         b += u64::from(count);
     }
@@ -869,31 +1119,63 @@ async fn stream(
         if *shutdown.borrow() {
             return Err(RunError::Stopped);
         }
-        let seg = next.await.map_err(|_| RunError::BadState("pipeline worker stopped"))?;
+        let seg = next
+            .await
+            .map_err(|_| RunError::BadState("pipeline worker stopped"))?;
         let seg = seg.map_err(|e| RunError::Read(d.path.clone(), plan.start, e))?;
         let (mut bytes, mut blocks) = (0u64, 0u64);
         for item in seg.items {
             match item {
                 Item::Zero { offset, length } => match zero {
-                    Some((o, l)) if o + l == offset && l < MAX_ZERO_RUN => zero = Some((o, l + length)),
+                    Some((o, l)) if o + l == offset && l < MAX_ZERO_RUN => {
+                        zero = Some((o, l + length))
+                    }
                     _ => {
                         if let Some((o, l)) = zero.take() {
-                            let seq = conn.send_seq(|seq| Message::Zero { seq, disk_id, offset: o, length: l }).await?;
+                            let seq = conn
+                                .send_seq(|seq| Message::Zero {
+                                    seq,
+                                    disk_id,
+                                    offset: o,
+                                    length: l,
+                                })
+                                .await?;
                             inflight.push_back((seq, o + l));
                         }
                         zero = Some((offset, length));
                     }
                 },
-                Item::Block { offset, length, hash, compression, payload } => {
+                Item::Block {
+                    offset,
+                    length,
+                    hash,
+                    compression,
+                    payload,
+                } => {
                     if let Some((o, l)) = zero.take() {
-                        let seq = conn.send_seq(|seq| Message::Zero { seq, disk_id, offset: o, length: l }).await?;
+                        let seq = conn
+                            .send_seq(|seq| Message::Zero {
+                                seq,
+                                disk_id,
+                                offset: o,
+                                length: l,
+                            })
+                            .await?;
                         inflight.push_back((seq, o + l));
                     }
                     bytes += payload.len() as u64;
                     blocks += 1;
                     let seq = conn
                         .send_seq(|seq| {
-                            Message::Block(Block { seq, disk_id, offset, length, hash, compression, payload })
+                            Message::Block(Block {
+                                seq,
+                                disk_id,
+                                offset,
+                                length,
+                                hash,
+                                compression,
+                                payload,
+                            })
                         })
                         .await?;
                     inflight.push_back((seq, offset + u64::from(length)));
@@ -913,7 +1195,8 @@ async fn stream(
                 if let Some(e) = durable {
                     s.replicated_bytes = s.replicated_bytes.max(e);
                 }
-                s.progress_percent = (s.replicated_bytes as f64 * 1000.0 / g.size_bytes as f64).floor() / 10.0;
+                s.progress_percent =
+                    (s.replicated_bytes as f64 * 1000.0 / g.size_bytes as f64).floor() / 10.0;
                 s.backlog_bytes = g.size_bytes - s.replicated_bytes.min(g.size_bytes);
             } else if s.state == "rescan" {
                 s.progress_percent = (done as f64 * 1000.0 / g.size_bytes as f64).floor() / 10.0;
@@ -922,7 +1205,13 @@ async fn stream(
         });
     }
     if let Some((o, l)) = zero.take() {
-        conn.send_seq(|seq| Message::Zero { seq, disk_id, offset: o, length: l }).await?;
+        conn.send_seq(|seq| Message::Zero {
+            seq,
+            disk_id,
+            offset: o,
+            length: l,
+        })
+        .await?;
     }
     Ok(())
 }

@@ -56,7 +56,13 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    pub fn new(server: String, pin: &[u8; 32], machine_id: String, secret: &[u8; 32], hostname: String) -> Self {
+    pub fn new(
+        server: String,
+        pin: &[u8; 32],
+        machine_id: String,
+        secret: &[u8; 32],
+        hostname: String,
+    ) -> Self {
         Self {
             version: STATE_VERSION,
             server,
@@ -102,7 +108,11 @@ impl AgentState {
 
     pub fn set_disk(&mut self, device: &Path, disk_id: u64, phase: Phase) {
         self.disks.retain(|d| d.device != device);
-        self.disks.push(DiskState { device: device.into(), disk_id, phase });
+        self.disks.push(DiskState {
+            device: device.into(),
+            disk_id,
+            phase,
+        });
     }
 }
 
@@ -188,6 +198,8 @@ impl Status {
             return Ok(None);
         }
         let raw = read_capped(&p, 4 << 20).map_err(|e| StateError::Read(p.clone(), e))?;
-        serde_json::from_slice(&raw).map(Some).map_err(|e| StateError::Parse(p, e))
+        serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|e| StateError::Parse(p, e))
     }
 }

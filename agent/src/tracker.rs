@@ -30,11 +30,20 @@ pub enum TrackerError {
     #[error("tracefs is not available (mount it on /sys/kernel/tracing, or run as root)")]
     NoTracefs,
     #[error("{op} {path}")]
-    Io { op: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TrackerError + 'a {
-    move |source| TrackerError::Io { op, path: path.to_path_buf(), source }
+    move |source| TrackerError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Blocks written since they were last taken, at replication-block granularity.
@@ -51,7 +60,13 @@ pub struct DirtySet {
 impl DirtySet {
     pub fn new(size: u64, block_size: u32) -> Self {
         let blocks = size.div_ceil(u64::from(block_size));
-        Self { bits: vec![0; blocks.div_ceil(64) as usize], blocks, count: 0, block_size: u64::from(block_size), lost: None }
+        Self {
+            bits: vec![0; blocks.div_ceil(64) as usize],
+            blocks,
+            count: 0,
+            block_size: u64::from(block_size),
+            lost: None,
+        }
     }
 
     pub fn blocks(&self) -> u64 {
@@ -110,7 +125,13 @@ impl DirtySet {
 
     /// Takes everything marked so far, leaving the set empty.
     pub fn take(&mut self) -> DirtySet {
-        let fresh = DirtySet { bits: vec![0; self.bits.len()], blocks: self.blocks, count: 0, block_size: self.block_size, lost: None };
+        let fresh = DirtySet {
+            bits: vec![0; self.bits.len()],
+            blocks: self.blocks,
+            count: 0,
+            block_size: self.block_size,
+            lost: None,
+        };
         std::mem::replace(self, fresh)
     }
 
@@ -154,7 +175,13 @@ fn tracefs_root() -> Result<PathBuf, TrackerError> {
     }
     let target = Path::new("/sys/kernel/tracing");
     if target.is_dir() {
-        let mounted = nix::mount::mount(Some("tracefs"), target, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>);
+        let mounted = nix::mount::mount(
+            Some("tracefs"),
+            target,
+            Some("tracefs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
         if mounted.is_ok() && target.join("instances").is_dir() {
             return Ok(target.into());
         }
@@ -176,7 +203,9 @@ pub fn kernel_dev(path: &Path) -> Option<u32> {
 /// with a truncated text, so the short probing reads of `read_to_string` must be avoided.
 fn read_whole(path: &Path) -> String {
     let mut buf = vec![0u8; 8192];
-    let n = File::open(path).and_then(|mut f| f.read(&mut buf)).unwrap_or(0);
+    let n = File::open(path)
+        .and_then(|mut f| f.read(&mut buf))
+        .unwrap_or(0);
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
@@ -187,11 +216,16 @@ fn filter_for(dev: u32) -> String {
 /// Sum of `overrun` and `dropped events` over the instance's CPUs.
 fn lost_events(instance: &Path) -> u64 {
     let mut total = 0;
-    let Ok(cpus) = std::fs::read_dir(instance.join("per_cpu")) else { return 0 };
+    let Ok(cpus) = std::fs::read_dir(instance.join("per_cpu")) else {
+        return 0;
+    };
     for cpu in cpus.flatten() {
         let stats = read_whole(&cpu.path().join("stats"));
         for line in stats.lines() {
-            if let Some(v) = line.strip_prefix("overrun:").or_else(|| line.strip_prefix("dropped events:")) {
+            if let Some(v) = line
+                .strip_prefix("overrun:")
+                .or_else(|| line.strip_prefix("dropped events:"))
+            {
                 total += v.trim().parse::<u64>().unwrap_or(0);
             }
         }
@@ -226,7 +260,12 @@ impl TraceTracker {
 
     /// Attaches to the disk's trace instance, keeping one that has recorded without a break
     /// (reported as [`Continuity::Unbroken`]), or creating a fresh one.
-    pub fn start(name: &str, device: &Path, size: u64, block_size: u32) -> Result<(Self, Continuity), TrackerError> {
+    pub fn start(
+        name: &str,
+        device: &Path,
+        size: u64,
+        block_size: u32,
+    ) -> Result<(Self, Continuity), TrackerError> {
         let dev = kernel_dev(device).ok_or(TrackerError::NoTracefs)?;
         let root = tracefs_root()?;
         let instance = root.join("instances").join(name);
@@ -243,17 +282,23 @@ impl TraceTracker {
                     enabled.trim()
                 ))
             } else if lost > 0 {
-                Continuity::Broken(format!("the kernel trace buffer lost {lost} events while the agent was stopped"))
+                Continuity::Broken(format!(
+                    "the kernel trace buffer lost {lost} events while the agent was stopped"
+                ))
             } else {
                 Continuity::Unbroken
             }
         } else {
-            Continuity::Broken("no kernel trace instance (first start, or the host rebooted)".into())
+            Continuity::Broken(
+                "no kernel trace instance (first start, or the host rebooted)".into(),
+            )
         };
         if continuity != Continuity::Unbroken {
             remove_instance(&instance);
             std::fs::create_dir(&instance).map_err(io("create trace instance", &instance))?;
-            let w = |file: PathBuf, v: &str| std::fs::write(&file, v).map_err(io("configure trace instance", &file));
+            let w = |file: PathBuf, v: &str| {
+                std::fs::write(&file, v).map_err(io("configure trace instance", &file))
+            };
             w(instance.join("buffer_size_kb"), &BUFFER_KB.to_string())?;
             w(event.join("filter"), &want)?;
             w(event.join("enable"), "1")?;
@@ -270,20 +315,39 @@ impl TraceTracker {
         let stop = Arc::new(AtomicBool::new(false));
         let drained = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let thread = {
-            let (dirty, wake, stop, inst, dr) = (dirty.clone(), wake.clone(), stop.clone(), instance.clone(), drained.clone());
+            let (dirty, wake, stop, inst, dr) = (
+                dirty.clone(),
+                wake.clone(),
+                stop.clone(),
+                instance.clone(),
+                drained.clone(),
+            );
             std::thread::Builder::new()
                 .name("rehost-trace".into())
                 .spawn(move || read_loop(pipe, dev, &inst, &dirty, &wake, &stop, &dr))
                 .map_err(io("start trace reader", &instance))?
         };
-        Ok((Self { instance, dirty, wake, drained, stop, thread: Some(thread) }, continuity))
+        Ok((
+            Self {
+                instance,
+                dirty,
+                wake,
+                drained,
+                stop,
+                thread: Some(thread),
+            },
+            continuity,
+        ))
     }
 
     /// Waits until every write completed before this call is in the dirty set (or 1 s passed).
     pub async fn settle(&self) {
         let start = self.drained.load(Ordering::SeqCst);
         let until = Instant::now() + Duration::from_secs(1);
-        while self.drained.load(Ordering::SeqCst) < start + 2 && Instant::now() < until && self.thread.is_some() {
+        while self.drained.load(Ordering::SeqCst) < start + 2
+            && Instant::now() < until
+            && self.thread.is_some()
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -336,7 +400,9 @@ fn read_loop(
                 let end = carry.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
                 let mut d = dirty.lock().unwrap_or_else(|p| p.into_inner());
                 for line in carry[..end].split(|&b| b == b'\n') {
-                    let Ok(line) = std::str::from_utf8(line) else { continue };
+                    let Ok(line) = std::str::from_utf8(line) else {
+                        continue;
+                    };
                     if let Some((ev_dev, off, len)) = parse_event(line) {
                         if ev_dev == dev {
                             tracing::trace!(off, len, "write completed");
@@ -371,7 +437,10 @@ fn read_loop(
             let lost = lost_events(instance);
             if lost > lost_seen {
                 let mut d = dirty.lock().unwrap_or_else(|p| p.into_inner());
-                d.lost = Some(format!("the kernel trace buffer overran: {} events lost", lost - lost_seen));
+                d.lost = Some(format!(
+                    "the kernel trace buffer overran: {} events lost",
+                    lost - lost_seen
+                ));
                 lost_seen = lost;
                 wake.notify_one();
             }
@@ -392,7 +461,10 @@ mod tests {
         assert_eq!(parse_event(d), Some(((259 << 20), 0, 2048 * 512)));
         assert_eq!(parse_event("block_rq_complete: 7,1 WS () x + 1"), None);
         assert_eq!(parse_event("garbage"), None);
-        assert_eq!(parse_event("block_rq_complete: 7,1 WS () 99999999999999999999 + 1 [0]"), None);
+        assert_eq!(
+            parse_event("block_rq_complete: 7,1 WS () 99999999999999999999 + 1 [0]"),
+            None
+        );
     }
 
     #[test]

@@ -43,7 +43,10 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Mess
 }
 
 /// Writes one frame and flushes it.
-pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: Message) -> Result<(), FrameError> {
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: Message,
+) -> Result<(), FrameError> {
     let mut buf = BytesMut::new();
     encode(msg, &mut buf);
     w.write_all(&buf).await?;

@@ -8,12 +8,20 @@ use std::path::Path;
 
 /// Writes `data` to `path` atomically and durably with the given permission bits.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = Path::new(&partial);
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(partial)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(partial)?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -28,7 +36,10 @@ pub fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     if len > cap {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is {len} bytes, more than the {cap}-byte limit", path.display()),
+            format!(
+                "{} is {len} bytes, more than the {cap}-byte limit",
+                path.display()
+            ),
         ));
     }
     let mut buf = Vec::with_capacity(len as usize);

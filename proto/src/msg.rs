@@ -27,8 +27,14 @@ pub struct MachineId(String);
 
 impl MachineId {
     pub fn parse(s: &str) -> Result<Self, DecodeError> {
-        let hex = s.strip_prefix("m-").ok_or(DecodeError::Field("machine_id"))?;
-        if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        let hex = s
+            .strip_prefix("m-")
+            .ok_or(DecodeError::Field("machine_id"))?;
+        if hex.len() != 16
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(DecodeError::Field("machine_id"));
         }
         Ok(Self(s.to_string()))
@@ -38,7 +44,10 @@ impl MachineId {
     pub fn random() -> Self {
         let mut b = [0u8; 8];
         getrandom_fill(&mut b);
-        Self(format!("m-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
+        Self(format!(
+            "m-{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        ))
     }
 
     pub fn as_str(&self) -> &str {
@@ -78,7 +87,10 @@ pub enum Auth {
         source_id: Hash,
     },
     /// A registered machine reconnecting with its own credential.
-    Machine { machine_id: MachineId, secret: [u8; 32] },
+    Machine {
+        machine_id: MachineId,
+        secret: [u8; 32],
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,21 +158,57 @@ pub struct Progress {
 pub enum Message {
     Hello(Hello),
     Welcome(Welcome),
-    IndexRequest { disk_id: DiskId, start_block: u64, count: u32 },
+    IndexRequest {
+        disk_id: DiskId,
+        start_block: u64,
+        count: u32,
+    },
     /// `hashes[i]` is the digest of block `start_block + i`; all-zero means "never written".
-    IndexChunk { disk_id: DiskId, start_block: u64, hashes: Vec<Hash> },
+    IndexChunk {
+        disk_id: DiskId,
+        start_block: u64,
+        hashes: Vec<Hash>,
+    },
     Block(Block),
-    Zero { seq: u64, disk_id: DiskId, offset: u64, length: u64 },
+    Zero {
+        seq: u64,
+        disk_id: DiskId,
+        offset: u64,
+        length: u64,
+    },
     /// `generation` is non-zero exactly for [`MarkKind::CleanStop`].
-    Mark { seq: u64, disk_id: DiskId, kind: MarkKind, generation: u64 },
-    Ack { seq: u64 },
+    Mark {
+        seq: u64,
+        disk_id: DiskId,
+        kind: MarkKind,
+        generation: u64,
+    },
+    Ack {
+        seq: u64,
+    },
     Progress(Progress),
-    Error { code: ErrorCode, message: String },
-    Ping { nonce: u64 },
-    PointRequest { id: u64, max_freeze_ms: u32 },
-    Point { seq: u64, id: u64, consistency: PointConsistency, freeze_ms: u32, note: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Ping {
+        nonce: u64,
+    },
+    PointRequest {
+        id: u64,
+        max_freeze_ms: u32,
+    },
+    Point {
+        seq: u64,
+        id: u64,
+        consistency: PointConsistency,
+        freeze_ms: u32,
+        note: String,
+    },
     /// `max_mbps` 0: no server-side cap.
-    Settings { max_mbps: u64 },
+    Settings {
+        max_mbps: u64,
+    },
 }
 
 impl Message {
@@ -207,7 +255,10 @@ fn disk_info(d: wire::DiskInfo) -> Result<DiskInfo, DecodeError> {
     if d.size_bytes == 0 {
         return Err(DecodeError::Field("disk size"));
     }
-    Ok(DiskInfo { device: text(d.device, "device", 4096)?, size_bytes: d.size_bytes })
+    Ok(DiskInfo {
+        device: text(d.device, "device", 4096)?,
+        size_bytes: d.size_bytes,
+    })
 }
 
 fn check_block_size(bs: u32) -> Result<u32, DecodeError> {
@@ -246,7 +297,11 @@ impl TryFrom<wire::Frame> for Message {
                     max_version: h.max_version,
                     agent_version: text(h.agent_version, "agent_version", 64)?,
                     auth,
-                    disks: h.disks.into_iter().map(disk_info).collect::<Result<_, _>>()?,
+                    disks: h
+                        .disks
+                        .into_iter()
+                        .map(disk_info)
+                        .collect::<Result<_, _>>()?,
                 })
             }
             Body::Welcome(w) => {
@@ -287,14 +342,26 @@ impl TryFrom<wire::Frame> for Message {
                 if r.count == 0 || r.count > MAX_INDEX_CHUNK {
                     return Err(DecodeError::Field("index count"));
                 }
-                Message::IndexRequest { disk_id: DiskId(r.disk_id), start_block: r.start_block, count: r.count }
+                Message::IndexRequest {
+                    disk_id: DiskId(r.disk_id),
+                    start_block: r.start_block,
+                    count: r.count,
+                }
             }
             Body::IndexChunk(c) => {
                 if c.hashes.len() % 32 != 0 || c.hashes.len() / 32 > MAX_INDEX_CHUNK as usize {
                     return Err(DecodeError::Field("index hashes"));
                 }
-                let hashes = c.hashes.chunks_exact(32).map(|h| h.try_into().expect("32-byte chunk")).collect();
-                Message::IndexChunk { disk_id: DiskId(c.disk_id), start_block: c.start_block, hashes }
+                let hashes = c
+                    .hashes
+                    .chunks_exact(32)
+                    .map(|h| h.try_into().expect("32-byte chunk"))
+                    .collect();
+                Message::IndexChunk {
+                    disk_id: DiskId(c.disk_id),
+                    start_block: c.start_block,
+                    hashes,
+                }
             }
             Body::Block(b) => {
                 let compression: Compression = enum_field(b.compression, "compression")?;
@@ -324,14 +391,24 @@ impl TryFrom<wire::Frame> for Message {
                 if z.length == 0 {
                     return Err(DecodeError::Field("zero length"));
                 }
-                Message::Zero { seq: z.seq, disk_id: DiskId(z.disk_id), offset: z.offset, length: z.length }
+                Message::Zero {
+                    seq: z.seq,
+                    disk_id: DiskId(z.disk_id),
+                    offset: z.offset,
+                    length: z.length,
+                }
             }
             Body::Mark(m) => {
                 let kind = enum_field(m.kind, "mark kind")?;
                 if (kind == MarkKind::CleanStop) != (m.generation != 0) {
                     return Err(DecodeError::Field("mark generation"));
                 }
-                Message::Mark { seq: m.seq, disk_id: DiskId(m.disk_id), kind, generation: m.generation }
+                Message::Mark {
+                    seq: m.seq,
+                    disk_id: DiskId(m.disk_id),
+                    kind,
+                    generation: m.generation,
+                }
             }
             Body::Ack(a) => Message::Ack { seq: a.seq },
             Body::Progress(p) => Message::Progress(Progress {
@@ -344,11 +421,21 @@ impl TryFrom<wire::Frame> for Message {
             }),
             Body::Error(e) => Message::Error {
                 code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Invalid),
-                message: e.message.chars().take(1024).filter(|c| !c.is_control()).collect(),
+                message: e
+                    .message
+                    .chars()
+                    .take(1024)
+                    .filter(|c| !c.is_control())
+                    .collect(),
             },
             Body::Ping(p) => Message::Ping { nonce: p.nonce },
-            Body::Settings(x) => Message::Settings { max_mbps: x.max_mbps },
-            Body::PointRequest(r) => Message::PointRequest { id: r.id, max_freeze_ms: r.max_freeze_ms },
+            Body::Settings(x) => Message::Settings {
+                max_mbps: x.max_mbps,
+            },
+            Body::PointRequest(r) => Message::PointRequest {
+                id: r.id,
+                max_freeze_ms: r.max_freeze_ms,
+            },
             Body::Point(p) => Message::Point {
                 seq: p.seq,
                 id: p.id,
@@ -368,23 +455,31 @@ impl From<Message> for wire::Frame {
                 max_version: h.max_version,
                 agent_version: h.agent_version,
                 auth: Some(match h.auth {
-                    Auth::Register { token_id, token_secret, hostname, source_id } => {
-                        wire::hello::Auth::Register(wire::Register {
-                            token_id: token_id.to_vec(),
-                            token_secret: token_secret.to_vec(),
-                            hostname,
-                            source_id: source_id.to_vec(),
+                    Auth::Register {
+                        token_id,
+                        token_secret,
+                        hostname,
+                        source_id,
+                    } => wire::hello::Auth::Register(wire::Register {
+                        token_id: token_id.to_vec(),
+                        token_secret: token_secret.to_vec(),
+                        hostname,
+                        source_id: source_id.to_vec(),
+                    }),
+                    Auth::Machine { machine_id, secret } => {
+                        wire::hello::Auth::Machine(wire::MachineAuth {
+                            machine_id: machine_id.0,
+                            secret: secret.to_vec(),
                         })
                     }
-                    Auth::Machine { machine_id, secret } => wire::hello::Auth::Machine(wire::MachineAuth {
-                        machine_id: machine_id.0,
-                        secret: secret.to_vec(),
-                    }),
                 }),
                 disks: h
                     .disks
                     .into_iter()
-                    .map(|d| wire::DiskInfo { device: d.device, size_bytes: d.size_bytes })
+                    .map(|d| wire::DiskInfo {
+                        device: d.device,
+                        size_bytes: d.size_bytes,
+                    })
                     .collect(),
             }),
             Message::Welcome(w) => Body::Welcome(wire::Welcome {
@@ -406,10 +501,20 @@ impl From<Message> for wire::Frame {
                     })
                     .collect(),
             }),
-            Message::IndexRequest { disk_id, start_block, count } => {
-                Body::IndexRequest(wire::IndexRequest { disk_id: disk_id.0, start_block, count })
-            }
-            Message::IndexChunk { disk_id, start_block, hashes } => Body::IndexChunk(wire::IndexChunk {
+            Message::IndexRequest {
+                disk_id,
+                start_block,
+                count,
+            } => Body::IndexRequest(wire::IndexRequest {
+                disk_id: disk_id.0,
+                start_block,
+                count,
+            }),
+            Message::IndexChunk {
+                disk_id,
+                start_block,
+                hashes,
+            } => Body::IndexChunk(wire::IndexChunk {
                 disk_id: disk_id.0,
                 start_block,
                 hashes: hashes.concat(),
@@ -423,12 +528,28 @@ impl From<Message> for wire::Frame {
                 compression: b.compression as i32,
                 payload: b.payload,
             }),
-            Message::Zero { seq, disk_id, offset, length } => {
-                Body::Zero(wire::Zero { seq, disk_id: disk_id.0, offset, length })
-            }
-            Message::Mark { seq, disk_id, kind, generation } => {
-                Body::Mark(wire::Mark { seq, disk_id: disk_id.0, kind: kind as i32, generation })
-            }
+            Message::Zero {
+                seq,
+                disk_id,
+                offset,
+                length,
+            } => Body::Zero(wire::Zero {
+                seq,
+                disk_id: disk_id.0,
+                offset,
+                length,
+            }),
+            Message::Mark {
+                seq,
+                disk_id,
+                kind,
+                generation,
+            } => Body::Mark(wire::Mark {
+                seq,
+                disk_id: disk_id.0,
+                kind: kind as i32,
+                generation,
+            }),
             Message::Ack { seq } => Body::Ack(wire::Ack { seq }),
             Message::Progress(p) => Body::Progress(wire::Progress {
                 disk_id: p.disk_id.0,
@@ -438,13 +559,28 @@ impl From<Message> for wire::Frame {
                 sent_bytes: p.sent_bytes,
                 lag_ms: p.lag_ms,
             }),
-            Message::Error { code, message } => Body::Error(wire::Error { code: code as i32, message }),
+            Message::Error { code, message } => Body::Error(wire::Error {
+                code: code as i32,
+                message,
+            }),
             Message::Ping { nonce } => Body::Ping(wire::Ping { nonce }),
             Message::Settings { max_mbps } => Body::Settings(wire::Settings { max_mbps }),
-            Message::PointRequest { id, max_freeze_ms } => Body::PointRequest(wire::PointRequest { id, max_freeze_ms }),
-            Message::Point { seq, id, consistency, freeze_ms, note } => {
-                Body::Point(wire::Point { seq, id, consistency: consistency as i32, freeze_ms, note })
+            Message::PointRequest { id, max_freeze_ms } => {
+                Body::PointRequest(wire::PointRequest { id, max_freeze_ms })
             }
+            Message::Point {
+                seq,
+                id,
+                consistency,
+                freeze_ms,
+                note,
+            } => Body::Point(wire::Point {
+                seq,
+                id,
+                consistency: consistency as i32,
+                freeze_ms,
+                note,
+            }),
         };
         wire::Frame { body: Some(body) }
     }

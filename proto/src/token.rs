@@ -14,7 +14,9 @@ const RAW_LEN: usize = 8 + 24 + 32 + 4;
 pub enum TokenError {
     #[error("not a rehost install token (it must start with `rh1_`)")]
     Prefix,
-    #[error("install token is damaged or truncated (copy it again from `rehost-server token create`)")]
+    #[error(
+        "install token is damaged or truncated (copy it again from `rehost-server token create`)"
+    )]
     Damaged,
 }
 
@@ -28,7 +30,9 @@ pub struct InstallToken {
 
 impl std::fmt::Debug for InstallToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InstallToken").field("id", &self.id_hex()).finish_non_exhaustive()
+        f.debug_struct("InstallToken")
+            .field("id", &self.id_hex())
+            .finish_non_exhaustive()
     }
 }
 
@@ -38,7 +42,11 @@ impl InstallToken {
         let mut secret = [0u8; 24];
         crate::msg::getrandom_fill(&mut id);
         crate::msg::getrandom_fill(&mut secret);
-        Self { id, secret, server_pin }
+        Self {
+            id,
+            secret,
+            server_pin,
+        }
     }
 
     /// The public part, used to list and revoke.
@@ -58,7 +66,9 @@ impl InstallToken {
 
     pub fn parse(s: &str) -> Result<Self, TokenError> {
         let body = s.trim().strip_prefix(PREFIX).ok_or(TokenError::Prefix)?;
-        let raw = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Damaged)?;
+        let raw = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Damaged)?;
         if raw.len() != RAW_LEN {
             return Err(TokenError::Damaged);
         }

@@ -9,25 +9,41 @@ use rehost_proto::{DiskId, FrameError, MachineId, Message, MAX_FRAME};
 
 fn arb_message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (any::<u64>(), any::<u64>(), any::<u64>(), 1u32..=65536, any::<[u8; 32]>(), any::<bool>()).prop_map(
-            |(seq, disk, offset, length, hash, zstd)| {
-                let plen = if zstd { (length as usize / 3).max(1) } else { length as usize };
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            1u32..=65536,
+            any::<[u8; 32]>(),
+            any::<bool>()
+        )
+            .prop_map(|(seq, disk, offset, length, hash, zstd)| {
+                let plen = if zstd {
+                    (length as usize / 3).max(1)
+                } else {
+                    length as usize
+                };
                 Message::Block(Block {
                     seq,
                     disk_id: DiskId(disk),
                     offset,
                     length,
                     hash,
-                    compression: if zstd { Compression::Zstd } else { Compression::None },
+                    compression: if zstd {
+                        Compression::Zstd
+                    } else {
+                        Compression::None
+                    },
                     payload: Bytes::from(vec![7u8; plen]),
                 })
+            }),
+        (any::<u64>(), any::<u64>(), any::<u64>(), 1u64..).prop_map(|(seq, d, offset, length)| {
+            Message::Zero {
+                seq,
+                disk_id: DiskId(d),
+                offset,
+                length,
             }
-        ),
-        (any::<u64>(), any::<u64>(), any::<u64>(), 1u64..).prop_map(|(seq, d, offset, length)| Message::Zero {
-            seq,
-            disk_id: DiskId(d),
-            offset,
-            length
         }),
         (any::<u64>(), any::<u64>()).prop_map(|(seq, d)| Message::Mark {
             seq,
@@ -43,29 +59,60 @@ fn arb_message() -> impl Strategy<Value = Message> {
         }),
         any::<u64>().prop_map(|seq| Message::Ack { seq }),
         any::<u64>().prop_map(|max_mbps| Message::Settings { max_mbps }),
-        (any::<u64>(), any::<u32>()).prop_map(|(id, max_freeze_ms)| Message::PointRequest { id, max_freeze_ms }),
-        (any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>(), "[a-z0-9 /()-]{0,60}").prop_map(|(seq, id, app, freeze_ms, note)| {
-            Message::Point {
-                seq,
-                id,
-                consistency: if app { PointConsistency::App } else { PointConsistency::Crash },
-                freeze_ms,
-                note,
-            }
-        }),
-        ("[a-z0-9.-]{1,40}", any::<[u8; 8]>(), any::<[u8; 24]>(), any::<[u8; 32]>(), 1u64..)
-            .prop_map(|(hostname, token_id, token_secret, source_id, size)| Message::Hello(Hello {
-                min_version: 1,
-                max_version: 1,
-                agent_version: "0.1.0".into(),
-                auth: Auth::Register { token_id, token_secret, hostname, source_id },
-                disks: vec![DiskInfo { device: "/dev/vdb".into(), size_bytes: size }],
-            })),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(id, max_freeze_ms)| Message::PointRequest { id, max_freeze_ms }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<u32>(),
+            "[a-z0-9 /()-]{0,60}"
+        )
+            .prop_map(|(seq, id, app, freeze_ms, note)| {
+                Message::Point {
+                    seq,
+                    id,
+                    consistency: if app {
+                        PointConsistency::App
+                    } else {
+                        PointConsistency::Crash
+                    },
+                    freeze_ms,
+                    note,
+                }
+            }),
+        (
+            "[a-z0-9.-]{1,40}",
+            any::<[u8; 8]>(),
+            any::<[u8; 24]>(),
+            any::<[u8; 32]>(),
+            1u64..
+        )
+            .prop_map(
+                |(hostname, token_id, token_secret, source_id, size)| Message::Hello(Hello {
+                    min_version: 1,
+                    max_version: 1,
+                    agent_version: "0.1.0".into(),
+                    auth: Auth::Register {
+                        token_id,
+                        token_secret,
+                        hostname,
+                        source_id
+                    },
+                    disks: vec![DiskInfo {
+                        device: "/dev/vdb".into(),
+                        size_bytes: size
+                    }],
+                })
+            ),
         any::<[u8; 32]>().prop_map(|secret| Message::Hello(Hello {
             min_version: 1,
             max_version: 2,
             agent_version: "x".into(),
-            auth: Auth::Machine { machine_id: MachineId::parse("m-0123456789abcdef").unwrap(), secret },
+            auth: Auth::Machine {
+                machine_id: MachineId::parse("m-0123456789abcdef").unwrap(),
+                secret
+            },
             disks: vec![],
         })),
     ]
@@ -102,7 +149,10 @@ proptest! {
 fn oversized_length_is_refused_before_reading_the_body() {
     let mut buf = BytesMut::new();
     buf.extend_from_slice(&((MAX_FRAME as u32) + 1).to_be_bytes());
-    assert!(matches!(split_frame(&mut buf), Err(FrameError::TooLarge(_))));
+    assert!(matches!(
+        split_frame(&mut buf),
+        Err(FrameError::TooLarge(_))
+    ));
 }
 
 #[test]
@@ -132,10 +182,15 @@ fn zero_enums_and_short_hashes_are_rejected() {
 #[tokio::test]
 async fn async_reader_rejects_oversized_frames() {
     let mut data: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
-    let err = rehost_proto::frame::read_message(&mut data).await.unwrap_err();
+    let err = rehost_proto::frame::read_message(&mut data)
+        .await
+        .unwrap_err();
     assert!(matches!(err, FrameError::TooLarge(_)));
     let mut empty: &[u8] = &[];
-    assert!(rehost_proto::frame::read_message(&mut empty).await.unwrap().is_none());
+    assert!(rehost_proto::frame::read_message(&mut empty)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[test]
@@ -147,6 +202,9 @@ fn token_round_trip_and_damage() {
     let mut damaged = s.clone().into_bytes();
     let i = damaged.len() - 10;
     damaged[i] = if damaged[i] == b'A' { b'B' } else { b'A' };
-    assert_eq!(InstallToken::parse(std::str::from_utf8(&damaged).unwrap()), Err(TokenError::Damaged));
+    assert_eq!(
+        InstallToken::parse(std::str::from_utf8(&damaged).unwrap()),
+        Err(TokenError::Damaged)
+    );
     assert_eq!(InstallToken::parse("hello"), Err(TokenError::Prefix));
 }

@@ -30,10 +30,16 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 pub(crate) fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if blake3::hash(t.as_bytes()) == blake3::hash(s.admin_token.as_bytes()) => Ok(()),
-        _ => Err(ApiError(StatusCode::UNAUTHORIZED, "missing or wrong admin credential".into())),
+        _ => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin credential".into(),
+        )),
     }
 }
 
@@ -45,7 +51,10 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/v1/health", get(|| async { Json(serde_json::json!({ "ok": true })) }))
+        .route(
+            "/v1/health",
+            get(|| async { Json(serde_json::json!({ "ok": true })) }),
+        )
         .route("/v1/machines", get(machines))
         .route("/v1/machines/{id}/revoke", post(revoke_machine))
         .route("/v1/machines/{id}/throttle", post(throttle_machine))
@@ -101,17 +110,33 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
             .into_iter()
             .map(|d| {
                 let ld = live.as_ref().and_then(|l| l.disks.get(&d.id));
-                let pct = |done: u64| if d.size_bytes == 0 { 100.0 } else { (done as f64 * 1000.0 / d.size_bytes as f64).floor() / 10.0 };
+                let pct = |done: u64| {
+                    if d.size_bytes == 0 {
+                        100.0
+                    } else {
+                        (done as f64 * 1000.0 / d.size_bytes as f64).floor() / 10.0
+                    }
+                };
                 let (state, progress, backlog, lag) = match (live.as_ref(), ld) {
                     (None, _) => (
                         "disconnected",
                         pct(d.durable_bytes),
                         d.size_bytes - d.durable_bytes.min(d.size_bytes),
-                        d.sync_complete.then(|| (now - m.last_seen.unwrap_or(now)).max(0) as u64),
+                        d.sync_complete
+                            .then(|| (now - m.last_seen.unwrap_or(now)).max(0) as u64),
                     ),
                     (Some(_), None) => {
-                        let state = if d.sync_complete { "continuous" } else { "initial-sync" };
-                        (state, pct(d.durable_bytes), d.size_bytes - d.durable_bytes.min(d.size_bytes), None)
+                        let state = if d.sync_complete {
+                            "continuous"
+                        } else {
+                            "initial-sync"
+                        };
+                        (
+                            state,
+                            pct(d.durable_bytes),
+                            d.size_bytes - d.durable_bytes.min(d.size_bytes),
+                            None,
+                        )
                     }
                     (Some(_), Some(ld)) => match ld.state {
                         DiskState::Rescan => ("rescan", pct(ld.done_bytes), ld.backlog_bytes, None),
@@ -124,7 +149,12 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
                             };
                             (state, 100.0, ld.backlog_bytes, Some(lag))
                         }
-                        _ => ("initial-sync", pct(d.durable_bytes), d.size_bytes - d.durable_bytes.min(d.size_bytes), None),
+                        _ => (
+                            "initial-sync",
+                            pct(d.durable_bytes),
+                            d.size_bytes - d.durable_bytes.min(d.size_bytes),
+                            None,
+                        ),
                     },
                 };
                 DiskView {
@@ -132,8 +162,16 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
                     device: d.device,
                     size_bytes: d.size_bytes,
                     state: state.into(),
-                    progress_percent: if d.sync_complete && state != "rescan" { 100.0 } else { progress },
-                    replicated_bytes: if d.sync_complete { d.size_bytes } else { d.durable_bytes },
+                    progress_percent: if d.sync_complete && state != "rescan" {
+                        100.0
+                    } else {
+                        progress
+                    },
+                    replicated_bytes: if d.sync_complete {
+                        d.size_bytes
+                    } else {
+                        d.durable_bytes
+                    },
                     backlog_bytes: backlog,
                     lag_seconds: lag,
                     sync_complete: d.sync_complete,
@@ -148,7 +186,11 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
             agent_address: live.as_ref().map(|l| l.peer.clone()),
             agent_version: live.as_ref().map(|l| l.agent_version.clone()),
             registered_at: m.registered_at,
-            last_seen: if live.is_some() { Some(now) } else { m.last_seen },
+            last_seen: if live.is_some() {
+                Some(now)
+            } else {
+                m.last_seen
+            },
             revoked: m.revoked_at.is_some(),
             disks,
         });
@@ -156,7 +198,10 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
     Ok(MachinesView { machines })
 }
 
-async fn machines(State(s): State<Arc<Shared>>, h: HeaderMap) -> Result<Json<MachinesView>, ApiError> {
+async fn machines(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+) -> Result<Json<MachinesView>, ApiError> {
     authorize(&s, &h)?;
     blocking(move || machines_view(&s)).await.map(Json)
 }
@@ -196,17 +241,30 @@ async fn throttle_machine(
     let cap = req.max_mbps.filter(|m| *m > 0);
     let s2 = s.clone();
     let id = blocking(move || {
-        let id = s2.catalog.resolve_machine(&name).map_err(internal)?.map_err(|m| ApiError(StatusCode::NOT_FOUND, m))?;
-        s2.catalog.set_max_mbps(id.as_str(), cap).map_err(internal)?;
+        let id = s2
+            .catalog
+            .resolve_machine(&name)
+            .map_err(internal)?
+            .map_err(|m| ApiError(StatusCode::NOT_FOUND, m))?;
+        s2.catalog
+            .set_max_mbps(id.as_str(), cap)
+            .map_err(internal)?;
         Ok(id)
     })
     .await?;
     let applied = match s.slot(&id).agent() {
-        Some(out) => out.send(rehost_proto::Message::Settings { max_mbps: cap.unwrap_or(0) }).await.is_ok(),
+        Some(out) => out
+            .send(rehost_proto::Message::Settings {
+                max_mbps: cap.unwrap_or(0),
+            })
+            .await
+            .is_ok(),
         None => false,
     };
     tracing::info!(machine = %id, max_mbps = ?cap, applied, "bandwidth cap set");
-    Ok(Json(serde_json::json!({ "machine_id": id.as_str(), "max_mbps": cap, "applied_now": applied })))
+    Ok(Json(
+        serde_json::json!({ "machine_id": id.as_str(), "max_mbps": cap, "applied_now": applied }),
+    ))
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -231,14 +289,28 @@ async fn create_token(
 ) -> Result<Json<CreatedToken>, ApiError> {
     authorize(&s, &h)?;
     let token = InstallToken::generate(s.pki.pin);
-    let expires_at = req.expires_in_seconds.map(|e| now().saturating_add(e.min(i64::MAX as u64 / 2) as i64));
+    let expires_at = req
+        .expires_in_seconds
+        .map(|e| now().saturating_add(e.min(i64::MAX as u64 / 2) as i64));
     let (id, t) = (token.id_hex(), token.clone());
     let desc = req.description.chars().take(200).collect::<String>();
-    blocking(move || s.catalog.create_token(&id, &t.secret, &desc, expires_at).map_err(internal)).await?;
-    Ok(Json(CreatedToken { id: token.id_hex(), token: token.encode(), expires_at }))
+    blocking(move || {
+        s.catalog
+            .create_token(&id, &t.secret, &desc, expires_at)
+            .map_err(internal)
+    })
+    .await?;
+    Ok(Json(CreatedToken {
+        id: token.id_hex(),
+        token: token.encode(),
+        expires_at,
+    }))
 }
 
-async fn tokens(State(s): State<Arc<Shared>>, h: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+async fn tokens(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &h)?;
     let rows = blocking(move || s.catalog.tokens().map_err(internal)).await?;
     Ok(Json(serde_json::json!({ "tokens": rows })))
@@ -262,7 +334,10 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Result<String, ApiError> {
     let view = blocking(move || machines_view(&s2)).await?;
     let mut out = String::new();
     let connected = view.machines.iter().filter(|m| m.connected).count();
-    let _ = writeln!(out, "# TYPE rehost_agents_connected gauge\nrehost_agents_connected {connected}");
+    let _ = writeln!(
+        out,
+        "# TYPE rehost_agents_connected gauge\nrehost_agents_connected {connected}"
+    );
     for (name, kind) in [
         ("rehost_disk_size_bytes", "gauge"),
         ("rehost_disk_replicated_bytes", "gauge"),

@@ -85,7 +85,10 @@ CREATE TABLE retention (
 ";
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 pub fn secret_hash(secret: &[u8]) -> Vec<u8> {
@@ -148,15 +151,24 @@ impl Catalog {
                     "BEGIN; {SCHEMA} {MIGRATE_2} {MIGRATE_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
-            1 => conn.execute_batch(&format!("BEGIN; {MIGRATE_2} {MIGRATE_3} PRAGMA user_version = 3; COMMIT;"))?,
-            2 => conn.execute_batch(&format!("BEGIN; {MIGRATE_3} PRAGMA user_version = 3; COMMIT;"))?,
+            1 => conn.execute_batch(&format!(
+                "BEGIN; {MIGRATE_2} {MIGRATE_3} PRAGMA user_version = 3; COMMIT;"
+            ))?,
+            2 => conn.execute_batch(&format!(
+                "BEGIN; {MIGRATE_3} PRAGMA user_version = 3; COMMIT;"
+            ))?,
             SCHEMA_VERSION => {}
             v => return Err(CatalogError::Schema(v)),
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
-    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, CatalogError> {
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, CatalogError> {
         let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         Ok(f(&mut c)?)
     }
@@ -199,17 +211,26 @@ impl Catalog {
     /// Returns false when no such token exists.
     pub fn revoke_token(&self, id: &str) -> Result<bool, CatalogError> {
         self.with(|c| {
-            c.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1", params![id, now()])
-                .map(|n| n > 0)
+            c.execute(
+                "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                params![id, now()],
+            )
+            .map(|n| n > 0)
         })
     }
 
-    pub fn check_token(&self, id: &str, secret: &[u8]) -> Result<Result<(), Refusal>, CatalogError> {
+    pub fn check_token(
+        &self,
+        id: &str,
+        secret: &[u8],
+    ) -> Result<Result<(), Refusal>, CatalogError> {
         self.with(|c| {
             let row: Option<(Vec<u8>, Option<i64>, Option<i64>)> = c
-                .query_row("SELECT secret_hash, expires_at, revoked_at FROM tokens WHERE id = ?1", [id], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
+                .query_row(
+                    "SELECT secret_hash, expires_at, revoked_at FROM tokens WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
                 .optional()?;
             Ok(match row {
                 None => Err(Refusal::Unknown),
@@ -259,12 +280,18 @@ impl Catalog {
         })
     }
 
-    pub fn check_machine(&self, id: &MachineId, secret: &[u8]) -> Result<Result<(), Refusal>, CatalogError> {
+    pub fn check_machine(
+        &self,
+        id: &MachineId,
+        secret: &[u8],
+    ) -> Result<Result<(), Refusal>, CatalogError> {
         self.with(|c| {
             let row: Option<(Vec<u8>, Option<i64>)> = c
-                .query_row("SELECT secret_hash, revoked_at FROM machines WHERE id = ?1", [id.as_str()], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+                .query_row(
+                    "SELECT secret_hash, revoked_at FROM machines WHERE id = ?1",
+                    [id.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()?;
             Ok(match row {
                 None => Err(Refusal::Unknown),
@@ -277,26 +304,43 @@ impl Catalog {
 
     pub fn revoke_machine(&self, id: &str) -> Result<bool, CatalogError> {
         self.with(|c| {
-            c.execute("UPDATE machines SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1", params![id, now()])
-                .map(|n| n > 0)
+            c.execute(
+                "UPDATE machines SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                params![id, now()],
+            )
+            .map(|n| n > 0)
         })
     }
 
     /// Sets (or, with `None`, removes) the bandwidth cap of a machine's agent.
     pub fn set_max_mbps(&self, id: &str, mbps: Option<u64>) -> Result<bool, CatalogError> {
-        self.with(|c| c.execute("UPDATE machines SET max_mbps = ?2 WHERE id = ?1", params![id, mbps.map(|m| m as i64)]).map(|n| n > 0))
+        self.with(|c| {
+            c.execute(
+                "UPDATE machines SET max_mbps = ?2 WHERE id = ?1",
+                params![id, mbps.map(|m| m as i64)],
+            )
+            .map(|n| n > 0)
+        })
     }
 
     pub fn max_mbps(&self, id: &str) -> Result<Option<u64>, CatalogError> {
         self.with(|c| {
-            c.query_row("SELECT max_mbps FROM machines WHERE id = ?1", [id], |r| r.get::<_, Option<i64>>(0))
-                .optional()
-                .map(|v| v.flatten().map(|m| m as u64))
+            c.query_row("SELECT max_mbps FROM machines WHERE id = ?1", [id], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .optional()
+            .map(|v| v.flatten().map(|m| m as u64))
         })
     }
 
     pub fn touch_machine(&self, id: &MachineId) -> Result<(), CatalogError> {
-        self.with(|c| c.execute("UPDATE machines SET last_seen = ?2 WHERE id = ?1", params![id.as_str(), now()]).map(drop))
+        self.with(|c| {
+            c.execute(
+                "UPDATE machines SET last_seen = ?2 WHERE id = ?1",
+                params![id.as_str(), now()],
+            )
+            .map(drop)
+        })
     }
 
     /// Makes sure every reported disk has a row; a disk whose size changed starts its sync again
@@ -348,7 +392,10 @@ impl Catalog {
         self.with(|c| {
             let tx = c.transaction()?;
             for (id, bytes) in updates {
-                tx.execute("UPDATE disks SET durable_bytes = MAX(durable_bytes, ?2) WHERE id = ?1", params![id.0, bytes])?;
+                tx.execute(
+                    "UPDATE disks SET durable_bytes = MAX(durable_bytes, ?2) WHERE id = ?1",
+                    params![id.0, bytes],
+                )?;
             }
             tx.commit()
         })
@@ -370,7 +417,13 @@ impl Catalog {
     }
 
     pub fn set_rescanned(&self, id: DiskId) -> Result<(), CatalogError> {
-        self.with(|c| c.execute("UPDATE disks SET last_rescan_at = ?2 WHERE id = ?1", params![id.0, now()]).map(drop))
+        self.with(|c| {
+            c.execute(
+                "UPDATE disks SET last_rescan_at = ?2 WHERE id = ?1",
+                params![id.0, now()],
+            )
+            .map(drop)
+        })
     }
 
     pub fn machines(&self) -> Result<Vec<(MachineRow, Vec<DiskRow>)>, CatalogError> {
@@ -424,7 +477,8 @@ mod tests {
         let path = dir.path().join("catalog.sqlite");
         {
             let c = Connection::open(&path).unwrap();
-            c.execute_batch(&format!("{SCHEMA} PRAGMA user_version = 1;")).unwrap();
+            c.execute_batch(&format!("{SCHEMA} PRAGMA user_version = 1;"))
+                .unwrap();
             c.execute(
                 "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at)
                  VALUES ('m-old', 'old-host', x'01', x'02', 't', 1)",
@@ -433,12 +487,17 @@ mod tests {
             .unwrap();
         }
         let cat = Catalog::open(&path).unwrap();
-        let v: i64 = cat.with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0))).unwrap();
+        let v: i64 = cat
+            .with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))
+            .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         assert_eq!(cat.machines().unwrap()[0].0.hostname, "old-host");
-        let (m, _) = cat.register_machine("new-host", &[3; 32], "t", b"s").unwrap();
+        let (m, _) = cat
+            .register_machine("new-host", &[3; 32], "t", b"s")
+            .unwrap();
         let id = cat.begin_snapshot(&m, "crash", "manual").unwrap();
-        cat.finish_snapshot(id, &[(DiskId(1), 10, [9; 32])], 5, 1).unwrap();
+        cat.finish_snapshot(id, &[(DiskId(1), 10, [9; 32])], 5, 1)
+            .unwrap();
         assert_eq!(cat.snapshots(m.as_str()).unwrap()[0].state, "complete");
         drop(cat);
         // Reopening a current catalog changes nothing.

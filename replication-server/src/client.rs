@@ -44,21 +44,35 @@ impl AdminClient {
             format!("reach the rehost-server admin API at {} (is `rehost-server serve` running? see --admin)", self.base)
         })?;
         let status = resp.status();
-        let body: serde_json::Value = resp.body_mut().read_json().with_context(|| format!("{what}: read the answer"))?;
+        let body: serde_json::Value = resp
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("{what}: read the answer"))?;
         if !status.is_success() {
-            let msg = body.get("error").and_then(|e| e.as_str()).unwrap_or("no details");
+            let msg = body
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("no details");
             bail!("{what}: server answered {status}: {msg}");
         }
         serde_json::from_value(body).with_context(|| format!("{what}: unexpected answer"))
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let r = self.agent.get(format!("{}{path}", self.base)).header("Authorization", &self.auth).call();
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .call();
         self.finish(&format!("GET {path}"), r)
     }
 
     /// A POST that may take long (e.g. a snapshot with `wait`): no overall timeout.
-    pub fn post_long<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<T> {
+    pub fn post_long<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
         let r = self
             .agent
             .post(format!("{}{path}", self.base))
@@ -70,8 +84,16 @@ impl AdminClient {
         self.finish(&format!("POST {path}"), r)
     }
 
-    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<T> {
-        let r = self.agent.post(format!("{}{path}", self.base)).header("Authorization", &self.auth).send_json(body);
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .send_json(body);
         self.finish(&format!("POST {path}"), r)
     }
 }

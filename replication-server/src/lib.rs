@@ -50,7 +50,8 @@ pub struct Slot {
 /// A consistency point the server asked an agent for.
 pub struct PendingPoint {
     pub reason: String,
-    pub reply: tokio::sync::oneshot::Sender<Result<snapshot::SnapshotInfo, snapshot::SnapshotError>>,
+    pub reply:
+        tokio::sync::oneshot::Sender<Result<snapshot::SnapshotInfo, snapshot::SnapshotError>>,
 }
 
 impl Slot {
@@ -67,25 +68,42 @@ impl Slot {
 
     /// The live session's frames to its agent, if a session is running.
     pub fn agent(&self) -> Option<tokio::sync::mpsc::Sender<rehost_proto::Message>> {
-        self.agent.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|w| w.upgrade())
+        self.agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|w| w.upgrade())
     }
 
     /// Registers a point to ask the agent for; returns its id and where its snapshot will come.
     pub fn expect_point(
         &self,
         reason: &str,
-    ) -> (u64, tokio::sync::oneshot::Receiver<Result<snapshot::SnapshotInfo, snapshot::SnapshotError>>) {
+    ) -> (
+        u64,
+        tokio::sync::oneshot::Receiver<Result<snapshot::SnapshotInfo, snapshot::SnapshotError>>,
+    ) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut p = self.points.lock().unwrap_or_else(|p| p.into_inner());
         p.0 += 1;
         let id = p.0;
-        p.1.insert(id, PendingPoint { reason: reason.to_string(), reply: tx });
+        p.1.insert(
+            id,
+            PendingPoint {
+                reason: reason.to_string(),
+                reply: tx,
+            },
+        );
         (id, rx)
     }
 
     /// The pending point `id`, if it is still awaited.
     pub fn take_point(&self, id: u64) -> Option<PendingPoint> {
-        self.points.lock().unwrap_or_else(|p| p.into_inner()).1.remove(&id)
+        self.points
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .remove(&id)
     }
 
     pub fn forget_point(&self, id: u64) {
@@ -94,12 +112,20 @@ impl Slot {
 
     /// Drops every pending point (their requesters fall back at once): the session ended.
     pub fn clear_points(&self) {
-        self.points.lock().unwrap_or_else(|p| p.into_inner()).1.clear();
+        self.points
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clear();
     }
 
     /// The live session's writer queue, if a session is running.
     pub fn jobs(&self) -> Option<tokio::sync::mpsc::Sender<writer::Job>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|w| w.upgrade())
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|w| w.upgrade())
     }
 }
 
@@ -138,12 +164,16 @@ impl Shared {
 
 /// Opens (or initialises) the data dir: PKI, admin credential, catalog.
 pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("create data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("create data dir {}", data_dir.display()))?;
     let pki = pki::load_or_create(data_dir).context("load server certificates")?;
     let admin_token = pki::admin_token(data_dir).context("load admin credential")?;
-    let catalog = catalog::Catalog::open(&data_dir.join("catalog.sqlite")).context("open catalog")?;
+    let catalog =
+        catalog::Catalog::open(&data_dir.join("catalog.sqlite")).context("open catalog")?;
     let store = store::Store::open(&data_dir.join("store")).context("open snapshot store")?;
-    let unfinished = catalog.remove_unfinished_snapshots().context("remove unfinished snapshots")?;
+    let unfinished = catalog
+        .remove_unfinished_snapshots()
+        .context("remove unfinished snapshots")?;
     if !unfinished.is_empty() {
         tracing::warn!(snapshots = ?unfinished, "removed snapshots a crash left unfinished; GC reclaims their data");
     }
@@ -171,10 +201,11 @@ pub async fn run(
         let mut stop = stop_rx.clone();
         let app = admin::router(shared.clone());
         tokio::spawn(async move {
-            axum::serve(admin, app).with_graceful_shutdown(async move {
-                let _ = stop.changed().await;
-            })
-            .await
+            axum::serve(admin, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await
         })
     };
     tokio::pin!(shutdown);
@@ -198,9 +229,15 @@ pub async fn run(
     let _ = stop_tx.send(true);
     // Sessions stop reading and their writers commit what they hold.
     let drain = async { while sessions.join_next().await.is_some() {} };
-    if tokio::time::timeout(std::time::Duration::from_secs(30), drain).await.is_err() {
+    if tokio::time::timeout(std::time::Duration::from_secs(30), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("sessions still running after 30 s; exiting anyway");
     }
-    admin_task.await.context("admin API task")?.context("admin API")?;
+    admin_task
+        .await
+        .context("admin API task")?
+        .context("admin API")?;
     Ok(())
 }

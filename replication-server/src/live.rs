@@ -6,7 +6,6 @@ use std::sync::Mutex;
 
 use rehost_proto::msg::{DiskState, Progress};
 
-
 #[derive(Debug, Clone)]
 pub struct LiveDisk {
     pub state: DiskState,
@@ -37,7 +36,12 @@ impl Live {
     }
 
     pub fn connected(&self, machine: &str, peer: String, agent_version: String) {
-        let m = LiveMachine { peer, agent_version, connected_at: crate::catalog::now(), disks: HashMap::new() };
+        let m = LiveMachine {
+            peer,
+            agent_version,
+            connected_at: crate::catalog::now(),
+            disks: HashMap::new(),
+        };
         self.lock().insert(machine.to_string(), m);
     }
 

@@ -15,11 +15,21 @@ use rehost_server::client::AdminClient;
 #[command(name = "rehost-server", version)]
 struct Cli {
     /// Data directory: certificates, admin credential, catalog, staging volumes.
-    #[arg(long, global = true, default_value = "/var/lib/rehost", env = "REHOST_DATA_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/rehost",
+        env = "REHOST_DATA_DIR"
+    )]
     data_dir: PathBuf,
     /// Address of the running server's admin API (operator commands connect here; `serve`
     /// listens here unless --admin-listen says otherwise).
-    #[arg(long, global = true, default_value = "127.0.0.1:1501", env = "REHOST_ADMIN")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:1501",
+        env = "REHOST_ADMIN"
+    )]
     admin: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -111,7 +121,9 @@ enum MachineCmd {
 
 fn parse_duration(s: &str) -> Result<u64, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30m, 24h or 7d"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30m, 24h or 7d"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -119,7 +131,8 @@ fn parse_duration(s: &str) -> Result<u64, String> {
         "d" => 86400,
         _ => return Err(format!("unknown unit `{unit}` in `{s}` (use s, m, h or d)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too long"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too long"))
 }
 
 fn human_bytes(b: u64) -> String {
@@ -159,14 +172,27 @@ fn main() {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let client = || AdminClient::new(&cli.admin, &cli.data_dir);
     match &cli.cmd {
-        Cmd::Serve { listen, admin_listen, snapshot_tick } => {
-            serve(&cli, listen, admin_listen.as_deref().unwrap_or(&cli.admin), *snapshot_tick)
-        }
+        Cmd::Serve {
+            listen,
+            admin_listen,
+            snapshot_tick,
+        } => serve(
+            &cli,
+            listen,
+            admin_listen.as_deref().unwrap_or(&cli.admin),
+            *snapshot_tick,
+        ),
         Cmd::Snapshot(cmd) => snapcmd::run(cmd, &cli.admin, &cli.data_dir),
-        Cmd::Snapshots { machine, json } => snapcmd::list(&cli.admin, &cli.data_dir, machine, *json),
+        Cmd::Snapshots { machine, json } => {
+            snapcmd::list(&cli.admin, &cli.data_dir, machine, *json)
+        }
         Cmd::Gc { json } => snapcmd::gc(&cli.admin, &cli.data_dir, *json),
         Cmd::Retention(cmd) => snapcmd::retention(cmd, &cli.admin, &cli.data_dir),
-        Cmd::Token(TokenCmd::Create { expires, description, json }) => {
+        Cmd::Token(TokenCmd::Create {
+            expires,
+            description,
+            json,
+        }) => {
             let t: CreatedToken = client()?.post(
                 "/v1/tokens",
                 &serde_json::json!({ "description": description, "expires_in_seconds": expires }),
@@ -184,7 +210,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            println!("{:<18} {:<12} {:<12} {:<9} {:>5}  DESCRIPTION", "ID", "CREATED", "EXPIRES", "STATUS", "USED");
+            println!(
+                "{:<18} {:<12} {:<12} {:<9} {:>5}  DESCRIPTION",
+                "ID", "CREATED", "EXPIRES", "STATUS", "USED"
+            );
             for t in v["tokens"].as_array().into_iter().flatten() {
                 let now = rehost_server::catalog::now();
                 let status = if !t["revoked_at"].is_null() {
@@ -207,23 +236,38 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Token(TokenCmd::Revoke { id }) => {
-            let _: serde_json::Value = client()?.post(&format!("/v1/tokens/{id}/revoke"), &serde_json::json!({}))?;
+            let _: serde_json::Value =
+                client()?.post(&format!("/v1/tokens/{id}/revoke"), &serde_json::json!({}))?;
             println!("token {id} revoked");
             Ok(())
         }
         Cmd::Machine(MachineCmd::Throttle { machine, mbps }) => {
-            let v: serde_json::Value =
-                client()?.post(&format!("/v1/machines/{machine}/throttle"), &serde_json::json!({ "max_mbps": mbps }))?;
-            let now = if v["applied_now"] == true { "applied now" } else { "applies when its agent connects" };
+            let v: serde_json::Value = client()?.post(
+                &format!("/v1/machines/{machine}/throttle"),
+                &serde_json::json!({ "max_mbps": mbps }),
+            )?;
+            let now = if v["applied_now"] == true {
+                "applied now"
+            } else {
+                "applies when its agent connects"
+            };
             match v["max_mbps"].as_u64() {
-                Some(m) => println!("{}: bandwidth capped at {m} Mbit/s ({now})", v["machine_id"].as_str().unwrap_or("?")),
-                None => println!("{}: no bandwidth cap ({now})", v["machine_id"].as_str().unwrap_or("?")),
+                Some(m) => println!(
+                    "{}: bandwidth capped at {m} Mbit/s ({now})",
+                    v["machine_id"].as_str().unwrap_or("?")
+                ),
+                None => println!(
+                    "{}: no bandwidth cap ({now})",
+                    v["machine_id"].as_str().unwrap_or("?")
+                ),
             }
             Ok(())
         }
         Cmd::Machine(MachineCmd::Revoke { machine_id }) => {
-            let _: serde_json::Value =
-                client()?.post(&format!("/v1/machines/{machine_id}/revoke"), &serde_json::json!({}))?;
+            let _: serde_json::Value = client()?.post(
+                &format!("/v1/machines/{machine_id}/revoke"),
+                &serde_json::json!({}),
+            )?;
             println!("machine {machine_id} revoked");
             Ok(())
         }
@@ -234,7 +278,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             if v.machines.is_empty() {
-                println!("no machines registered yet (create a token with `rehost-server token create`)");
+                println!(
+                    "no machines registered yet (create a token with `rehost-server token create`)"
+                );
             }
             for m in &v.machines {
                 let agent = match (&m.agent_address, m.revoked) {
@@ -242,7 +288,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     (Some(a), _) => format!("connected from {a}"),
                     (None, _) => format!("disconnected since {}", time(m.last_seen)),
                 };
-                println!("{}  {}  {}  agent {}", m.machine_id, m.hostname, m.lifecycle, agent);
+                println!(
+                    "{}  {}  {}  agent {}",
+                    m.machine_id, m.hostname, m.lifecycle, agent
+                );
                 println!(
                     "  {:<24} {:>10} {:<13} {:>7} {:>11} {:>11} {:>6}",
                     "DEVICE", "SIZE", "STATE", "PROG", "REPLICATED", "BACKLOG", "LAG"
@@ -256,7 +305,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         d.progress_percent,
                         human_bytes(d.replicated_bytes),
                         human_bytes(d.backlog_bytes),
-                        d.lag_seconds.map(|l| format!("{l}s")).unwrap_or_else(|| "-".into())
+                        d.lag_seconds
+                            .map(|l| format!("{l}s"))
+                            .unwrap_or_else(|| "-".into())
                     );
                 }
             }
@@ -266,11 +317,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn serve(cli: &Cli, listen: &str, admin_listen: &str, snapshot_tick: u64) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")?;
     rt.block_on(async {
         let shared = rehost_server::open(&cli.data_dir)?;
-        let listener =
-            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen for agents on {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listen for agents on {listen}"))?;
         let admin = tokio::net::TcpListener::bind(admin_listen)
             .await
             .with_context(|| format!("listen for the admin API on {admin_listen}"))?;
@@ -285,7 +340,9 @@ fn serve(cli: &Cli, listen: &str, admin_listen: &str, snapshot_tick: u64) -> any
             tokio::spawn(rehost_server::retention::scheduler(shared.clone(), tick));
         }
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

@@ -16,9 +16,15 @@ pub enum PkiError {
     #[error("generate certificates")]
     Generate(#[from] rcgen::Error),
     #[error("read or write {path}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parse {path}")]
-    Pem { path: PathBuf, source: rustls::pki_types::pem::Error },
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
     #[error("build TLS configuration")]
     Tls(#[from] rustls::Error),
 }
@@ -37,15 +43,23 @@ const SERVER_KEY: &str = "server.key";
 pub const ADMIN_TOKEN: &str = "admin.token";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_path_buf(), source }
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn create(dir: &Path) -> Result<(), PkiError> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "rehost replication CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.distinguished_name
+        .push(DnType::CommonName, "rehost replication CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     ca.not_before = rcgen::date_time_ymd(2024, 1, 1);
     ca.not_after = rcgen::date_time_ymd(2124, 1, 1);
     let ca_cert = ca.self_signed(&ca_key)?;
@@ -53,7 +67,8 @@ fn create(dir: &Path) -> Result<(), PkiError> {
 
     let key = KeyPair::generate()?;
     let mut leaf = CertificateParams::new(vec![rehost_proto::SERVER_NAME.to_string()])?;
-    leaf.distinguished_name.push(DnType::CommonName, rehost_proto::SERVER_NAME);
+    leaf.distinguished_name
+        .push(DnType::CommonName, rehost_proto::SERVER_NAME);
     leaf.not_before = rcgen::date_time_ymd(2024, 1, 1);
     leaf.not_after = rcgen::date_time_ymd(2124, 1, 1);
     leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
@@ -94,7 +109,11 @@ pub fn load_or_create(dir: &Path) -> Result<Pki, PkiError> {
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![leaf, ca_der.clone()], key)?;
-    Ok(Pki { ca_der, tls: Arc::new(tls), pin })
+    Ok(Pki {
+        ca_der,
+        tls: Arc::new(tls),
+        pin,
+    })
 }
 
 /// The admin credential (hex), created on first start, 0600.

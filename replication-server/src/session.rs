@@ -60,19 +60,25 @@ impl SessionError {
     fn code(&self) -> Option<ErrorCode> {
         Some(match self {
             SessionError::Frame(FrameError::TooLarge(_)) => ErrorCode::TooLarge,
-            SessionError::Frame(FrameError::Decode(_)) | SessionError::Protocol(_) => ErrorCode::Protocol,
+            SessionError::Frame(FrameError::Decode(_)) | SessionError::Protocol(_) => {
+                ErrorCode::Protocol
+            }
             SessionError::Version(..) => ErrorCode::Version,
             SessionError::Unauthorized(_) => ErrorCode::Unauthorized,
             SessionError::Revoked(_) => ErrorCode::Revoked,
             SessionError::Forbidden(_) => ErrorCode::Forbidden,
             SessionError::OutOfRange(_) => ErrorCode::OutOfRange,
-            SessionError::Write(writer::WriteError::HashMismatch { .. } | writer::WriteError::Decompress { .. }) => {
-                ErrorCode::HashMismatch
-            }
+            SessionError::Write(
+                writer::WriteError::HashMismatch { .. } | writer::WriteError::Decompress { .. },
+            ) => ErrorCode::HashMismatch,
             SessionError::Write(writer::WriteError::Protocol { .. }) => ErrorCode::Protocol,
             SessionError::Write(_) | SessionError::Internal(_) => ErrorCode::Internal,
-            SessionError::Replaced | SessionError::Shutdown | SessionError::Idle(_) => ErrorCode::Protocol,
-            SessionError::Tls(_) | SessionError::Frame(FrameError::Io(_)) | SessionError::Agent(_) => return None,
+            SessionError::Replaced | SessionError::Shutdown | SessionError::Idle(_) => {
+                ErrorCode::Protocol
+            }
+            SessionError::Tls(_)
+            | SessionError::Frame(FrameError::Io(_))
+            | SessionError::Agent(_) => return None,
         })
     }
 }
@@ -100,7 +106,12 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Serves one TCP connection until it ends; logs the outcome once.
-pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let span = tracing::info_span!("conn", %peer, machine = tracing::field::Empty);
     async move {
         let _ = tcp.set_nodelay(true);
@@ -113,17 +124,33 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, shutdo
         let (rd, wr) = tokio::io::split(tls);
         let (out_tx, out_rx) = mpsc::channel::<Message>(256);
         let outbound = tokio::spawn(outbound(wr, out_rx));
-        let result = session(&shared, BufReader::with_capacity(1 << 20, rd), out_tx.clone(), peer, shutdown).await;
+        let result = session(
+            &shared,
+            BufReader::with_capacity(1 << 20, rd),
+            out_tx.clone(),
+            peer,
+            shutdown,
+        )
+        .await;
         match &result {
             Ok(()) => info!("agent disconnected"),
-            Err(e @ (SessionError::Frame(FrameError::Io(_)) | SessionError::Replaced | SessionError::Shutdown)) => {
+            Err(
+                e @ (SessionError::Frame(FrameError::Io(_))
+                | SessionError::Replaced
+                | SessionError::Shutdown),
+            ) => {
                 warn!(error = %chain(e), "session ended")
             }
             Err(e) => warn!(error = %chain(e), "session refused or aborted"),
         }
         if let Err(e) = &result {
             if let Some(code) = e.code() {
-                let _ = out_tx.send(Message::Error { code, message: chain(e) }).await;
+                let _ = out_tx
+                    .send(Message::Error {
+                        code,
+                        message: chain(e),
+                    })
+                    .await;
             }
         }
         drop(out_tx);
@@ -156,10 +183,19 @@ async fn session<R: AsyncRead + Unpin>(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_message(&mut rd)).await {
-        Err(_) => return Err(SessionError::Protocol("no hello within the handshake timeout".into())),
+        Err(_) => {
+            return Err(SessionError::Protocol(
+                "no hello within the handshake timeout".into(),
+            ))
+        }
         Ok(r) => match r? {
             Some(Message::Hello(h)) => h,
-            Some(m) => return Err(SessionError::Protocol(format!("expected hello, got {}", m.kind()))),
+            Some(m) => {
+                return Err(SessionError::Protocol(format!(
+                    "expected hello, got {}",
+                    m.kind()
+                )))
+            }
             None => return Err(SessionError::Protocol("closed before hello".into())),
         },
     };
@@ -184,7 +220,15 @@ async fn session<R: AsyncRead + Unpin>(
     );
     let granted: HashMap<DiskId, Granted> = grants
         .iter()
-        .map(|g| (g.disk_id, Granted { size: g.size_bytes, block_size: u64::from(g.block_size) }))
+        .map(|g| {
+            (
+                g.disk_id,
+                Granted {
+                    size: g.size_bytes,
+                    block_size: u64::from(g.block_size),
+                },
+            )
+        })
         .collect();
     out.send(Message::Welcome(Welcome {
         version,
@@ -199,8 +243,16 @@ async fn session<R: AsyncRead + Unpin>(
         let (s, m) = (shared.clone(), machine.clone());
         blocking(move || s.catalog.max_mbps(m.as_str()).map_err(internal)).await?
     };
-    out.send(Message::Settings { max_mbps: cap.unwrap_or(0) }).await.map_err(internal)?;
-    shared.live.connected(machine.as_str(), peer.to_string(), hello.agent_version.clone());
+    out.send(Message::Settings {
+        max_mbps: cap.unwrap_or(0),
+    })
+    .await
+    .map_err(internal)?;
+    shared.live.connected(
+        machine.as_str(),
+        peer.to_string(),
+        hello.agent_version.clone(),
+    );
     let _live = LiveGuard(shared.clone(), machine.clone());
 
     let (job_tx, job_rx) = mpsc::channel::<Job>(64);
@@ -210,9 +262,20 @@ async fn session<R: AsyncRead + Unpin>(
     let mut writer = {
         let (shared, out) = (shared.clone(), out.clone());
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(|| writer::run(shared, ctxs, job_rx, out)))
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| writer::run(shared, ctxs, job_rx, out))
+        })
     };
-    let stream = stream(shared, &machine, &granted, &mut rd, &out, &job_tx, &kicked, &mut shutdown);
+    let stream = stream(
+        shared,
+        &machine,
+        &granted,
+        &mut rd,
+        &out,
+        &job_tx,
+        &kicked,
+        &mut shutdown,
+    );
     // A write error (bad hash, disk failure) ends the session at once, even while the reader waits.
     let result = tokio::select! {
         r = stream => r,
@@ -260,11 +323,15 @@ async fn stream<R: AsyncRead + Unpin>(
 ) -> Result<(), SessionError> {
     let mut next_seq = 1u64;
     let disk = |id: DiskId| {
-        granted.get(&id).ok_or_else(|| SessionError::Forbidden(format!("{id} does not belong to machine {machine}")))
+        granted.get(&id).ok_or_else(|| {
+            SessionError::Forbidden(format!("{id} does not belong to machine {machine}"))
+        })
     };
     let mut check_seq = |seq: u64| {
         if seq != next_seq {
-            return Err(SessionError::Protocol(format!("sequence {seq} where {next_seq} was expected")));
+            return Err(SessionError::Protocol(format!(
+                "sequence {seq} where {next_seq} was expected"
+            )));
         }
         next_seq += 1;
         Ok(())
@@ -284,36 +351,73 @@ async fn stream<R: AsyncRead + Unpin>(
                 check_seq(b.seq)?;
                 let d = disk(b.disk_id)?;
                 let expect = d.size.saturating_sub(b.offset).min(d.block_size);
-                if b.offset % d.block_size != 0 || b.offset >= d.size || u64::from(b.length) != expect {
+                if b.offset % d.block_size != 0
+                    || b.offset >= d.size
+                    || u64::from(b.length) != expect
+                {
                     return Err(SessionError::OutOfRange(format!(
                         "block at offset {} length {} does not fit {} ({} bytes, {}-byte blocks)",
                         b.offset, b.length, b.disk_id, d.size, d.block_size
                     )));
                 }
-                jobs.send(Job::Block(b)).await.map_err(|_| internal("writer stopped"))?;
+                jobs.send(Job::Block(b))
+                    .await
+                    .map_err(|_| internal("writer stopped"))?;
             }
-            Message::Zero { seq, disk_id, offset, length } => {
+            Message::Zero {
+                seq,
+                disk_id,
+                offset,
+                length,
+            } => {
                 check_seq(seq)?;
                 let d = disk(disk_id)?;
                 let end = offset.checked_add(length).filter(|e| *e <= d.size);
-                let aligned = offset % d.block_size == 0 && end.is_some_and(|e| e % d.block_size == 0 || e == d.size);
+                let aligned = offset % d.block_size == 0
+                    && end.is_some_and(|e| e % d.block_size == 0 || e == d.size);
                 if !aligned {
                     return Err(SessionError::OutOfRange(format!(
                         "zero range {offset}+{length} does not fit {disk_id} ({} bytes, {}-byte blocks)",
                         d.size, d.block_size
                     )));
                 }
-                jobs.send(Job::Zero { seq, disk_id, offset, length }).await.map_err(|_| internal("writer stopped"))?;
+                jobs.send(Job::Zero {
+                    seq,
+                    disk_id,
+                    offset,
+                    length,
+                })
+                .await
+                .map_err(|_| internal("writer stopped"))?;
             }
-            Message::Mark { seq, disk_id, kind, generation } => {
+            Message::Mark {
+                seq,
+                disk_id,
+                kind,
+                generation,
+            } => {
                 check_seq(seq)?;
                 disk(disk_id)?;
-                jobs.send(Job::Mark { seq, disk_id, kind, generation }).await.map_err(|_| internal("writer stopped"))?;
+                jobs.send(Job::Mark {
+                    seq,
+                    disk_id,
+                    kind,
+                    generation,
+                })
+                .await
+                .map_err(|_| internal("writer stopped"))?;
             }
-            Message::IndexRequest { disk_id, start_block, count } => {
+            Message::IndexRequest {
+                disk_id,
+                start_block,
+                count,
+            } => {
                 let d = disk(disk_id)?;
                 let blocks = d.size.div_ceil(d.block_size);
-                if start_block.checked_add(u64::from(count)).is_none_or(|e| e > blocks) {
+                if start_block
+                    .checked_add(u64::from(count))
+                    .is_none_or(|e| e > blocks)
+                {
                     return Err(SessionError::OutOfRange(format!(
                         "index request {start_block}+{count} beyond {disk_id}'s {blocks} blocks"
                     )));
@@ -326,34 +430,69 @@ async fn stream<R: AsyncRead + Unpin>(
                         .map_err(internal)
                 })
                 .await?;
-                out.send(Message::IndexChunk { disk_id, start_block, hashes }).await.map_err(internal)?;
+                out.send(Message::IndexChunk {
+                    disk_id,
+                    start_block,
+                    hashes,
+                })
+                .await
+                .map_err(internal)?;
             }
             Message::Progress(p) => {
                 disk(p.disk_id)?;
                 shared.live.progress(machine.as_str(), &p);
             }
             Message::Ping { .. } => {}
-            Message::Point { seq, id, consistency, freeze_ms, note } => {
+            Message::Point {
+                seq,
+                id,
+                consistency,
+                freeze_ms,
+                note,
+            } => {
                 check_seq(seq)?;
                 let job = match shared.slot(machine).take_point(id) {
                     Some(p) => {
                         let consistency = match consistency {
-                            rehost_proto::msg::PointConsistency::App => crate::snapshot::Consistency::App,
+                            rehost_proto::msg::PointConsistency::App => {
+                                crate::snapshot::Consistency::App
+                            }
                             _ => crate::snapshot::Consistency::Crash,
                         };
                         info!(point = id, freeze_ms, %note, consistency = consistency.as_str(), "consistency point from the agent");
-                        Job::Snapshot { machine: machine.clone(), consistency, reason: p.reason, reply: Some(p.reply), seq: Some(seq) }
+                        Job::Snapshot {
+                            machine: machine.clone(),
+                            consistency,
+                            reason: p.reason,
+                            reply: Some(p.reply),
+                            seq: Some(seq),
+                        }
                     }
                     None => {
-                        warn!(point = id, "consistency point arrived after its request was given up");
+                        warn!(
+                            point = id,
+                            "consistency point arrived after its request was given up"
+                        );
                         Job::Ack { seq }
                     }
                 };
-                jobs.send(job).await.map_err(|_| internal("writer stopped"))?;
+                jobs.send(job)
+                    .await
+                    .map_err(|_| internal("writer stopped"))?;
             }
-            Message::Error { code, message } => return Err(SessionError::Agent(format!("{code:?}: {message}"))),
-            m @ (Message::Hello(_) | Message::Welcome(_) | Message::IndexChunk { .. } | Message::Ack { .. } | Message::PointRequest { .. } | Message::Settings { .. }) => {
-                return Err(SessionError::Protocol(format!("unexpected {} from an agent", m.kind())))
+            Message::Error { code, message } => {
+                return Err(SessionError::Agent(format!("{code:?}: {message}")))
+            }
+            m @ (Message::Hello(_)
+            | Message::Welcome(_)
+            | Message::IndexChunk { .. }
+            | Message::Ack { .. }
+            | Message::PointRequest { .. }
+            | Message::Settings { .. }) => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected {} from an agent",
+                    m.kind()
+                )))
             }
         }
     }
@@ -367,35 +506,72 @@ fn negotiate(h: &Hello) -> Result<u32, SessionError> {
     Ok(v)
 }
 
-async fn authenticate(shared: &Arc<Shared>, hello: &Hello) -> Result<(MachineId, Option<[u8; 32]>), SessionError> {
+async fn authenticate(
+    shared: &Arc<Shared>,
+    hello: &Hello,
+) -> Result<(MachineId, Option<[u8; 32]>), SessionError> {
     let shared = shared.clone();
     let auth = hello.auth.clone();
     blocking(move || match auth {
-        Auth::Register { token_id, token_secret, hostname, source_id } => {
+        Auth::Register {
+            token_id,
+            token_secret,
+            hostname,
+            source_id,
+        } => {
             let id = hex::encode(token_id);
-            match shared.catalog.check_token(&id, &token_secret).map_err(internal)? {
+            match shared
+                .catalog
+                .check_token(&id, &token_secret)
+                .map_err(internal)?
+            {
                 Ok(()) => {}
-                Err(Refusal::Unknown) => return Err(SessionError::Unauthorized(format!("unknown install token {id}"))),
-                Err(Refusal::Revoked) => return Err(SessionError::Revoked(format!("install token {id} was revoked"))),
-                Err(Refusal::Expired) => return Err(SessionError::Revoked(format!("install token {id} has expired"))),
+                Err(Refusal::Unknown) => {
+                    return Err(SessionError::Unauthorized(format!(
+                        "unknown install token {id}"
+                    )))
+                }
+                Err(Refusal::Revoked) => {
+                    return Err(SessionError::Revoked(format!(
+                        "install token {id} was revoked"
+                    )))
+                }
+                Err(Refusal::Expired) => {
+                    return Err(SessionError::Revoked(format!(
+                        "install token {id} has expired"
+                    )))
+                }
             }
             let mut secret = [0u8; 32];
             rehost_proto::random_bytes(&mut secret);
-            let (machine, known) =
-                shared.catalog.register_machine(&hostname, &source_id, &id, &secret).map_err(internal)?;
+            let (machine, known) = shared
+                .catalog
+                .register_machine(&hostname, &source_id, &id, &secret)
+                .map_err(internal)?;
             info!(%machine, %hostname, token = %id, known, "machine registered");
             Ok((machine, Some(secret)))
         }
-        Auth::Machine { machine_id, secret } => match shared.catalog.check_machine(&machine_id, &secret).map_err(internal)? {
+        Auth::Machine { machine_id, secret } => match shared
+            .catalog
+            .check_machine(&machine_id, &secret)
+            .map_err(internal)?
+        {
             Ok(()) => Ok((machine_id, None)),
-            Err(Refusal::Revoked) => Err(SessionError::Revoked(format!("machine {machine_id}'s credential was revoked"))),
-            Err(_) => Err(SessionError::Unauthorized(format!("unknown machine or wrong credential for {machine_id}"))),
+            Err(Refusal::Revoked) => Err(SessionError::Revoked(format!(
+                "machine {machine_id}'s credential was revoked"
+            ))),
+            Err(_) => Err(SessionError::Unauthorized(format!(
+                "unknown machine or wrong credential for {machine_id}"
+            ))),
         },
     })
     .await
 }
 
-async fn claim_slot(shared: &Arc<Shared>, machine: &MachineId) -> Result<OwnedMutexGuard<()>, SessionError> {
+async fn claim_slot(
+    shared: &Arc<Shared>,
+    machine: &MachineId,
+) -> Result<OwnedMutexGuard<()>, SessionError> {
     let slot = shared.slot(machine);
     if let Ok(g) = slot.lock.clone().try_lock_owned() {
         return Ok(g);
@@ -403,21 +579,33 @@ async fn claim_slot(shared: &Arc<Shared>, machine: &MachineId) -> Result<OwnedMu
     slot.kick.notify_waiters();
     match tokio::time::timeout(Duration::from_secs(30), slot.lock.clone().lock_owned()).await {
         Ok(g) => Ok(g),
-        Err(_) => Err(SessionError::Internal("previous session of this machine did not end".into())),
+        Err(_) => Err(SessionError::Internal(
+            "previous session of this machine did not end".into(),
+        )),
     }
 }
 
 type Opened = (Vec<DiskGrant>, HashMap<DiskId, DiskCtx>);
 
-fn open_disks(shared: &Shared, machine: &MachineId, disks: &[rehost_proto::msg::DiskInfo]) -> Result<Opened, SessionError> {
+fn open_disks(
+    shared: &Shared,
+    machine: &MachineId,
+    disks: &[rehost_proto::msg::DiskInfo],
+) -> Result<Opened, SessionError> {
     let mut seen = HashSet::new();
     if disks.is_empty() {
         return Err(SessionError::Protocol("no disks in hello".into()));
     }
     if let Some(d) = disks.iter().find(|d| !seen.insert(d.device.as_str())) {
-        return Err(SessionError::Protocol(format!("disk {} listed twice", d.device)));
+        return Err(SessionError::Protocol(format!(
+            "disk {} listed twice",
+            d.device
+        )));
     }
-    let rows = shared.catalog.ensure_disks(machine, disks, shared.block_size).map_err(internal)?;
+    let rows = shared
+        .catalog
+        .ensure_disks(machine, disks, shared.block_size)
+        .map_err(internal)?;
     let dir = shared.volume_dir(machine);
     let mut grants = Vec::new();
     let mut ctxs = HashMap::new();

@@ -22,20 +22,36 @@ const GROUP_TIME: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub enum Job {
     Block(Block),
-    Zero { seq: u64, disk_id: DiskId, offset: u64, length: u64 },
-    Mark { seq: u64, disk_id: DiskId, kind: MarkKind, generation: u64 },
+    Zero {
+        seq: u64,
+        disk_id: DiskId,
+        offset: u64,
+        length: u64,
+    },
+    Mark {
+        seq: u64,
+        disk_id: DiskId,
+        kind: MarkKind,
+        generation: u64,
+    },
     /// A recovery point of all the session's disks at this point of the stream (see `snapshot`).
     /// The result goes to `reply` when there is one; a failed snapshot does not end the session.
     Snapshot {
         machine: rehost_proto::MachineId,
         consistency: crate::snapshot::Consistency,
         reason: String,
-        reply: Option<tokio::sync::oneshot::Sender<Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError>>>,
+        reply: Option<
+            tokio::sync::oneshot::Sender<
+                Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError>,
+            >,
+        >,
         /// The agent's `Point` frame this snapshot answers, acknowledged once it is taken.
         seq: Option<u64>,
     },
     /// A sequenced frame with nothing to write (a point nobody waits for any more).
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +79,13 @@ pub struct DiskCtx {
 
 impl DiskCtx {
     pub fn new(volume: Volume, watermark: u64, complete: bool) -> Self {
-        Self { volume, watermark, complete, dirty: false, moved: false }
+        Self {
+            volume,
+            watermark,
+            complete,
+            dirty: false,
+            moved: false,
+        }
     }
 
     fn extend(&mut self, offset: u64, len: u64) {
@@ -103,28 +125,50 @@ impl Writer {
                         let n = self
                             .decompressor
                             .decompress_to_buffer(&b.payload[..], &mut self.buf[..])
-                            .map_err(|_| WriteError::Decompress { disk: b.disk_id, offset: b.offset })?;
+                            .map_err(|_| WriteError::Decompress {
+                                disk: b.disk_id,
+                                offset: b.offset,
+                            })?;
                         if n != b.length as usize {
-                            return Err(WriteError::Decompress { disk: b.disk_id, offset: b.offset });
+                            return Err(WriteError::Decompress {
+                                disk: b.disk_id,
+                                offset: b.offset,
+                            });
                         }
                         &self.buf
                     }
                 };
                 if blake3::hash(data).as_bytes() != &b.hash {
-                    return Err(WriteError::HashMismatch { disk: b.disk_id, offset: b.offset });
+                    return Err(WriteError::HashMismatch {
+                        disk: b.disk_id,
+                        offset: b.offset,
+                    });
                 }
-                let d = self.disks.get_mut(&b.disk_id).expect("job for a granted disk");
+                let d = self
+                    .disks
+                    .get_mut(&b.disk_id)
+                    .expect("job for a granted disk");
                 d.volume.write_block(b.offset, data, &b.hash)?;
                 d.extend(b.offset, u64::from(b.length));
                 (b.seq, u64::from(b.length))
             }
-            Job::Zero { seq, disk_id, offset, length } => {
+            Job::Zero {
+                seq,
+                disk_id,
+                offset,
+                length,
+            } => {
                 let d = self.disk(disk_id);
                 d.volume.write_zero(offset, length)?;
                 d.extend(offset, length);
                 (seq, 0)
             }
-            Job::Mark { seq, disk_id, kind, generation } => {
+            Job::Mark {
+                seq,
+                disk_id,
+                kind,
+                generation,
+            } => {
                 // Everything before the mark is made durable first.
                 self.commit()?;
                 let d = self.disk(disk_id);
@@ -157,7 +201,13 @@ impl Writer {
                 }
                 (seq, 0)
             }
-            Job::Snapshot { machine, consistency, reason, reply, seq } => {
+            Job::Snapshot {
+                machine,
+                consistency,
+                reason,
+                reply,
+                seq,
+            } => {
                 self.snapshot(&machine, consistency, &reason, reply)?;
                 if let Some(seq) = seq {
                     self.pending_seq = Some(seq);
@@ -184,16 +234,29 @@ impl Writer {
         machine: &rehost_proto::MachineId,
         consistency: crate::snapshot::Consistency,
         reason: &str,
-        reply: Option<tokio::sync::oneshot::Sender<Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError>>>,
+        reply: Option<
+            tokio::sync::oneshot::Sender<
+                Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError>,
+            >,
+        >,
     ) -> Result<(), WriteError> {
         let paused = Instant::now();
         self.commit()?;
-        let mut disks: Vec<_> = self.disks.iter().map(|(id, d)| (*id, &d.volume, d.complete)).collect();
+        let mut disks: Vec<_> = self
+            .disks
+            .iter()
+            .map(|(id, d)| (*id, &d.volume, d.complete))
+            .collect();
         disks.sort_by_key(|d| d.0);
-        let r = crate::snapshot::snapshot_session(&self.shared, machine, &disks, consistency, reason);
+        let r =
+            crate::snapshot::snapshot_session(&self.shared, machine, &disks, consistency, reason);
         let pause_ms = paused.elapsed().as_millis() as u64;
         match &r {
-            Ok(s) => tracing::info!(snapshot = s.id, pause_ms, "replication stream paused for a recovery point"),
+            Ok(s) => tracing::info!(
+                snapshot = s.id,
+                pause_ms,
+                "replication stream paused for a recovery point"
+            ),
             Err(e) => tracing::warn!(error = %e, pause_ms, "recovery point failed"),
         }
         if let Some(reply) = reply {
@@ -239,7 +302,11 @@ pub fn run(
         disks,
         acks,
         decompressor: zstd::bulk::Decompressor::new().map_err(|e| {
-            WriteError::Volume(VolumeError::Io { op: "create zstd context", path: Default::default(), source: e })
+            WriteError::Volume(VolumeError::Io {
+                op: "create zstd context",
+                path: Default::default(),
+                source: e,
+            })
         })?,
         buf: Vec::new(),
         pending_seq: None,

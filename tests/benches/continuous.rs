@@ -37,22 +37,32 @@ fn cpu_ticks(pid: u32) -> u64 {
     let rest = s.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the line; after the comm they are 12 and 13.
-    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Physical byte offset of a file's first extent, which must cover the whole file.
 fn physical_offset(file: &Path, len: u64) -> u64 {
     let out = run_ok(Command::new("filefrag").args(["-e", "-b4096"]).arg(file));
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.trim_start().starts_with("0:")).expect("filefrag extent 0");
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("0:"))
+        .expect("filefrag extent 0");
     let f: Vec<&str> = line.split(':').map(str::trim).collect();
     let logical_end: u64 = f[1].split("..").nth(1).unwrap().trim().parse().unwrap();
-    assert!((logical_end + 1) * 4096 >= len, "the probe file must be one extent: {line}");
+    assert!(
+        (logical_end + 1) * 4096 >= len,
+        "the probe file must be one extent: {line}"
+    );
     let phys: u64 = f[2].split("..").next().unwrap().trim().parse().unwrap();
     phys * 4096
 }
@@ -70,12 +80,19 @@ struct Run {
 
 fn measure(dir: &Path, rate_mb: u64, secs: u64) -> Run {
     let img = dir.join("source.img");
-    std::fs::File::create(&img).unwrap().set_len(1 << 30).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
     let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&img));
     let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(&dev));
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&dev),
+    );
     run_ok(Command::new("mount").arg(&dev).arg(&mnt));
     // The load's target file and the probe file exist before replication starts.
     let load = mnt.join("load.bin");
@@ -88,7 +105,10 @@ fn measure(dir: &Path, rate_mb: u64, secs: u64) -> Run {
     let server = Server::start(dir);
     let token = server.token();
     let mut agent = Agent::new(dir, "bench");
-    assert!(agent.install(&server, &token, &[&dev], "bench-host").status.success());
+    assert!(agent
+        .install(&server, &token, &[&dev], "bench-host")
+        .status
+        .success());
     agent.run(&[]);
     let (mid, did) = wait_replicated_device(&server, &dev);
     let vol = server.volume(&mid, did);
@@ -130,7 +150,10 @@ fn measure(dir: &Path, rate_mb: u64, secs: u64) -> Run {
     let prober = {
         let (stop, stamps) = (stop.clone(), stamps.clone());
         std::thread::spawn(move || {
-            let f = std::fs::OpenOptions::new().write(true).open(&probe_path).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&probe_path)
+                .unwrap();
             let mut seq = 1u64;
             while !stop.load(Ordering::Relaxed) {
                 let mut rec = vec![0u8; 4096];
@@ -209,7 +232,10 @@ fn measure(dir: &Path, rate_mb: u64, secs: u64) -> Run {
     let _ = Command::new("losetup").arg("-d").arg(&dev).status();
     if let Ok(d) = std::fs::read_dir("/sys/kernel/tracing/instances") {
         for e in d.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&format!("rehost-{mid}-")) {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("rehost-{mid}-"))
+            {
                 let _ = std::fs::write(e.path().join("events/block/block_rq_complete/enable"), "0");
                 let _ = std::fs::remove_dir(e.path());
             }
@@ -234,7 +260,10 @@ fn wait_replicated_device(server: &Server, dev: &Path) -> (String, u64) {
             return None;
         }
         let m = server.machines();
-        Some((m["machines"][0]["machine_id"].as_str()?.to_string(), d["disk_id"].as_u64()?))
+        Some((
+            m["machines"][0]["machine_id"].as_str()?.to_string(),
+            d["disk_id"].as_u64()?,
+        ))
     })
 }
 
@@ -242,22 +271,51 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    assert!(nix::unistd::geteuid().is_root(), "this benchmark needs root (loop devices, mount, tracefs)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this benchmark needs root (loop devices, mount, tracefs)"
+    );
     let rates: Vec<u64> = std::env::var("REHOST_BENCH_RATES")
         .unwrap_or_else(|_| "20,0".into())
         .split(',')
         .filter_map(|r| r.trim().parse().ok())
         .collect();
-    let secs: u64 = std::env::var("REHOST_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let secs: u64 = std::env::var("REHOST_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
     println!("tracker: tracepoint (block_rq_complete via tracefs); {secs} s per rate; 1 GiB ext4 on a loop device");
-    println!("{:>10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8} {:>9} {:>9} {:>9}", "target", "achieved", "lag p50", "lag p99", "lag max", "probes", "CPU %", "CPU%/10MB", "RSS MiB", "freeze p99");
+    println!(
+        "{:>10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8} {:>9} {:>9} {:>9}",
+        "target",
+        "achieved",
+        "lag p50",
+        "lag p99",
+        "lag max",
+        "probes",
+        "CPU %",
+        "CPU%/10MB",
+        "RSS MiB",
+        "freeze p99"
+    );
     for rate in rates {
-        let dir = tempfile::Builder::new().prefix("rehost-cbench-").tempdir_in("/var/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("rehost-cbench-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
         let mut r = measure(dir.path(), rate, secs);
         let achieved = r.written_mb / r.secs;
-        let (p50, p99, max) = (percentile(&mut r.lags, 0.5), percentile(&mut r.lags, 0.99), percentile(&mut r.lags, 1.0));
+        let (p50, p99, max) = (
+            percentile(&mut r.lags, 0.5),
+            percentile(&mut r.lags, 0.99),
+            percentile(&mut r.lags, 1.0),
+        );
         let fz = percentile(&mut r.freezes, 0.99);
-        let target = if r.rate == 0 { "max".to_string() } else { format!("{} MB/s", r.rate) };
+        let target = if r.rate == 0 {
+            "max".to_string()
+        } else {
+            format!("{} MB/s", r.rate)
+        };
         println!(
             "{target:>10} {:>6.1} MB/s {:>6.3} s {:>6.3} s {:>6.3} s {:>5}/{:<4} {:>7.1} {:>9.2} {:>9.1} {:>6.0} ms",
             achieved,

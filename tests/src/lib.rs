@@ -240,7 +240,10 @@ impl Agent {
             .args(["run", "--state-dir"])
             .arg(&self.state)
             .args(extra)
-            .env("RUST_LOG", std::env::var("REHOST_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("REHOST_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -400,7 +403,10 @@ pub fn require_root(what: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} needs root, and CI=true: failing instead of skipping");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{what} needs root, and CI=true: failing instead of skipping"
+    );
     eprintln!("SKIPPED: {what} needs root (loop devices, mount, tracefs); run the tests as root");
     false
 }

@@ -30,8 +30,16 @@ impl LoopFs {
         let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         let mnt = dir.join("mnt");
         std::fs::create_dir_all(&mnt).unwrap();
-        let mut fs = LoopFs { dev, mnt, mounted: false };
-        run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(&fs.dev));
+        let mut fs = LoopFs {
+            dev,
+            mnt,
+            mounted: false,
+        };
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+                .arg(&fs.dev),
+        );
         run_ok(Command::new("mount").arg(&fs.dev).arg(&fs.mnt));
         fs.mounted = true;
         fs
@@ -66,9 +74,14 @@ struct TraceCleanup(Option<String>);
 impl Drop for TraceCleanup {
     fn drop(&mut self) {
         let Some(machine) = &self.0 else { return };
-        let Ok(dir) = std::fs::read_dir("/sys/kernel/tracing/instances") else { return };
+        let Ok(dir) = std::fs::read_dir("/sys/kernel/tracing/instances") else {
+            return;
+        };
         for e in dir.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&format!("rehost-{machine}-")) {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("rehost-{machine}-"))
+            {
                 let _ = std::fs::write(e.path().join("events/block/block_rq_complete/enable"), "0");
                 let _ = std::fs::remove_dir(e.path());
             }
@@ -97,7 +110,11 @@ impl Writer {
                 let len = 4096 + (n as usize * 7919) % (256 << 10);
                 let data = random_bytes(n + 1, len);
                 // Every fourth write rewrites an earlier file, so blocks get dirty again.
-                let name = if n % 4 == 3 { format!("f-{}", n / 2) } else { format!("f-{n}") };
+                let name = if n % 4 == 3 {
+                    format!("f-{}", n / 2)
+                } else {
+                    format!("f-{n}")
+                };
                 let p = dir.join(&name);
                 let mut f = std::fs::File::create(&p).unwrap();
                 f.write_all(&data).unwrap();
@@ -111,7 +128,11 @@ impl Writer {
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
-        Writer { stop, done, thread: Some(thread) }
+        Writer {
+            stop,
+            done,
+            thread: Some(thread),
+        }
     }
 
     fn stop(&mut self) -> Vec<(PathBuf, String)> {
@@ -140,15 +161,25 @@ fn wait_continuous(agent: &Agent) -> (String, String) {
         let d = disk_status(agent);
         (d["state"] == "continuous" && agent.status()["running"] == true).then_some(d)
     });
-    assert_eq!(d["tracker"], "tracepoint", "block devices are tracked by kernel tracepoints: {d}");
-    (d["start"]["kind"].as_str().unwrap_or("").into(), d["start"]["reason"].as_str().unwrap_or("").into())
+    assert_eq!(
+        d["tracker"], "tracepoint",
+        "block devices are tracked by kernel tracepoints: {d}"
+    );
+    (
+        d["start"]["kind"].as_str().unwrap_or("").into(),
+        d["start"]["reason"].as_str().unwrap_or("").into(),
+    )
 }
 
 /// Stops the writer, unmounts (everything reaches the device), and waits for the replica to
 /// become byte-identical; then checks the replica's filesystem and the files the writer fsynced.
 fn converge(fs: &mut LoopFs, writer: &mut Writer, server: &Server, dir: &Path) {
     let files = writer.stop();
-    assert!(files.len() > 20, "the writer wrote only {} files", files.len());
+    assert!(
+        files.len() > 20,
+        "the writer wrote only {} files",
+        files.len()
+    );
     fs.umount();
     let want = fs.hash();
     let m = server.machines();
@@ -158,11 +189,16 @@ fn converge(fs: &mut LoopFs, writer: &mut Writer, server: &Server, dir: &Path) {
     let deadline = std::time::Instant::now() + LIMIT;
     while file_hash(&vol) != want {
         if std::time::Instant::now() > deadline {
-            let (a, b) = (std::fs::read(&fs.dev).unwrap(), std::fs::read(&vol).unwrap());
-            let differ: Vec<usize> = (0..a.len().div_ceil(65536)).filter(|i| {
-                let r = i * 65536..((i + 1) * 65536).min(a.len());
-                a[r.clone()] != b[r]
-            }).collect();
+            let (a, b) = (
+                std::fs::read(&fs.dev).unwrap(),
+                std::fs::read(&vol).unwrap(),
+            );
+            let differ: Vec<usize> = (0..a.len().div_ceil(65536))
+                .filter(|i| {
+                    let r = i * 65536..((i + 1) * 65536).min(a.len());
+                    a[r.clone()] != b[r]
+                })
+                .collect();
             panic!("the replica still differs from the source in 64 KiB blocks {differ:?}\nagent log:\n{}", agent_log_tail(dir));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -174,15 +210,31 @@ fn converge(fs: &mut LoopFs, writer: &mut Writer, server: &Server, dir: &Path) {
     let mnt = fs.mnt.clone();
     for (p, h) in files.iter().rev().take(30) {
         let rel = p.strip_prefix(&mnt).unwrap();
-        let out = run_ok(Command::new("debugfs").args(["-R", &format!("cat /{}", rel.display())]).arg(&copy));
-        assert_eq!(blake3::hash(&out.stdout).to_hex().to_string(), *h, "{} differs in the replica", rel.display());
+        let out = run_ok(
+            Command::new("debugfs")
+                .args(["-R", &format!("cat /{}", rel.display())])
+                .arg(&copy),
+        );
+        assert_eq!(
+            blake3::hash(&out.stdout).to_hex().to_string(),
+            *h,
+            "{} differs in the replica",
+            rel.display()
+        );
     }
 }
 
 /// Dropped in reverse order: the agent stops before its trace instance is removed.
 fn agent_log_tail(dir: &Path) -> String {
     let log = std::fs::read_to_string(dir.join("agent-a.log")).unwrap_or_default();
-    log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    log.lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn setup(dir: &Path) -> Option<(TraceCleanup, LoopFs, Server, Agent)> {
@@ -194,7 +246,11 @@ fn setup(dir: &Path) -> Option<(TraceCleanup, LoopFs, Server, Agent)> {
     let token = server.token();
     let agent = Agent::new(dir, "a");
     let out = agent.install(&server, &token, &[&fs.dev], "loop-host");
-    assert!(out.status.success(), "install: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let machine = agent.state_json()["machine_id"].as_str().map(String::from);
     Some((TraceCleanup(machine), fs, server, agent))
 }
@@ -202,23 +258,34 @@ fn setup(dir: &Path) -> Option<(TraceCleanup, LoopFs, Server, Agent)> {
 #[test]
 fn clean_restart_resumes_without_rescan_and_the_replica_converges() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((_cleanup, mut fs, server, mut agent)) = setup(dir.path()) else { return };
+    let Some((_cleanup, mut fs, server, mut agent)) = setup(dir.path()) else {
+        return;
+    };
     let mut writer = Writer::start(&fs.mnt);
     agent.run(&[]);
     let (kind, _) = wait_continuous(&agent);
     assert_eq!(kind, "initial-sync");
     std::thread::sleep(Duration::from_secs(2));
-    let lag = wait_until("the lag to be reported", LIMIT, || disk_status(&agent)["lag_seconds"].as_u64());
+    let lag = wait_until("the lag to be reported", LIMIT, || {
+        disk_status(&agent)["lag_seconds"].as_u64()
+    });
     assert!(lag <= 2, "lag {lag}s with a light writer");
 
     agent.kill(Signal::SIGTERM);
-    assert!(agent.log_text().contains("clean stop recorded"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("clean stop recorded"),
+        "{}",
+        agent.log_text()
+    );
     // Writes while the agent is down are recorded by the kernel trace instance.
     std::thread::sleep(Duration::from_secs(1));
     agent.run(&[]);
     let (kind, reason) = wait_continuous(&agent);
     assert_eq!(kind, "resume", "a clean restart must not rescan: {reason}");
-    assert!(disk_status(&agent)["last_rescan"].is_null(), "no rescan after a clean stop");
+    assert!(
+        disk_status(&agent)["last_rescan"].is_null(),
+        "no rescan after a clean stop"
+    );
     std::thread::sleep(Duration::from_secs(1));
     converge(&mut fs, &mut writer, &server, dir.path());
 }
@@ -226,7 +293,9 @@ fn clean_restart_resumes_without_rescan_and_the_replica_converges() {
 #[test]
 fn crash_restart_rescans_and_the_replica_converges() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((_cleanup, mut fs, server, mut agent)) = setup(dir.path()) else { return };
+    let Some((_cleanup, mut fs, server, mut agent)) = setup(dir.path()) else {
+        return;
+    };
     let mut writer = Writer::start(&fs.mnt);
     agent.run(&[]);
     wait_continuous(&agent);
@@ -245,14 +314,20 @@ fn crash_restart_rescans_and_the_replica_converges() {
 
 fn cli_ok(server: &Server, args: &[&str]) -> String {
     let out = server.cli(args);
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
 fn a_consistency_point_while_the_writer_runs_is_a_clean_filesystem_with_every_fsynced_file() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((_cleanup, fs, server, mut agent)) = setup(dir.path()) else { return };
+    let Some((_cleanup, fs, server, mut agent)) = setup(dir.path()) else {
+        return;
+    };
     let mut writer = Writer::start(&fs.mnt);
     agent.run(&[]);
     wait_continuous(&agent);
@@ -261,9 +336,15 @@ fn a_consistency_point_while_the_writer_runs_is_a_clean_filesystem_with_every_fs
         std::thread::sleep(Duration::from_millis(700));
         // Everything the writer fsynced before the request must be in the point.
         let before = writer.done.lock().unwrap().clone();
-        let snap: serde_json::Value =
-            serde_json::from_str(&cli_ok(&server, &["snapshot", "create", "loop-host", "--wait", "--json"])).unwrap();
-        assert_eq!(snap["consistency"], "app", "a mounted ext4 is frozen for the point: {snap}");
+        let snap: serde_json::Value = serde_json::from_str(&cli_ok(
+            &server,
+            &["snapshot", "create", "loop-host", "--wait", "--json"],
+        ))
+        .unwrap();
+        assert_eq!(
+            snap["consistency"], "app",
+            "a mounted ext4 is frozen for the point: {snap}"
+        );
         let point = wait_until("the agent to report its point", LIMIT, || {
             let p = agent.status()["last_point"].clone();
             (p["consistency"] == "app" && p["at"].as_i64().is_some()).then_some(p)
@@ -273,25 +354,48 @@ fn a_consistency_point_while_the_writer_runs_is_a_clean_filesystem_with_every_fs
         let img = dir.path().join(format!("point-{round}.img"));
         cli_ok(
             &server,
-            &["snapshot", "export", "loop-host", &id, "--disk", &fs.dev.display().to_string(), "--output", &img.display().to_string()],
+            &[
+                "snapshot",
+                "export",
+                "loop-host",
+                &id,
+                "--disk",
+                &fs.dev.display().to_string(),
+                "--output",
+                &img.display().to_string(),
+            ],
         );
         run_ok(Command::new("e2fsck").arg("-fn").arg(&img));
         for (p, h) in before.iter().rev().take(25) {
             let rel = p.strip_prefix(&fs.mnt).unwrap();
-            let out = run_ok(Command::new("debugfs").args(["-R", &format!("cat /{}", rel.display())]).arg(&img));
-            assert_eq!(blake3::hash(&out.stdout).to_hex().to_string(), *h, "{} is not in point {round}", rel.display());
+            let out = run_ok(
+                Command::new("debugfs")
+                    .args(["-R", &format!("cat /{}", rel.display())])
+                    .arg(&img),
+            );
+            assert_eq!(
+                blake3::hash(&out.stdout).to_hex().to_string(),
+                *h,
+                "{} is not in point {round}",
+                rel.display()
+            );
         }
         std::fs::remove_file(&img).unwrap();
     }
     eprintln!("freeze windows: {freezes:?} ms");
-    assert!(freezes.iter().all(|f| *f < 2000), "freezes stay under the cap: {freezes:?}");
+    assert!(
+        freezes.iter().all(|f| *f < 2000),
+        "freezes stay under the cap: {freezes:?}"
+    );
     writer.stop();
 }
 
 #[test]
 fn a_killed_agent_leaves_no_frozen_filesystem() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((_cleanup, fs, server, mut agent)) = setup(dir.path()) else { return };
+    let Some((_cleanup, fs, server, mut agent)) = setup(dir.path()) else {
+        return;
+    };
     // A slow link, so draining under the freeze takes long enough to kill the agent meanwhile.
     agent.run(&["--max-mbps", "1"]);
     wait_continuous(&agent);
@@ -299,24 +403,49 @@ fn a_killed_agent_leaves_no_frozen_filesystem() {
     let pid = agent.pid().unwrap();
     let mut create = std::process::Command::new(bin("rehost-server"))
         .args(["--data-dir".as_ref(), server.data.as_os_str()])
-        .args(["--admin", &server.admin, "snapshot", "create", "loop-host", "--wait"])
+        .args([
+            "--admin",
+            &server.admin,
+            "snapshot",
+            "create",
+            "loop-host",
+            "--wait",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     // The thaw guard runs exactly while filesystems are frozen.
     let guard = wait_until("the agent to freeze the filesystem", LIMIT, || {
-        let out = Command::new("pgrep").args(["-P", &pid.to_string(), "-f", "thaw-guard"]).output().ok()?;
+        let out = Command::new("pgrep")
+            .args(["-P", &pid.to_string(), "-f", "thaw-guard"])
+            .output()
+            .ok()?;
         let pids = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (!pids.is_empty()).then_some(pids)
     });
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL), Ok(()));
+    assert_eq!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL),
+        Ok(())
+    );
     // A write to the filesystem completes: the guard thawed it when the agent died (the cap timer
     // died with the agent).
     let probe = fs.mnt.join("probe");
-    let mut w = Command::new("sh").arg("-c").arg(format!("echo ok > {} && sync -f {}", probe.display(), probe.display())).spawn().unwrap();
-    let st = wait_until("a write to the formerly frozen filesystem", Duration::from_secs(10), || w.try_wait().unwrap());
+    let mut w = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo ok > {} && sync -f {}",
+            probe.display(),
+            probe.display()
+        ))
+        .spawn()
+        .unwrap();
+    let st = wait_until(
+        "a write to the formerly frozen filesystem",
+        Duration::from_secs(10),
+        || w.try_wait().unwrap(),
+    );
     assert!(st.success());
     let guard = guard.lines().next().unwrap().to_string();
     wait_until("the thaw guard to exit", Duration::from_secs(10), || {

@@ -27,7 +27,11 @@ fn creds(agent: &Agent, img: &Path) -> Creds {
     let s = agent.state_json();
     let hex32 = |v: &serde_json::Value| -> [u8; 32] {
         let s = v.as_str().unwrap();
-        (0..32).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap()).collect::<Vec<_>>().try_into().unwrap()
+        (0..32)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap()
     };
     Creds {
         machine: MachineId::parse(s["machine_id"].as_str().unwrap()).unwrap(),
@@ -48,12 +52,20 @@ fn attack(server: &Server, c: &Creds, raw: Vec<u8>) -> (ErrorCode, String) {
             min_version: 1,
             max_version: 1,
             agent_version: "attacker".into(),
-            auth: Auth::Machine { machine_id: c.machine.clone(), secret: c.secret },
-            disks: vec![DiskInfo { device: c.device.clone(), size_bytes: c.size }],
+            auth: Auth::Machine {
+                machine_id: c.machine.clone(),
+                secret: c.secret,
+            },
+            disks: vec![DiskInfo {
+                device: c.device.clone(),
+                size_bytes: c.size,
+            }],
         };
         let welcome = match handshake(&mut tls, hello).await {
             Ok(w) => w,
-            Err(rehost_agent::conn::ConnError::Refused { code, message }) => return (code, message),
+            Err(rehost_agent::conn::ConnError::Refused { code, message }) => {
+                return (code, message)
+            }
             Err(e) => panic!("handshake: {e}"),
         };
         assert_eq!(welcome.disks.len(), 1);
@@ -63,15 +75,22 @@ fn attack(server: &Server, c: &Creds, raw: Vec<u8>) -> (ErrorCode, String) {
             loop {
                 match read_message(&mut tls).await {
                     Ok(Some(Message::Error { code, message })) => return (code, message),
-                    Ok(Some(Message::Ack { .. } | Message::Settings { .. } | Message::Ping { .. })) => continue,
+                    Ok(Some(
+                        Message::Ack { .. } | Message::Settings { .. } | Message::Ping { .. },
+                    )) => continue,
                     other => panic!("expected an error frame, got {other:?}"),
                 }
             }
         })
         .await
         .expect("server answers");
-        let closed = tokio::time::timeout(Duration::from_secs(10), read_message(&mut tls)).await.expect("closes");
-        assert!(matches!(closed, Ok(None) | Err(_)), "connection must be closed after an error: {closed:?}");
+        let closed = tokio::time::timeout(Duration::from_secs(10), read_message(&mut tls))
+            .await
+            .expect("closes");
+        assert!(
+            matches!(closed, Ok(None) | Err(_)),
+            "connection must be closed after an error: {closed:?}"
+        );
         reply
     })
 }
@@ -104,8 +123,14 @@ fn hostile_frames_are_refused_and_volumes_stay_unchanged() {
     mixed_image(&img_b, 4 << 20, 6);
     let mut a = Agent::new(dir.path(), "a");
     let mut b = Agent::new(dir.path(), "b");
-    assert!(a.install(&server, &token, &[&img_a], "victim-a").status.success());
-    assert!(b.install(&server, &token, &[&img_b], "victim-b").status.success());
+    assert!(a
+        .install(&server, &token, &[&img_a], "victim-a")
+        .status
+        .success());
+    assert!(b
+        .install(&server, &token, &[&img_b], "victim-b")
+        .status
+        .success());
     a.run(&[]);
     b.run(&[]);
     let (ma, da) = wait_replicated(&server, &img_a, LIMIT);
@@ -119,16 +144,60 @@ fn hostile_frames_are_refused_and_volumes_stay_unchanged() {
     let good = *blake3::hash(&data).as_bytes();
 
     let cases: Vec<(&str, Vec<u8>, ErrorCode, &str)> = vec![
-        ("write to another machine's disk", block(1, DiskId(db), 0, &data, good), ErrorCode::Forbidden, "does not belong"),
-        ("offset beyond the disk", block(1, DiskId(da), 64 << 20, &data, good), ErrorCode::OutOfRange, "does not fit"),
-        ("unaligned offset", block(1, DiskId(da), 4096, &data, good), ErrorCode::OutOfRange, "does not fit"),
-        ("hash mismatch", block(1, DiskId(da), 0, &data, [9; 32]), ErrorCode::HashMismatch, "does not match"),
-        ("oversized frame", vec![0x7f, 0xff, 0xff, 0xff, 0, 0], ErrorCode::TooLarge, "exceeds"),
-        ("malformed frame", { let mut v = vec![0, 0, 0, 8]; v.extend_from_slice(&[0xff; 8]); v }, ErrorCode::Protocol, "malformed"),
-        ("sequence gap", block(5, DiskId(da), 0, &data, good), ErrorCode::Protocol, "sequence"),
+        (
+            "write to another machine's disk",
+            block(1, DiskId(db), 0, &data, good),
+            ErrorCode::Forbidden,
+            "does not belong",
+        ),
+        (
+            "offset beyond the disk",
+            block(1, DiskId(da), 64 << 20, &data, good),
+            ErrorCode::OutOfRange,
+            "does not fit",
+        ),
+        (
+            "unaligned offset",
+            block(1, DiskId(da), 4096, &data, good),
+            ErrorCode::OutOfRange,
+            "does not fit",
+        ),
+        (
+            "hash mismatch",
+            block(1, DiskId(da), 0, &data, [9; 32]),
+            ErrorCode::HashMismatch,
+            "does not match",
+        ),
+        (
+            "oversized frame",
+            vec![0x7f, 0xff, 0xff, 0xff, 0, 0],
+            ErrorCode::TooLarge,
+            "exceeds",
+        ),
+        (
+            "malformed frame",
+            {
+                let mut v = vec![0, 0, 0, 8];
+                v.extend_from_slice(&[0xff; 8]);
+                v
+            },
+            ErrorCode::Protocol,
+            "malformed",
+        ),
+        (
+            "sequence gap",
+            block(5, DiskId(da), 0, &data, good),
+            ErrorCode::Protocol,
+            "sequence",
+        ),
         (
             "zero range past the end",
-            frame(Message::Zero { seq: 1, disk_id: DiskId(da), offset: 0, length: 1 << 40 }),
+            frame(Message::Zero {
+                seq: 1,
+                disk_id: DiskId(da),
+                offset: 0,
+                length: 1 << 40,
+            }),
             ErrorCode::OutOfRange,
             "does not fit",
         ),
@@ -136,20 +205,32 @@ fn hostile_frames_are_refused_and_volumes_stay_unchanged() {
     for (what, raw, code, text) in cases {
         let (got, msg) = attack(&server, &c, raw);
         assert_eq!(got, code, "{what}: {msg}");
-        assert!(msg.contains(text), "{what}: `{msg}` should mention `{text}`");
+        assert!(
+            msg.contains(text),
+            "{what}: `{msg}` should mention `{text}`"
+        );
     }
     assert_eq!(file_hash(&vol_a), ha, "machine A's volume changed");
     assert_eq!(file_hash(&vol_b), hb, "machine B's volume changed");
 
     // A wrong credential and a revoked machine are refused at the handshake.
-    let wrong = Creds { secret: [1; 32], ..creds(&a, &img_a) };
+    let wrong = Creds {
+        secret: [1; 32],
+        ..creds(&a, &img_a)
+    };
     assert_eq!(attack(&server, &wrong, vec![]).0, ErrorCode::Unauthorized);
-    assert!(server.cli(&["machine", "revoke", ma.as_str()]).status.success());
+    assert!(server
+        .cli(&["machine", "revoke", ma.as_str()])
+        .status
+        .success());
     let (code, msg) = attack(&server, &c, vec![]);
     assert_eq!(code, ErrorCode::Revoked, "{msg}");
     a.run(&[]);
     let st = a.wait(LIMIT);
-    assert!(!st.success(), "an agent whose machine was revoked stops with an error");
+    assert!(
+        !st.success(),
+        "an agent whose machine was revoked stops with an error"
+    );
     assert!(a.log_text().contains("revoked"));
 
     let log = server.log_text();

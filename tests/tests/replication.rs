@@ -311,27 +311,45 @@ fn the_server_changes_the_bandwidth_cap_at_runtime_and_keeps_it_across_reconnect
     let img = dir.path().join("t.img");
     mixed_image(&img, 16 << 20, 21);
     let mut agent = Agent::new(dir.path(), "t");
-    assert!(agent.install(&server, &token, &[&img], "throttled").status.success());
+    assert!(agent
+        .install(&server, &token, &[&img], "throttled")
+        .status
+        .success());
     agent.run(&["--scan-interval", "1"]);
     wait_replicated(&server, &img, LIMIT);
     let cap = |agent: &Agent| agent.status()["max_mbps"].as_u64();
     assert_eq!(cap(&agent), None);
 
     let out = server.cli(&["machine", "throttle", "throttled", "--mbps", "8"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("8 Mbit/s (applied now)"));
-    wait_until("the agent to apply the cap", LIMIT, || (cap(&agent) == Some(8)).then_some(()));
+    wait_until("the agent to apply the cap", LIMIT, || {
+        (cap(&agent) == Some(8)).then_some(())
+    });
     // 3 MiB of incompressible data at 8 Mbit/s needs at least 3 s (less a 0.25 s burst).
     let t = std::time::Instant::now();
     write_at(&img, 4 << 20, &random_bytes(77, 3 << 20));
     wait_replicated(&server, &img, LIMIT);
-    assert!(t.elapsed() >= Duration::from_millis(2700), "3 MiB at 8 Mbit/s took only {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(2700),
+        "3 MiB at 8 Mbit/s took only {:?}",
+        t.elapsed()
+    );
 
     // The cap is kept in the catalog: a restarted server hands it to the reconnecting agent.
     server.restart();
     wait_until("the agent to reconnect with the cap", LIMIT, || {
         (agent.status()["connection"] == "connected" && cap(&agent) == Some(8)).then_some(())
     });
-    assert!(server.cli(&["machine", "throttle", "throttled", "--mbps", "0"]).status.success());
-    wait_until("the cap to be lifted", LIMIT, || (cap(&agent).is_none()).then_some(()));
+    assert!(server
+        .cli(&["machine", "throttle", "throttled", "--mbps", "0"])
+        .status
+        .success());
+    wait_until("the cap to be lifted", LIMIT, || {
+        (cap(&agent).is_none()).then_some(())
+    });
 }

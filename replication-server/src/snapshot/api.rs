@@ -87,7 +87,14 @@ async fn create(
     let ask_agent = !req.stream_point;
     let (s2, m2) = (s.clone(), machine.clone());
     let task = tokio::spawn(async move {
-        let r = super::request(s2, m2.clone(), Consistency::Crash, "manual".into(), ask_agent).await;
+        let r = super::request(
+            s2,
+            m2.clone(),
+            Consistency::Crash,
+            "manual".into(),
+            ask_agent,
+        )
+        .await;
         if let Err(e) = &r {
             // Whoever asked may not be waiting for the answer.
             tracing::warn!(machine = %m2, error = %chain(e), "requested recovery point failed");
@@ -278,7 +285,11 @@ pub fn metrics(s: &Shared) -> Result<String, ApiError> {
     }
     out.push_str("# TYPE rehost_recovery_point_age_seconds gauge\n");
     for (m, (_, t)) in &per {
-        let _ = writeln!(out, "rehost_recovery_point_age_seconds{{machine=\"{m}\"}} {}", (now - t).max(0));
+        let _ = writeln!(
+            out,
+            "rehost_recovery_point_age_seconds{{machine=\"{m}\"}} {}",
+            (now - t).max(0)
+        );
     }
     Ok(out)
 }

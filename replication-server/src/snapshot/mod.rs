@@ -497,9 +497,16 @@ async fn agent_point(
     machine: &MachineId,
     reason: &str,
 ) -> Result<Option<SnapshotInfo>, SnapshotError> {
-    let Some(out) = slot.agent() else { return Ok(None) };
+    let Some(out) = slot.agent() else {
+        return Ok(None);
+    };
     let (id, rx) = slot.expect_point(reason);
-    let asked = out.send(rehost_proto::Message::PointRequest { id, max_freeze_ms: MAX_FREEZE_MS }).await;
+    let asked = out
+        .send(rehost_proto::Message::PointRequest {
+            id,
+            max_freeze_ms: MAX_FREEZE_MS,
+        })
+        .await;
     drop(out);
     if asked.is_err() {
         slot.forget_point(id);
@@ -526,7 +533,10 @@ async fn synced(shared: &Arc<Shared>, machine: &MachineId) -> Result<bool, Snaps
     let rows = tokio::task::spawn_blocking(move || s.catalog.machines())
         .await
         .map_err(|e| SnapshotError::Internal(e.to_string()))??;
-    Ok(rows.into_iter().find(|(r, _)| r.id == m.as_str()).is_some_and(|(_, d)| !d.is_empty() && d.iter().all(|d| d.sync_complete)))
+    Ok(rows
+        .into_iter()
+        .find(|(r, _)| r.id == m.as_str())
+        .is_some_and(|(_, d)| !d.is_empty() && d.iter().all(|d| d.sync_complete)))
 }
 
 /// Counts the chunks [`prepare`] stored ahead of the point as added by this snapshot.
