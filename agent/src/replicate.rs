@@ -671,34 +671,8 @@ async fn continuous(
                         continue;
                     }
                     if taken.count() > 0 {
-                        let blocks: Vec<u64> = taken.iter().collect();
-                        tracing::debug!(disk = %g.device, ?blocks, "sending dirty blocks");
-                        t.pending = Some(taken);
-                        let plan = Plan {
-                            start: 0,
-                            end: g.size_bytes,
-                            block_size: g.block_size,
-                            known: None,
-                            blocks: Some(Arc::new(blocks)),
-                            uncached: d.block_device,
-                        };
-                        stream(agent, opts, conn, g, d, plan, shutdown).await?;
-                        let last = conn.last_seq();
-                        loop {
-                            match tokio::time::timeout(
-                                Duration::from_secs(1),
-                                conn.wait_acked(last),
-                            )
-                            .await
-                            {
-                                Ok(r) => break r?,
-                                Err(_) if at.elapsed() > STALLED_AFTER => {
-                                    agent.disk_status(g.disk_id.0, |s| s.state = "stalled".into());
-                                }
-                                Err(_) => {}
-                            }
-                        }
-                        t.pending = None;
+                        send_round(agent, opts, conn, g, d, &mut t.pending, taken, shutdown)
+                            .await?;
                     }
                     agent.set_consistent(g.disk_id.0, at);
                 }
@@ -744,6 +718,47 @@ async fn continuous(
     }
 }
 
+/// Sends the blocks of `taken` and waits until the server holds them durably; they stay in
+/// `pending` meanwhile, so a dropped connection puts them back into the dirty set. A round not
+/// acknowledged for [`STALLED_AFTER`] shows the disk as `stalled`.
+#[allow(clippy::too_many_arguments)]
+async fn send_round(
+    agent: &Arc<Agent>,
+    opts: &Options,
+    conn: &mut Conn,
+    g: &DiskGrant,
+    d: &OpenDisk,
+    pending: &mut Option<DirtySet>,
+    taken: DirtySet,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let started = Instant::now();
+    let blocks: Vec<u64> = taken.iter().collect();
+    tracing::debug!(disk = %g.device, ?blocks, "sending dirty blocks");
+    *pending = Some(taken);
+    let plan = Plan {
+        start: 0,
+        end: g.size_bytes,
+        block_size: g.block_size,
+        known: None,
+        blocks: Some(Arc::new(blocks)),
+        uncached: d.block_device,
+    };
+    stream(agent, opts, conn, g, d, plan, shutdown).await?;
+    let last = conn.last_seq();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), conn.wait_acked(last)).await {
+            Ok(r) => break r?,
+            Err(_) if started.elapsed() > STALLED_AFTER => {
+                agent.disk_status(g.disk_id.0, |s| s.state = "stalled".into());
+            }
+            Err(_) => {}
+        }
+    }
+    *pending = None;
+    Ok(())
+}
+
 /// Sends what is dirty, in rounds, until a round finds nothing new: every write completed
 /// before that moment is then in the stream. `Ok(false)`: not quiet by `deadline`.
 #[allow(clippy::too_many_arguments)]
@@ -776,19 +791,8 @@ async fn drain_until_quiet(
                     }
                     if taken.count() > 0 {
                         sent_any = true;
-                        let blocks: Vec<u64> = taken.iter().collect();
-                        t.pending = Some(taken);
-                        let plan = Plan {
-                            start: 0,
-                            end: g.size_bytes,
-                            block_size: g.block_size,
-                            known: None,
-                            blocks: Some(Arc::new(blocks)),
-                            uncached: d.block_device,
-                        };
-                        stream(agent, opts, conn, g, d, plan, shutdown).await?;
-                        conn.wait_acked(conn.last_seq()).await?;
-                        t.pending = None;
+                        send_round(agent, opts, conn, g, d, &mut t.pending, taken, shutdown)
+                            .await?;
                     }
                 }
                 Tracker::Scan { .. } if !scanned => {
