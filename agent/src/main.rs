@@ -183,10 +183,22 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Checksum { paths } => {
             for p in paths {
-                let f = std::fs::File::open(&p).with_context(|| format!("open {}", p.display()))?;
+                // A block device is read with O_DIRECT, as the agent reads it: its page cache
+                // can differ from the device while a filesystem is mounted from it.
+                let direct = rehost_agent::tracker::kernel_dev(&p).is_some();
+                let mut o = std::fs::OpenOptions::new();
+                o.read(true);
+                if direct {
+                    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut o, libc::O_DIRECT);
+                }
+                let f = o
+                    .open(&p)
+                    .with_context(|| format!("open {}", p.display()))?;
                 let (size, _) = rehost_agent::disks::size_of(&f, &p)?;
                 let mut h = blake3::Hasher::new();
-                let mut buf = vec![0u8; 1 << 20];
+                let mut backing = vec![0u8; (1 << 20) + 4096];
+                let at = backing.as_ptr().align_offset(4096);
+                let buf = &mut backing[at..at + (1 << 20)];
                 let mut off = 0u64;
                 while off < size {
                     let n = (size - off).min(buf.len() as u64) as usize;

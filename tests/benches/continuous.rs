@@ -213,7 +213,8 @@ fn measure(dir: &Path, rate_mb: u64, secs: u64) -> Run {
     prober.join().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     monitor.join().unwrap();
-    let hz = 100.0;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu_pct = ticks as f64 / hz / wall * 100.0;
     let rss_mib = vm_hwm_kib(pid) as f64 / 1024.0;
 
@@ -221,7 +222,7 @@ fn measure(dir: &Path, rate_mb: u64, secs: u64) -> Run {
     let arrivals = arrivals.lock().unwrap().clone();
     let mut lags = Vec::new();
     for (seq, at) in &stamps {
-        // A slot is reused every 64 probes: only count an arrival seen after the stamp.
+        // Sequence numbers are unique; the monitor records each one's first appearance.
         if let Some((_, arr)) = arrivals.iter().find(|(s, _)| s == seq) {
             lags.push(arr.saturating_duration_since(*at).as_secs_f64());
         }

@@ -230,6 +230,8 @@ impl Agent {
             .expect("run rehost-agent install")
     }
 
+    /// Starts `rehost-agent run`; its log level is `info`, or `REHOST_TEST_AGENT_LOG` (a
+    /// `RUST_LOG` filter such as `rehost_agent=debug`) when a failing test needs more.
     pub fn run(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -492,7 +492,6 @@ pub const MAX_FREEZE_MS: u32 = 2000;
 /// snapshot). `Ok(None)`: no agent is connected, or it did not answer in time (logged), and the
 /// caller takes a point of the stream instead.
 async fn agent_point(
-    _shared: &Arc<Shared>,
     slot: &crate::Slot,
     machine: &MachineId,
     reason: &str,
@@ -581,7 +580,7 @@ pub async fn request(
         }
     }
     let from_agent = if ask_agent && synced(&shared, &machine).await? {
-        agent_point(&shared, &slot, &machine, &reason).await?
+        agent_point(&slot, &machine, &reason).await?
     } else {
         None
     };
