@@ -62,6 +62,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/metrics", get(metrics))
         .merge(crate::snapshot::api::routes())
+        .merge(crate::launch::api::routes())
         .with_state(shared)
 }
 

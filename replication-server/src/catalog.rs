@@ -1,4 +1,5 @@
-//! The catalog: tokens, machines and disks in SQLite (WAL, `synchronous=FULL`). Calls are
+//! The catalog: tokens, machines and disks (and, in `snapshot::rows` and `launch::rows`, recovery
+//! points, blueprints, jobs and lifecycle transitions) in SQLite (WAL, `synchronous=FULL`). Calls are
 //! synchronous and short; async callers go through `spawn_blocking`.
 
 use std::path::Path;
@@ -17,7 +18,9 @@ pub enum CatalogError {
     Schema(i64),
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
+
+use crate::launch::rows::MIGRATE_4;
 
 const SCHEMA: &str = "
 CREATE TABLE tokens (
@@ -148,14 +151,17 @@ impl Catalog {
         match version {
             0 => {
                 conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} {MIGRATE_2} {MIGRATE_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN; {SCHEMA} {MIGRATE_2} {MIGRATE_3} {MIGRATE_4} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
             1 => conn.execute_batch(&format!(
-                "BEGIN; {MIGRATE_2} {MIGRATE_3} PRAGMA user_version = 3; COMMIT;"
+                "BEGIN; {MIGRATE_2} {MIGRATE_3} {MIGRATE_4} PRAGMA user_version = 4; COMMIT;"
             ))?,
             2 => conn.execute_batch(&format!(
-                "BEGIN; {MIGRATE_3} PRAGMA user_version = 3; COMMIT;"
+                "BEGIN; {MIGRATE_3} {MIGRATE_4} PRAGMA user_version = 4; COMMIT;"
+            ))?,
+            3 => conn.execute_batch(&format!(
+                "BEGIN; {MIGRATE_4} PRAGMA user_version = 4; COMMIT;"
             ))?,
             SCHEMA_VERSION => {}
             v => return Err(CatalogError::Schema(v)),
@@ -406,6 +412,13 @@ impl Catalog {
             let tx = c.transaction()?;
             tx.execute("UPDATE disks SET sync_complete = 1, durable_bytes = size_bytes WHERE id = ?1", [id.0])?;
             // A machine whose disks have all finished their initial sync can be tested.
+            tx.execute(
+                "INSERT INTO lifecycle_log (machine_id, at, from_state, to_state, reason)
+                   SELECT id, ?2, 'not-ready', 'ready-for-testing', 'initial sync complete' FROM machines
+                   WHERE lifecycle = 'not-ready' AND id = (SELECT machine_id FROM disks WHERE id = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM disks d WHERE d.machine_id = machines.id AND d.sync_complete = 0)",
+                params![id.0, now()],
+            )?;
             tx.execute(
                 "UPDATE machines SET lifecycle = 'ready-for-testing' WHERE lifecycle = 'not-ready'
                    AND id = (SELECT machine_id FROM disks WHERE id = ?1)

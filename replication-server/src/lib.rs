@@ -10,7 +10,8 @@
 //! - [`client`]: the operator commands' side of the admin API;
 //! - [`store`]: the content-addressed snapshot store and its garbage collection;
 //! - [`snapshot`]: recovery points (take, export, verify) and their admin API;
-//! - [`retention`]: retention policies and the snapshot scheduler.
+//! - [`retention`]: retention policies and the snapshot scheduler;
+//! - [`launch`]: blueprints, test and cutover jobs, the machine lifecycle.
 //!
 //! [`run`] takes its listeners and a shutdown signal, so tests can bind port 0.
 
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod catalog;
 pub mod client;
 pub mod failpoint;
+pub mod launch;
 pub mod live;
 pub mod pki;
 pub mod retention;
@@ -177,7 +179,7 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
     if !unfinished.is_empty() {
         tracing::warn!(snapshots = ?unfinished, "removed snapshots a crash left unfinished; GC reclaims their data");
     }
-    Ok(Arc::new(Shared {
+    let shared = Arc::new(Shared {
         data_dir: data_dir.to_path_buf(),
         catalog,
         pki,
@@ -186,7 +188,9 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
         block_size: rehost_proto::DEFAULT_BLOCK_SIZE,
         store,
         slots: Mutex::new(HashMap::new()),
-    }))
+    });
+    launch::recover(&shared).context("clean up launch jobs a stop interrupted")?;
+    Ok(shared)
 }
 
 /// Serves agents on `listener` and the admin API on `admin` until `shutdown` resolves.

@@ -202,6 +202,16 @@ async fn session<R: AsyncRead + Unpin>(
     let version = negotiate(&hello)?;
     let (machine, secret) = authenticate(shared, &hello).await?;
     tracing::Span::current().record("machine", machine.as_str());
+    // A machine that was cut over (or archived) is no longer replicated.
+    let lifecycle = {
+        let (s, m) = (shared.clone(), machine.clone());
+        blocking(move || s.catalog.lifecycle(m.as_str()).map_err(internal)).await?
+    };
+    if let Some(lc @ ("cutover-complete" | "archived")) = lifecycle.as_deref() {
+        return Err(SessionError::Forbidden(format!(
+            "machine {machine} is {lc}: its replication has stopped (the agent can be uninstalled)"
+        )));
+    }
 
     // One session per machine: a reconnecting agent replaces its stale predecessor.
     let _slot = claim_slot(shared, &machine).await?;

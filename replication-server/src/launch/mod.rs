@@ -1,0 +1,1011 @@
+//! Test and cutover launches: from a machine's recovery point to a running target VM.
+//!
+//! A launch is a **job** with a timestamped progress log in the catalog (`jobs --follow` reads it
+//! live). Its steps:
+//!
+//! ```text
+//! job-start ─▶ cleanup (test: the previous test target) ─▶ snapshot ─▶ export ─▶ convert ─▶ launch ─▶ boot-check ─▶ job-end
+//!              cutover: final consistency point from the agent, or the latest point (said so)
+//! ```
+//!
+//! - **snapshot**: a test uses the chosen point (default: the latest; one is taken if there is
+//!   none). A cutover asks the agent for a final consistency point (freeze, drain, mark, thaw)
+//!   and, if none comes within [`FINAL_POINT_BOUND`], falls back to the latest recovery point.
+//! - **export**: each disk of the point into the job's target dir as a raw image.
+//! - **convert**: `rehost-converter convert` as its own process (it dies with the server:
+//!   `PR_SET_PDEATHSIG`), its summary copied into the log.
+//! - **launch** per the machine's [`blueprint`]: `none` leaves the image with `qemu.sh` and
+//!   `domain.xml`; `qemu` starts the VM and waits for its boot marker on the serial console;
+//!   `libvirt` defines and starts the domain and waits the same way.
+//!
+//! **Lifecycle** (every transition kept in `lifecycle_log`): a test moves the machine to
+//! `testing`, a cutover to `cutting-over` and, once its target booted, `cutover-complete`, after
+//! which the server refuses the machine's agent (replication of it stops). A failed job puts the
+//! machine back where it was and leaves nothing behind: its target dir, VM, mounts and loop
+//! devices are removed. A job the server's crash interrupted is found at the next start, marked
+//! failed with a log line saying so, and cleaned up the same way ([`recover`]).
+//!
+//! - [`rows`]: catalog rows; [`blueprint`]: target hardware, QEMU and libvirt definitions;
+//!   [`target`]: target dirs and their processes; [`api`]: admin API routes.
+
+pub mod api;
+pub mod blueprint;
+pub mod rows;
+pub mod target;
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rehost_proto::MachineId;
+
+use crate::snapshot::{Consistency, SnapshotInfo};
+use crate::Shared;
+use blueprint::{Blueprint, BootMode, LaunchMethod};
+pub use rows::{JobRow, LogLine};
+
+/// How long a cutover waits for the agent's final consistency point before it falls back to the
+/// latest recovery point.
+pub const FINAL_POINT_BOUND: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Test,
+    Cutover,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Test => "test",
+            Mode::Cutover => "cutover",
+        }
+    }
+
+    /// Lifecycles a launch of this mode may start from.
+    pub fn allowed_from(self) -> &'static [&'static str] {
+        match self {
+            Mode::Test => &["ready-for-testing", "testing", "ready-for-cutover"],
+            Mode::Cutover => &["testing", "ready-for-cutover"],
+        }
+    }
+
+    fn running_state(self) -> &'static str {
+        match self {
+            Mode::Test => "testing",
+            Mode::Cutover => "cutting-over",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "test" => Ok(Mode::Test),
+            "cutover" => Ok(Mode::Cutover),
+            _ => Err(format!("mode `{s}` is neither test nor cutover")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("launch catalog")]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("stored blueprint of {machine} is unreadable")]
+    Blueprint {
+        machine: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The machine's blueprint (or the default), and whether it was set.
+pub fn blueprint_of(shared: &Shared, machine: &str) -> Result<(Blueprint, bool), LaunchError> {
+    match shared.catalog.blueprint(machine)? {
+        Some(body) => serde_json::from_str(&body)
+            .map(|b| (b, true))
+            .map_err(|source| LaunchError::Blueprint {
+                machine: machine.into(),
+                source,
+            }),
+        None => Ok((Blueprint::default(), false)),
+    }
+}
+
+/// The `rehost-converter` binary: `$REHOST_CONVERTER`, else next to this executable, else PATH.
+pub fn converter_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("REHOST_CONVERTER") {
+        return p.into();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let sibling = exe.with_file_name("rehost-converter");
+        if sibling.is_file() {
+            return sibling;
+        }
+    }
+    PathBuf::from("rehost-converter")
+}
+
+/// Starts a job: checks the lifecycle and that no other job runs, records it, and runs it in the
+/// background. Returns the job as recorded.
+pub async fn start(
+    shared: Arc<Shared>,
+    machine: MachineId,
+    mode: Mode,
+    snapshot: Option<String>,
+) -> Result<JobRow, LaunchError> {
+    let s = shared.clone();
+    let m = machine.clone();
+    let (bp, job) = tokio::task::spawn_blocking(move || {
+        let (bp, _) = blueprint_of(&s, m.as_str())?;
+        bp.validate().map_err(|e| {
+            LaunchError::Refused(format!("the blueprint of {m} is not usable: {e}"))
+        })?;
+        let launch = format!("{:?}", bp.launch).to_lowercase();
+        let job = s
+            .catalog
+            .begin_job(
+                m.as_str(),
+                mode.as_str(),
+                mode.allowed_from(),
+                mode.running_state(),
+                &launch,
+            )?
+            .map_err(|why| {
+                let hint = if why.ends_with("not-ready") {
+                    " (its initial sync has not finished)"
+                } else if mode == Mode::Cutover && why.ends_with("ready-for-testing") {
+                    " (launch a test first, or `rehost-server mark MACHINE ready-for-cutover`)"
+                } else {
+                    ""
+                };
+                LaunchError::Refused(format!("{why}{hint}"))
+            })?;
+        Ok::<_, LaunchError>((bp, job))
+    })
+    .await
+    .map_err(|e| LaunchError::Refused(format!("launch task: {e}")))??;
+    tracing::info!(job = job.id, %machine, mode = mode.as_str(), "launch job started");
+    let row = job.clone();
+    tokio::spawn(run(shared, job, machine, mode, bp, snapshot));
+    Ok(row)
+}
+
+/// Writes the job's log lines (and mirrors them to the server log).
+#[derive(Clone)]
+struct JobLog {
+    shared: Arc<Shared>,
+    job: i64,
+}
+
+impl JobLog {
+    fn line(&self, step: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(job = self.job, step, "{message}");
+        if let Err(e) = self.shared.catalog.log_job(self.job, step, &message) {
+            tracing::warn!(job = self.job, error = %e, "write job log");
+        }
+    }
+
+    async fn log(&self, step: &str, message: impl Into<String>) {
+        let (l, step, message) = (self.clone(), step.to_string(), message.into());
+        let _ = tokio::task::spawn_blocking(move || l.line(&step, message)).await;
+    }
+}
+
+/// What a running job made that a failure must remove.
+#[derive(Default)]
+struct Made {
+    dir: Option<PathBuf>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("task failed: {e}"))?
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    job: JobRow,
+    machine: MachineId,
+    mode: Mode,
+    bp: Blueprint,
+    snapshot: Option<String>,
+) {
+    let log = JobLog {
+        shared: shared.clone(),
+        job: job.id,
+    };
+    let start = Instant::now();
+    log.log(
+        "job-start",
+        format!(
+            "{} launch of {} ({}); blueprint: {}",
+            mode.as_str(),
+            job.hostname,
+            machine,
+            bp.summary()
+        ),
+    )
+    .await;
+    let mut made = Made::default();
+    let mut removed_test = false;
+    let result = steps(
+        &shared,
+        &log,
+        &job,
+        &machine,
+        mode,
+        &bp,
+        snapshot,
+        &mut made,
+        &mut removed_test,
+    )
+    .await;
+    let secs = start.elapsed().as_secs_f64();
+    let (s, id) = (shared.clone(), job.id);
+    match result {
+        Ok(()) => {
+            let to = match mode {
+                Mode::Test => "testing",
+                Mode::Cutover => "cutover-complete",
+            };
+            let end = match mode {
+                Mode::Test => format!("test launch complete in {secs:.1} s; the machine is testing (replication goes on)"),
+                Mode::Cutover => format!("cutover complete in {secs:.1} s; the machine is cutover-complete and its replication has stopped"),
+            };
+            log.log("job-end", end).await;
+            let r = blocking(move || {
+                s.catalog
+                    .finish_job(id, None, to)
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::error!(job = id, error = %e, "record the end of a job");
+            }
+            if mode == Mode::Cutover {
+                // The agent's session ends now, and its reconnects are refused.
+                shared.slot(&machine).kick.notify_waiters();
+            }
+        }
+        Err(why) => {
+            log.log("job-end", format!("failed after {secs:.1} s: {why}"))
+                .await;
+            if let Some(dir) = made.dir.take() {
+                let l = log.clone();
+                let _ = blocking(move || {
+                    cleanup(&l, &dir);
+                    Ok(())
+                })
+                .await;
+            }
+            let back = restore_to(&job.prev_lifecycle, removed_test);
+            let r = blocking(move || {
+                s.catalog
+                    .finish_job(id, Some(&why), &back)
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::error!(job = id, error = %e, "record the end of a job");
+            }
+        }
+    }
+}
+
+/// Where a failed job leaves the machine: where it was, except that a machine whose test target
+/// the job removed is no longer testing.
+fn restore_to(prev: &str, removed_test: bool) -> String {
+    if prev == "testing" && removed_test {
+        "ready-for-testing".into()
+    } else {
+        prev.into()
+    }
+}
+
+fn cleanup(log: &JobLog, dir: &Path) {
+    match target::remove(dir) {
+        Ok(done) if done.is_empty() => {}
+        Ok(done) => log.line("cleanup", done.join("; ")),
+        Err(e) => log.line(
+            "cleanup",
+            format!(
+                "could not remove everything: {}",
+                crate::retention::chain(&e)
+            ),
+        ),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn steps(
+    shared: &Arc<Shared>,
+    log: &JobLog,
+    job: &JobRow,
+    machine: &MachineId,
+    mode: Mode,
+    bp: &Blueprint,
+    snapshot: Option<String>,
+    made: &mut Made,
+    removed_test: &mut bool,
+) -> Result<(), String> {
+    // cleanup: a new test replaces the previous one.
+    if mode == Mode::Test {
+        let (s, m) = (shared.clone(), machine.to_string());
+        let prev =
+            blocking(move || s.catalog.active_job(&m, "test").map_err(|e| e.to_string())).await?;
+        match prev {
+            Some(p) => {
+                log.log(
+                    "cleanup",
+                    format!("removing the previous test target (job {})", p.id),
+                )
+                .await;
+                let (l, s) = (log.clone(), shared.clone());
+                blocking(move || {
+                    if let Some(d) = &p.target_dir {
+                        cleanup(&l, Path::new(d));
+                    }
+                    s.catalog.deactivate_job(p.id).map_err(|e| e.to_string())
+                })
+                .await?;
+                *removed_test = true;
+            }
+            None => log.log("cleanup", "no previous test target").await,
+        }
+    }
+
+    let point = choose_point(shared, log, job, machine, mode, snapshot).await?;
+
+    // export
+    let parent = bp
+        .target_dir
+        .clone()
+        .unwrap_or_else(|| shared.data_dir.join("targets"));
+    let dir = parent
+        .join(machine.as_str())
+        .join(format!("job-{}-{}", job.id, mode.as_str()));
+    {
+        let (s, d, id) = (shared.clone(), dir.display().to_string(), job.id);
+        blocking(move || s.catalog.set_job_target(id, &d).map_err(|e| e.to_string())).await?;
+    }
+    made.dir = Some(dir.clone());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let sources = export(shared, log, &point, &dir).await?;
+
+    // convert
+    let report = convert(shared, log, job, bp, &dir, &sources).await?;
+    for s in &sources {
+        let _ = std::fs::remove_file(s);
+    }
+
+    // launch
+    launch(log, job, mode, bp, &dir, &report).await
+}
+
+async fn choose_point(
+    shared: &Arc<Shared>,
+    log: &JobLog,
+    job: &JobRow,
+    machine: &MachineId,
+    mode: Mode,
+    snapshot: Option<String>,
+) -> Result<SnapshotInfo, String> {
+    let (s, m) = (shared.clone(), machine.to_string());
+    let snaps = blocking(move || s.catalog.snapshots(&m).map_err(|e| e.to_string())).await?;
+    let latest = crate::snapshot::api::select(&snaps, "latest").ok().cloned();
+    let describe = |p: &SnapshotInfo| {
+        format!(
+            "recovery point {} ({}, {}, taken at @{})",
+            p.id,
+            p.consistency,
+            p.reason,
+            p.completed_at.unwrap_or(p.created_at)
+        )
+    };
+    let point = match (snapshot.as_deref(), mode) {
+        (Some(sel), _) => {
+            let p = crate::snapshot::api::select(&snaps, sel)?.clone();
+            if p.state != "complete" {
+                return Err(format!("snapshot {} is {}, not complete", p.id, p.state));
+            }
+            log.log("snapshot", format!("using the chosen {}", describe(&p)))
+                .await;
+            p
+        }
+        (None, Mode::Test) => match latest {
+            Some(p) => {
+                log.log("snapshot", format!("using the latest {}", describe(&p)))
+                    .await;
+                p
+            }
+            None => {
+                log.log("snapshot", "no recovery point yet: taking one")
+                    .await;
+                let p = crate::snapshot::request(
+                    shared.clone(),
+                    machine.clone(),
+                    Consistency::Crash,
+                    format!("test job {}", job.id),
+                    true,
+                )
+                .await
+                .map_err(|e| format!("snapshot failed: {}", crate::retention::chain(&e)))?;
+                log.log("snapshot", format!("snapshot end: {}", describe(&p)))
+                    .await;
+                p
+            }
+        },
+        (None, Mode::Cutover) => {
+            log.log(
+                "snapshot",
+                "snapshot start: asking the agent for a final consistency point (freeze, drain, mark, thaw)",
+            )
+            .await;
+            let t = Instant::now();
+            let fresh = tokio::time::timeout(
+                FINAL_POINT_BOUND,
+                crate::snapshot::request(
+                    shared.clone(),
+                    machine.clone(),
+                    Consistency::Crash,
+                    format!("cutover job {}", job.id),
+                    true,
+                ),
+            )
+            .await;
+            let why = match fresh {
+                Ok(Ok(p)) => {
+                    log.log(
+                        "snapshot",
+                        format!(
+                            "snapshot end: final {} in {:.1} s, {} bytes added",
+                            describe(&p),
+                            t.elapsed().as_secs_f64(),
+                            p.bytes_added
+                        ),
+                    )
+                    .await;
+                    return finish_point(shared, job, p).await;
+                }
+                Ok(Err(e)) => crate::retention::chain(&e),
+                Err(_) => format!("none within {} s", FINAL_POINT_BOUND.as_secs()),
+            };
+            let p = latest.ok_or_else(|| {
+                format!("snapshot fail: no final point ({why}) and no earlier recovery point")
+            })?;
+            log.log(
+                "snapshot",
+                format!(
+                    "snapshot fail: no final point ({why}); using previous snapshot: {}",
+                    describe(&p)
+                ),
+            )
+            .await;
+            p
+        }
+    };
+    finish_point(shared, job, point).await
+}
+
+async fn finish_point(
+    shared: &Arc<Shared>,
+    job: &JobRow,
+    p: SnapshotInfo,
+) -> Result<SnapshotInfo, String> {
+    let (s, id, sid) = (shared.clone(), job.id, p.id);
+    blocking(move || {
+        s.catalog
+            .set_job_snapshot(id, sid)
+            .map_err(|e| e.to_string())
+    })
+    .await?;
+    Ok(p)
+}
+
+/// Exports every disk of the point into `dir`; returns the raw images, boot disk first.
+async fn export(
+    shared: &Arc<Shared>,
+    log: &JobLog,
+    point: &SnapshotInfo,
+    dir: &Path,
+) -> Result<Vec<PathBuf>, String> {
+    let (s, l, p, dir) = (
+        shared.clone(),
+        log.clone(),
+        point.clone(),
+        dir.to_path_buf(),
+    );
+    blocking(move || {
+        let mut out = Vec::new();
+        for d in &p.disks {
+            let root = d
+                .root_id()
+                .ok_or_else(|| format!("damaged root id of {} in the catalog", d.device))?;
+            let path = dir.join(format!("source-disk{}.raw", d.disk_id));
+            let file = std::fs::File::create(&path)
+                .map_err(|e| format!("create {}: {e}", path.display()))?;
+            l.line(
+                "export",
+                format!(
+                    "exporting {} ({} MiB) to {}",
+                    d.device,
+                    d.size_bytes >> 20,
+                    path.display()
+                ),
+            );
+            let t = Instant::now();
+            let mut next = 25;
+            let stats = crate::snapshot::export::export_raw(
+                &s.store,
+                &root,
+                &file,
+                &path,
+                &mut |done, total| {
+                    let pct = (done * 100).checked_div(total).unwrap_or(100);
+                    if pct >= next && pct < 100 {
+                        l.line("export", format!("{}: {pct}%", d.device));
+                        next = (pct / 25 + 1) * 25;
+                    }
+                },
+            )
+            .map_err(|e| format!("export {}: {}", d.device, crate::retention::chain(&e)))?;
+            l.line(
+                "export",
+                format!(
+                    "{}: 100%, {} MiB of data in {:.1} s",
+                    d.device,
+                    stats.data_bytes >> 20,
+                    t.elapsed().as_secs_f64()
+                ),
+            );
+            out.push(path);
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Runs `rehost-converter convert` on the exported images; returns its JSON report.
+async fn convert(
+    shared: &Arc<Shared>,
+    log: &JobLog,
+    job: &JobRow,
+    bp: &Blueprint,
+    dir: &Path,
+    sources: &[PathBuf],
+) -> Result<serde_json::Value, String> {
+    let (s, l, id, dir) = (shared.clone(), log.clone(), job.id, dir.to_path_buf());
+    let name = safe_name(&job.hostname);
+    let output = dir.join(format!("{name}.{}", bp.format.name()));
+    let report = dir.join("conversion.json");
+    let mut cmd = Command::new(converter_path());
+    cmd.arg("--work-dir")
+        .arg(dir.join("work"))
+        .arg("convert")
+        .arg("--target")
+        .arg("kvm-virtio")
+        .arg("--format")
+        .arg(bp.format.name())
+        .arg("--output")
+        .arg(&output)
+        .arg("--report")
+        .arg(&report);
+    for src in sources {
+        cmd.arg("--input").arg(src);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    blocking(move || {
+        // Spawned and waited for on this one thread: PR_SET_PDEATHSIG follows the thread.
+        let t = Instant::now();
+        l.line(
+            "convert",
+            format!(
+                "conversion start: {} (its own process)",
+                converter_path().display()
+            ),
+        );
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", converter_path().display()))?;
+        let _ = s.catalog.set_job_child(id, Some(child.id()));
+        let stderr = child.stderr.take();
+        let err_reader = std::thread::spawn(move || {
+            let mut e = String::new();
+            if let Some(mut r) = stderr {
+                let _ = std::io::Read::read_to_string(&mut r, &mut e);
+            }
+            e
+        });
+        if let Some(out) = child.stdout.take() {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
+            {
+                if !line.trim().is_empty() {
+                    l.line("convert", line);
+                }
+            }
+        }
+        let status = child
+            .wait()
+            .map_err(|e| format!("wait for the converter: {e}"))?;
+        let _ = s.catalog.set_job_child(id, None);
+        let err = err_reader.join().unwrap_or_default();
+        let err = err.trim();
+        match status.code() {
+            Some(0) => {}
+            Some(3) => {
+                return Err(format!(
+                    "conversion fail: the image cannot be made bootable: {err}"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "conversion fail: rehost-converter exited with {status}: {err}"
+                ))
+            }
+        }
+        let text = std::fs::read_to_string(&report)
+            .map_err(|e| format!("read the conversion report {}: {e}", report.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("conversion report {}: {e}", report.display()))?;
+        l.line(
+            "convert",
+            format!(
+                "conversion end: {} in {:.1} s (report {})",
+                output.display(),
+                t.elapsed().as_secs_f64(),
+                report.display()
+            ),
+        );
+        Ok(v)
+    })
+    .await
+}
+
+/// A name made of `[A-Za-z0-9._-]` only (hostnames come from agents).
+fn safe_name(s: &str) -> String {
+    let n: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(48)
+        .collect();
+    if n.is_empty() || n.starts_with('.') {
+        format!("m{n}")
+    } else {
+        n
+    }
+}
+
+/// Whether the source booted with UEFI: a GPT boot disk with an EFI system (vfat) partition.
+fn source_is_uefi(report: &serde_json::Value) -> bool {
+    let d = &report["inspection"]["disks"][0];
+    d["table"]["scheme"] == "gpt"
+        && d["filesystems"]
+            .as_array()
+            .is_some_and(|fs| fs.iter().any(|p| p["fs"]["kind"] == "vfat"))
+}
+
+async fn launch(
+    log: &JobLog,
+    job: &JobRow,
+    mode: Mode,
+    bp: &Blueprint,
+    dir: &Path,
+    report: &serde_json::Value,
+) -> Result<(), String> {
+    let disks: Vec<PathBuf> = report["outputs"]
+        .as_array()
+        .map(|o| {
+            o.iter()
+                .filter_map(|v| v.as_str())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    if disks.is_empty() {
+        return Err("the conversion report names no output image".into());
+    }
+    let uefi = match bp.boot {
+        BootMode::Bios => false,
+        BootMode::Uefi => true,
+        BootMode::Source => source_is_uefi(report),
+    };
+    let uefi = if uefi {
+        let (code, vars) = blueprint::find_ovmf()
+            .ok_or("UEFI boot needs the OVMF firmware in /usr/share/OVMF (apt-get install ovmf)")?;
+        let own = dir.join("OVMF_VARS.fd");
+        std::fs::copy(&vars, &own).map_err(|e| format!("copy {}: {e}", vars.display()))?;
+        Some((code, own))
+    } else {
+        None
+    };
+    let t = blueprint::Target {
+        name: format!(
+            "rehost-{}-{}-{}",
+            safe_name(&job.hostname),
+            mode.as_str(),
+            job.id
+        ),
+        disks,
+        format: bp.format,
+        serial_log: dir.join(target::SERIAL_LOG),
+        pidfile: dir.join(target::PIDFILE),
+        uefi,
+        accel: bp.accel.resolve(),
+    };
+    let args = blueprint::qemu_args(bp, &t);
+    let script = dir.join("qemu.sh");
+    let xml = dir.join("domain.xml");
+    std::fs::write(&script, blueprint::qemu_script(&args))
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        })
+        .map_err(|e| format!("write {}: {e}", script.display()))?;
+    std::fs::write(&xml, blueprint::libvirt_xml(bp, &t))
+        .map_err(|e| format!("write {}: {e}", xml.display()))?;
+    match bp.launch {
+        LaunchMethod::None => {
+            log.log(
+                "launch",
+                format!(
+                    "target ready, not started (launch method none): {}; start it with {} or `virsh define {}`",
+                    t.disks[0].display(),
+                    script.display(),
+                    xml.display()
+                ),
+            )
+            .await;
+            return Ok(());
+        }
+        LaunchMethod::Qemu => {
+            log.log(
+                "launch",
+                format!("launch start: QEMU ({} accel, {})", t.accel, bp.network),
+            )
+            .await;
+            let (d, a) = (dir.to_path_buf(), args.clone());
+            let pid = blocking(move || {
+                target::start_qemu(&d, &a).map_err(|e| crate::retention::chain(&e))
+            })
+            .await
+            .map_err(|e| format!("launch failed: {e}"))?;
+            log.log(
+                "launch",
+                format!(
+                    "VM {} started (qemu pid {pid}); serial console {}",
+                    t.name,
+                    t.serial_log.display()
+                ),
+            )
+            .await;
+        }
+        LaunchMethod::Libvirt => {
+            log.log("launch", format!("launch start: libvirt domain {}", t.name))
+                .await;
+            let (d, x, n) = (dir.to_path_buf(), xml.clone(), t.name.clone());
+            blocking(move || {
+                target::start_libvirt(&d, &x, &n).map_err(|e| crate::retention::chain(&e))
+            })
+            .await
+            .map_err(|e| format!("launch failed: {e}"))?;
+            log.log("launch", format!("domain {} started", t.name))
+                .await;
+        }
+    }
+    log.log(
+        "boot-check",
+        format!(
+            "waiting up to {} s for the boot marker ({}) on the serial console",
+            bp.boot_timeout_s,
+            bp.boot_markers.join(", ")
+        ),
+    )
+    .await;
+    let (serial, markers, timeout, d, method) = (
+        t.serial_log.clone(),
+        bp.boot_markers.clone(),
+        Duration::from_secs(bp.boot_timeout_s),
+        dir.to_path_buf(),
+        bp.launch,
+    );
+    let name = t.name.clone();
+    let boot = blocking(move || {
+        let running = || match method {
+            LaunchMethod::Libvirt => Command::new("virsh")
+                .args(["domstate", &name])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("running")),
+            _ => target::vm_pid(&d).is_some(),
+        };
+        target::watch_boot(&serial, &markers, timeout, &running)
+    })
+    .await
+    .map_err(|e| format!("boot check failed: {e}"))?;
+    log.log(
+        "boot-check",
+        format!(
+            "target booted: saw {:?} after {:.1} s{}",
+            boot.marker,
+            boot.seconds,
+            boot.guest_ipv4
+                .map(|a| format!("; guest address {a}"))
+                .unwrap_or_default()
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// At server start: every job still `running` was interrupted by the server's stop. Each is
+/// marked failed with a log line saying so, its helper and target removed, its machine put back.
+pub fn recover(shared: &Shared) -> Result<Vec<i64>, crate::catalog::CatalogError> {
+    let mut ids = Vec::new();
+    for job in shared.catalog.jobs(None, true)? {
+        let note = "the server stopped while this job ran (crash or kill); cleaning up";
+        shared.catalog.log_job(job.id, "job-end", note)?;
+        let mut done = Vec::new();
+        if let (Some(pid), Some(dir)) = (job.child_pid, &job.target_dir) {
+            if target::stop_process(pid, dir, Duration::from_secs(30)) {
+                done.push(format!("stopped the converter (pid {pid})"));
+            }
+        }
+        if let Some(dir) = &job.target_dir {
+            match target::remove(Path::new(dir)) {
+                Ok(d) => done.extend(d),
+                Err(e) => done.push(format!(
+                    "could not remove everything: {}",
+                    crate::retention::chain(&e)
+                )),
+            }
+        }
+        if !done.is_empty() {
+            shared
+                .catalog
+                .log_job(job.id, "cleanup", &done.join("; "))?;
+        }
+        // A test that had replaced the previous one removed it already.
+        let removed_test = job.mode == "test"
+            && shared
+                .catalog
+                .active_job(&job.machine_id, "test")?
+                .is_none();
+        shared.catalog.finish_job(
+            job.id,
+            Some("interrupted: the server stopped while the job ran"),
+            &restore_to(&job.prev_lifecycle, removed_test),
+        )?;
+        tracing::warn!(job = job.id, machine = %job.machine_id, "launch job interrupted by a server stop: marked failed and cleaned up");
+        ids.push(job.id);
+    }
+    Ok(ids)
+}
+
+/// Stops and removes the machine's active test target and moves it back to ready-for-testing.
+pub fn revert_test(shared: &Shared, machine: &str) -> Result<Vec<String>, LaunchError> {
+    let cur = shared
+        .catalog
+        .lifecycle(machine)?
+        .ok_or_else(|| LaunchError::NotFound(format!("no machine {machine}")))?;
+    if !["testing", "ready-for-cutover"].contains(&cur.as_str()) {
+        return Err(LaunchError::Refused(format!(
+            "{machine} is {cur}: only a machine in testing or ready-for-cutover has a test to revert"
+        )));
+    }
+    let mut done = Vec::new();
+    if let Some(job) = shared.catalog.active_job(machine, "test")? {
+        if let Some(dir) = &job.target_dir {
+            done = target::remove(Path::new(dir))
+                .map_err(|e| LaunchError::Refused(crate::retention::chain(&e)))?;
+        }
+        shared.catalog.deactivate_job(job.id)?;
+        shared.catalog.log_job(
+            job.id,
+            "revert",
+            &format!("test reverted: {}", done.join("; ")),
+        )?;
+    }
+    shared
+        .catalog
+        .transition(
+            machine,
+            &["testing", "ready-for-cutover"],
+            "ready-for-testing",
+            "test reverted",
+        )?
+        .map_err(|cur| LaunchError::Refused(format!("{machine} is {cur}")))?;
+    Ok(done)
+}
+
+/// `mark MACHINE STATE`: the operator's own transitions.
+pub fn mark(shared: &Shared, machine: &MachineId, to: &str) -> Result<String, LaunchError> {
+    let from: &[&str] = match to {
+        "ready-for-cutover" => &["ready-for-testing", "testing"],
+        "ready-for-testing" => &["ready-for-cutover", "archived"],
+        "archived" => &[
+            "not-ready",
+            "ready-for-testing",
+            "testing",
+            "ready-for-cutover",
+            "cutover-complete",
+        ],
+        other => {
+            return Err(LaunchError::Refused(format!(
+                "`{other}` cannot be set by hand (use ready-for-cutover, ready-for-testing or archived)"
+            )))
+        }
+    };
+    let prev = shared
+        .catalog
+        .transition(machine.as_str(), from, to, &format!("marked {to}"))?
+        .map_err(|cur| {
+            LaunchError::Refused(format!(
+                "{machine} is {cur}; it can be marked {to} only from {}",
+                from.join(", ")
+            ))
+        })?;
+    if to == "archived" {
+        // An archived machine's agent is refused from now on.
+        shared.slot(machine).kick.notify_waiters();
+    }
+    Ok(prev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_agents_are_made_safe() {
+        assert_eq!(safe_name("web-1.example"), "web-1.example");
+        assert_eq!(safe_name("../../etc"), "m.._.._etc");
+        assert_eq!(safe_name(""), "m");
+        assert_eq!(safe_name("a b/c"), "a_b_c");
+    }
+
+    #[test]
+    fn a_failed_job_puts_the_machine_back() {
+        assert_eq!(restore_to("testing", true), "ready-for-testing");
+        assert_eq!(restore_to("testing", false), "testing");
+        assert_eq!(restore_to("ready-for-cutover", true), "ready-for-cutover");
+    }
+
+    #[test]
+    fn uefi_is_detected_from_the_report() {
+        let gpt = serde_json::json!({"inspection": {"disks": [{"table": {"scheme": "gpt"},
+            "filesystems": [{"fs": {"kind": "vfat"}}, {"fs": {"kind": "ext4"}}]}]}});
+        assert!(source_is_uefi(&gpt));
+        let mbr = serde_json::json!({"inspection": {"disks": [{"table": {"scheme": "mbr"},
+            "filesystems": [{"fs": {"kind": "ext4"}}]}]}});
+        assert!(!source_is_uefi(&mbr));
+    }
+}
