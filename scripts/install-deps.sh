@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages rehost's demo and tests use, when they are missing (as root):
-# filesystem tools, debootstrap for the converter's fixture images, and QEMU for boot checks.
+# filesystem tools (ext4, btrfs, xfs, LVM2), debootstrap for the converter's fixture images, and QEMU for boot checks.
 # QEMU comes from <codename>-backports: the machine's qemu-utils is from there, so the plain
 # suite's qemu-system-x86 would conflict. The backports source reuses the machine's own mirror.
 set -euo pipefail
@@ -16,6 +16,8 @@ have mkfs.ext4 && have debugfs && have e2fsck || need+=(e2fsprogs)
 have debootstrap || need+=(debootstrap)
 have sfdisk || need+=(fdisk)
 have mkfs.btrfs || need+=(btrfs-progs)
+have mkfs.xfs || need+=(xfsprogs)
+have pvcreate && have lvcreate || need+=(lvm2)
 have zstd || need+=(zstd)
 have xz || need+=(xz-utils)
 have pgrep || need+=(procps)

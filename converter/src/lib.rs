@@ -3,6 +3,7 @@
 //! Modules:
 //! - [`partition`]: MBR/GPT parsing with strict bounds checks (the host kernel may have no parser).
 //! - [`fsprobe`]: filesystem type/UUID/label from superblocks (ext2/3/4, xfs, btrfs, vfat, swap, LUKS, LVM).
+//! - [`lvm`]: LVM2 labels and metadata read in userspace; linear logical volumes located on their PV.
 //! - [`devmap`]: source device names (`/dev/xvda1`, `/dev/sda2`, `LABEL=`...) to the volumes found.
 //! - [`guestfs`]: safe file access inside a mounted guest (`openat2(RESOLVE_IN_ROOT)`, capped reads).
 //! - [`fstab`], [`grub`], [`network`]: pure text rewriters (and the guest passes that use them).
@@ -23,6 +24,7 @@ pub mod guestfs;
 pub mod image;
 pub mod initramfs;
 pub mod inspect;
+pub mod lvm;
 pub mod manifest;
 pub mod network;
 pub mod partition;
