@@ -1,5 +1,6 @@
 //! `rehost-server`: parses arguments, sets up logging, calls into the library.
 
+mod jobcmd;
 mod snapcmd;
 
 use std::path::PathBuf;
@@ -80,6 +81,51 @@ enum Cmd {
     /// Retention policy of scheduled recovery points.
     #[command(subcommand)]
     Retention(snapcmd::RetentionCmd),
+    /// A machine's target hardware and launch method (CPUs, memory, disk bus, NIC, boot mode,
+    /// image format, target dir, launch method, network).
+    #[command(subcommand)]
+    Blueprint(jobcmd::BlueprintCmd),
+    /// Launch a target VM from a recovery point: a test (replication goes on; a new test replaces
+    /// the previous one) or the cutover (a final consistency point, then replication stops).
+    Launch {
+        /// Machine id or hostname.
+        machine: String,
+        #[arg(long, value_enum)]
+        mode: jobcmd::Mode,
+        /// Snapshot id or `latest`. Default: the latest point for a test; for a cutover, a final
+        /// point asked of the agent (the latest point if none comes within 60 s).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Follow the job's progress log until it ends; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Launch jobs, or one job's timestamped progress log.
+    Jobs {
+        /// A job id: show its progress log.
+        job: Option<i64>,
+        /// Only this machine's jobs (id or hostname).
+        #[arg(long)]
+        machine: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Print the log as it grows until the job ends (exit status 1 if it failed).
+        #[arg(long, requires = "job")]
+        follow: bool,
+    },
+    /// Set a machine's lifecycle by hand: ready-for-cutover (after a good test),
+    /// ready-for-testing, or archived (its agent is refused from then on).
+    Mark {
+        /// Machine id or hostname.
+        machine: String,
+        #[arg(value_enum)]
+        state: jobcmd::MarkState,
+    },
+    /// Test launches.
+    #[command(subcommand)]
+    Test(jobcmd::TestCmd),
 }
 
 #[derive(Subcommand)]
@@ -116,6 +162,13 @@ enum MachineCmd {
         /// Megabits per second (0: no cap).
         #[arg(long)]
         mbps: u64,
+    },
+    /// Every lifecycle transition of a machine, with its reason.
+    History {
+        /// Machine id or hostname.
+        machine: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -188,6 +241,40 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Gc { json } => snapcmd::gc(&cli.admin, &cli.data_dir, *json),
         Cmd::Retention(cmd) => snapcmd::retention(cmd, &cli.admin, &cli.data_dir),
+        Cmd::Blueprint(cmd) => jobcmd::blueprint(cmd, &cli.admin, &cli.data_dir),
+        Cmd::Launch {
+            machine,
+            mode,
+            snapshot,
+            wait,
+            json,
+        } => jobcmd::launch(
+            &cli.admin,
+            &cli.data_dir,
+            machine,
+            *mode,
+            snapshot.as_deref(),
+            *wait,
+            *json,
+        ),
+        Cmd::Jobs {
+            job,
+            machine,
+            json,
+            follow,
+        } => jobcmd::jobs(
+            &cli.admin,
+            &cli.data_dir,
+            *job,
+            machine.as_deref(),
+            *json,
+            *follow,
+        ),
+        Cmd::Mark { machine, state } => jobcmd::mark(&cli.admin, &cli.data_dir, machine, *state),
+        Cmd::Test(cmd) => jobcmd::test(cmd, &cli.admin, &cli.data_dir),
+        Cmd::Machine(MachineCmd::History { machine, json }) => {
+            jobcmd::history(&cli.admin, &cli.data_dir, machine, *json)
+        }
         Cmd::Token(TokenCmd::Create {
             expires,
             description,

@@ -1,0 +1,425 @@
+//! The launch commands: `blueprint show|set`, `launch`, `jobs`, `mark`, `test revert` and
+//! `machine history`, all through the admin API.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Subcommand, ValueEnum};
+use rehost_server::client::AdminClient;
+use rehost_server::launch::api::{BlueprintView, History, JobList, JobView};
+use rehost_server::launch::JobRow;
+
+#[derive(Subcommand)]
+pub enum BlueprintCmd {
+    /// Show the target hardware and launch settings of a machine (its own, or the defaults).
+    Show {
+        /// Machine id or hostname.
+        machine: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change some settings of a machine's blueprint; the others keep their values.
+    Set {
+        /// Machine id or hostname.
+        machine: String,
+        /// Virtual CPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u32>,
+        /// Bus of the target's disks (the converter makes the guest able to boot from each).
+        #[arg(long, value_enum)]
+        disk_bus: Option<DiskBus>,
+        /// NIC model.
+        #[arg(long, value_enum)]
+        nic: Option<Nic>,
+        /// Firmware: bios, uefi (needs the ovmf package), or source (uefi when the source's boot
+        /// disk is GPT with an EFI system partition).
+        #[arg(long, value_enum)]
+        boot: Option<Boot>,
+        /// Format of the converted target image.
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Parent of the per-job target dirs (default: DATA_DIR/targets); an absolute path.
+        #[arg(long)]
+        target_dir: Option<PathBuf>,
+        /// none: image, qemu.sh and domain.xml only; qemu: the server starts the VM; libvirt:
+        /// virsh define + start.
+        #[arg(long, value_enum)]
+        launch: Option<Launch>,
+        /// user (QEMU user networking, isolated from production), bridge:NAME, or none.
+        #[arg(long)]
+        network: Option<String>,
+        /// QEMU accelerator: auto (KVM when /dev/kvm opens), kvm, or tcg.
+        #[arg(long, value_enum)]
+        accel: Option<Accel>,
+        /// Seconds the launched target gets to show its boot marker.
+        #[arg(long)]
+        boot_timeout: Option<u64>,
+        /// Serial console text that means "booted" (repeat for several; replaces the list).
+        #[arg(long = "boot-marker")]
+        boot_markers: Vec<String>,
+    },
+}
+
+macro_rules! value_enum {
+    ($name:ident { $($v:ident),* }) => {
+        #[derive(Clone, Copy, ValueEnum)]
+        pub enum $name { $($v),* }
+        impl $name {
+            fn json(self) -> serde_json::Value {
+                let v = self.to_possible_value().expect("no skipped variants");
+                serde_json::Value::String(v.get_name().to_string())
+            }
+        }
+    };
+}
+value_enum!(DiskBus { Virtio, Scsi, Nvme });
+value_enum!(Nic { Virtio, E1000 });
+value_enum!(Boot { Bios, Uefi, Source });
+value_enum!(Format { Qcow2, Raw });
+value_enum!(Launch { None, Qemu, Libvirt });
+value_enum!(Accel { Auto, Kvm, Tcg });
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Mode {
+    Test,
+    Cutover,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MarkState {
+    ReadyForCutover,
+    ReadyForTesting,
+    Archived,
+}
+
+#[derive(Subcommand)]
+pub enum TestCmd {
+    /// Stop and remove the machine's test target (VM and images); back to ready-for-testing.
+    Revert {
+        /// Machine id or hostname.
+        machine: String,
+    },
+}
+
+fn print_blueprint(v: &BlueprintView) {
+    let b = &v.blueprint;
+    println!("blueprint of {} ({})", v.machine_id, v.source);
+    println!("  cpus          {}", b.cpus);
+    println!("  memory        {} MiB", b.memory_mib);
+    println!("  disk bus      {:?}", b.disk_bus);
+    println!("  nic           {:?}", b.nic);
+    println!("  boot          {:?}", b.boot);
+    println!("  format        {}", b.format.name());
+    println!(
+        "  target dir    {}",
+        b.target_dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| "DATA_DIR/targets".into())
+    );
+    println!("  launch        {:?}", b.launch);
+    println!("  network       {}", b.network);
+    println!("  accel         {:?}", b.accel);
+    println!("  boot timeout  {} s", b.boot_timeout_s);
+    println!("  boot markers  {}", b.boot_markers.join(", "));
+}
+
+pub fn blueprint(cmd: &BlueprintCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()> {
+    let client = AdminClient::new(admin, data_dir)?;
+    match cmd {
+        BlueprintCmd::Show { machine, json } => {
+            let v: BlueprintView = client.get(&format!("/v1/machines/{machine}/blueprint"))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_blueprint(&v);
+            }
+        }
+        BlueprintCmd::Set {
+            machine,
+            cpus,
+            memory,
+            disk_bus,
+            nic,
+            boot,
+            format,
+            target_dir,
+            launch,
+            network,
+            accel,
+            boot_timeout,
+            boot_markers,
+        } => {
+            let mut ch = serde_json::Map::new();
+            let mut put = |k: &str, v: Option<serde_json::Value>| {
+                if let Some(v) = v {
+                    ch.insert(k.into(), v);
+                }
+            };
+            put("cpus", cpus.map(Into::into));
+            put("memory_mib", memory.map(Into::into));
+            put("disk_bus", disk_bus.map(DiskBus::json));
+            put("nic", nic.map(Nic::json));
+            put("boot", boot.map(Boot::json));
+            put("format", format.map(Format::json));
+            if let Some(d) = target_dir {
+                let d = std::path::absolute(d)
+                    .with_context(|| format!("target dir {}", d.display()))?;
+                put("target_dir", Some(d.display().to_string().into()));
+            }
+            put("launch", launch.map(Launch::json));
+            put("network", network.clone().map(Into::into));
+            put("accel", accel.map(Accel::json));
+            put("boot_timeout_s", boot_timeout.map(Into::into));
+            if !boot_markers.is_empty() {
+                put("boot_markers", Some(boot_markers.clone().into()));
+            }
+            if ch.is_empty() {
+                bail!("nothing to change: give at least one setting (see `rehost-server blueprint set --help`)");
+            }
+            let v: BlueprintView = client.post(
+                &format!("/v1/machines/{machine}/blueprint"),
+                &serde_json::Value::Object(ch),
+            )?;
+            print_blueprint(&v);
+        }
+    }
+    Ok(())
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a time in ms since the epoch.
+fn clock(ms: i64) -> String {
+    let s = ms.div_euclid(1000);
+    let (h, m, sec) = ((s / 3600) % 24, (s / 60) % 60, s % 60);
+    format!("{h:02}:{m:02}:{sec:02}.{:03}", ms.rem_euclid(1000))
+}
+
+fn print_line(l: &rehost_server::launch::LogLine, start_ms: i64) {
+    println!(
+        "{}  +{:>6.1}s  {:<10}  {}",
+        clock(l.at_ms),
+        (l.at_ms - start_ms) as f64 / 1000.0,
+        l.step,
+        l.message
+    );
+}
+
+fn print_jobs(jobs: &[JobRow]) {
+    if jobs.is_empty() {
+        println!("no jobs yet (start one with `rehost-server launch MACHINE --mode test`)");
+        return;
+    }
+    println!(
+        "{:>5}  {:<20} {:<16} {:<8} {:<10} {:>8} {:<8} {:<7}  RESULT",
+        "JOB", "MACHINE", "HOST", "MODE", "STATE", "SNAPSHOT", "LAUNCH", "TARGET"
+    );
+    for j in jobs {
+        println!(
+            "{:>5}  {:<20} {:<16} {:<8} {:<10} {:>8} {:<8} {:<7}  {}",
+            j.id,
+            j.machine_id,
+            j.hostname,
+            j.mode,
+            j.state,
+            j.snapshot_id
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".into()),
+            j.launch,
+            if j.active { "active" } else { "-" },
+            j.error.as_deref().unwrap_or(if j.state == "succeeded" {
+                "ok"
+            } else {
+                ""
+            })
+        );
+    }
+}
+
+/// Prints a job's log (all of it, or as it grows with `follow`); returns the job at the end.
+fn show_job(client: &AdminClient, id: i64, follow: bool) -> anyhow::Result<JobRow> {
+    let mut after = 0;
+    let mut start_ms = None;
+    let mut printed_head = false;
+    loop {
+        let v: JobView = client.get(&format!("/v1/jobs/{id}?after={after}"))?;
+        if !printed_head {
+            let j = &v.job;
+            println!(
+                "job {} — {} launch of {} ({}), {}",
+                j.id, j.mode, j.hostname, j.machine_id, j.state
+            );
+            printed_head = true;
+        }
+        for l in &v.log {
+            let s = *start_ms.get_or_insert(l.at_ms);
+            print_line(l, s);
+            after = l.seq;
+        }
+        if !follow || v.job.state != "running" {
+            // A last read catches lines written between the two reads of a finished job.
+            if follow {
+                let tail: JobView = client.get(&format!("/v1/jobs/{id}?after={after}"))?;
+                for l in &tail.log {
+                    print_line(l, start_ms.unwrap_or(l.at_ms));
+                }
+            }
+            let j = v.job;
+            match (&j.state[..], &j.error) {
+                ("running", _) => println!("job {id} is running (follow it with --follow)"),
+                ("failed", Some(e)) => println!("job {id} failed: {e}"),
+                (state, _) => println!("job {id} {state}"),
+            }
+            return Ok(j);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+pub fn launch(
+    admin: &str,
+    data_dir: &Path,
+    machine: &str,
+    mode: Mode,
+    snapshot: Option<&str>,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let client = AdminClient::new(admin, data_dir)?;
+    let mode = match mode {
+        Mode::Test => "test",
+        Mode::Cutover => "cutover",
+    };
+    let job: JobRow = client.post(
+        &format!("/v1/machines/{machine}/launch"),
+        &serde_json::json!({ "mode": mode, "snapshot": snapshot }),
+    )?;
+    if json && !wait {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+        return Ok(());
+    }
+    if !wait {
+        println!(
+            "job {} started: {mode} launch of {} (follow it with `rehost-server jobs {} --follow`)",
+            job.id, job.hostname, job.id
+        );
+        return Ok(());
+    }
+    let end = show_job(&client, job.id, true)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&end)?);
+    }
+    if end.state != "succeeded" {
+        bail!(
+            "job {} failed: {}",
+            end.id,
+            end.error.as_deref().unwrap_or("see its log")
+        );
+    }
+    Ok(())
+}
+
+pub fn jobs(
+    admin: &str,
+    data_dir: &Path,
+    job: Option<i64>,
+    machine: Option<&str>,
+    json: bool,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let client = AdminClient::new(admin, data_dir)?;
+    match job {
+        Some(id) if json && !follow => {
+            let v: JobView = client.get(&format!("/v1/jobs/{id}"))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Some(id) => {
+            let end = show_job(&client, id, follow)?;
+            if follow && end.state == "failed" {
+                std::process::exit(1);
+            }
+        }
+        None => {
+            let path = match machine {
+                Some(m) => format!("/v1/jobs?machine={m}"),
+                None => "/v1/jobs".into(),
+            };
+            let v: JobList = client.get(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_jobs(&v.jobs);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn mark(admin: &str, data_dir: &Path, machine: &str, state: MarkState) -> anyhow::Result<()> {
+    let state = match state {
+        MarkState::ReadyForCutover => "ready-for-cutover",
+        MarkState::ReadyForTesting => "ready-for-testing",
+        MarkState::Archived => "archived",
+    };
+    let v: serde_json::Value = AdminClient::new(admin, data_dir)?.post(
+        &format!("/v1/machines/{machine}/mark"),
+        &serde_json::json!({ "state": state }),
+    )?;
+    println!(
+        "{}: {} -> {state}",
+        v["machine_id"].as_str().unwrap_or(machine),
+        v["from"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+pub fn test(cmd: &TestCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()> {
+    match cmd {
+        TestCmd::Revert { machine } => {
+            let v: serde_json::Value = AdminClient::new(admin, data_dir)?.post(
+                &format!("/v1/machines/{machine}/test/revert"),
+                &serde_json::json!({}),
+            )?;
+            let removed: Vec<&str> = v["removed"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            println!(
+                "{}: test reverted, ready-for-testing{}",
+                v["machine_id"].as_str().unwrap_or(machine),
+                if removed.is_empty() {
+                    " (no test target was running)".to_string()
+                } else {
+                    format!(" ({})", removed.join("; "))
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn history(admin: &str, data_dir: &Path, machine: &str, json: bool) -> anyhow::Result<()> {
+    let v: History =
+        AdminClient::new(admin, data_dir)?.get(&format!("/v1/machines/{machine}/history"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("lifecycle of {}", v.machine_id);
+    for t in &v.transitions {
+        println!("  @{}  {} -> {}  ({})", t.at, t.from, t.to, t.reason);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clock_is_utc_time_of_day() {
+        assert_eq!(super::clock(0), "00:00:00.000");
+        assert_eq!(super::clock(86_400_000 + 3_723_045), "01:02:03.045");
+    }
+}
