@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use serde_json::Value;
 
 /// Path of a workspace binary: target/<profile>/NAME, next to target/<profile>/deps/<test>.
@@ -412,3 +415,96 @@ pub fn require_root(what: &str) -> bool {
     eprintln!("SKIPPED: {what} needs root (loop devices, mount, tracefs); run the tests as root");
     false
 }
+
+/// Removes the kernel trace instances a test's agent left behind.
+pub struct TraceCleanup(pub Option<String>);
+
+impl Drop for TraceCleanup {
+    fn drop(&mut self) {
+        let Some(machine) = &self.0 else { return };
+        let Ok(dir) = std::fs::read_dir("/sys/kernel/tracing/instances") else {
+            return;
+        };
+        for e in dir.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("rehost-{machine}-"))
+            {
+                let _ = std::fs::write(e.path().join("events/block/block_rq_complete/enable"), "0");
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
+/// Writes files with fsync in a loop, and rewrites earlier ones in place, until stopped.
+/// Records each fsynced file's content digest.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    done: Arc<Mutex<Vec<(PathBuf, String)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn start(dir: &Path) -> Self {
+        Self::paced(dir, Duration::from_millis(10))
+    }
+
+    /// Like [`Writer::start`], one file every `pace` (a bounded amount of data over a long test).
+    pub fn paced(dir: &Path, pace: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let (s, d, dir) = (stop.clone(), done.clone(), dir.join("data"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let thread = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let len = 4096 + (n as usize * 7919) % (256 << 10);
+                let data = random_bytes(n + 1, len);
+                // Every fourth write rewrites an earlier file, so blocks get dirty again.
+                let name = if n % 4 == 3 {
+                    format!("f-{}", n / 2)
+                } else {
+                    format!("f-{n}")
+                };
+                let p = dir.join(&name);
+                let mut f = std::fs::File::create(&p).unwrap();
+                f.write_all(&data).unwrap();
+                f.sync_all().unwrap();
+                let h = blake3::hash(&data).to_hex().to_string();
+                let mut d = d.lock().unwrap();
+                d.retain(|(q, _)| q != &p);
+                d.push((p, h));
+                drop(d);
+                n += 1;
+                std::thread::sleep(pace);
+            }
+        });
+        Writer {
+            stop,
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    /// The files fsynced so far, each with the digest of its content.
+    pub fn done(&self) -> Vec<(PathBuf, String)> {
+        self.done.lock().unwrap().clone()
+    }
+
+    pub fn stop(&mut self) -> Vec<(PathBuf, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.done.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+

@@ -5,8 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -65,88 +63,6 @@ impl Drop for LoopFs {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         }
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-/// Removes the kernel trace instances a test's agent left behind.
-struct TraceCleanup(Option<String>);
-
-impl Drop for TraceCleanup {
-    fn drop(&mut self) {
-        let Some(machine) = &self.0 else { return };
-        let Ok(dir) = std::fs::read_dir("/sys/kernel/tracing/instances") else {
-            return;
-        };
-        for e in dir.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("rehost-{machine}-"))
-            {
-                let _ = std::fs::write(e.path().join("events/block/block_rq_complete/enable"), "0");
-                let _ = std::fs::remove_dir(e.path());
-            }
-        }
-    }
-}
-
-/// Writes files with fsync in a loop, and rewrites earlier ones in place, until stopped.
-/// Records each fsynced file's content digest.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    done: Arc<Mutex<Vec<(PathBuf, String)>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(dir: &Path) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(Mutex::new(Vec::new()));
-        let (s, d, dir) = (stop.clone(), done.clone(), dir.join("data"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let thread = std::thread::spawn(move || {
-            use std::io::Write;
-            let mut n = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                let len = 4096 + (n as usize * 7919) % (256 << 10);
-                let data = random_bytes(n + 1, len);
-                // Every fourth write rewrites an earlier file, so blocks get dirty again.
-                let name = if n % 4 == 3 {
-                    format!("f-{}", n / 2)
-                } else {
-                    format!("f-{n}")
-                };
-                let p = dir.join(&name);
-                let mut f = std::fs::File::create(&p).unwrap();
-                f.write_all(&data).unwrap();
-                f.sync_all().unwrap();
-                let h = blake3::hash(&data).to_hex().to_string();
-                let mut d = d.lock().unwrap();
-                d.retain(|(q, _)| q != &p);
-                d.push((p, h));
-                drop(d);
-                n += 1;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        Writer {
-            stop,
-            done,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(&mut self) -> Vec<(PathBuf, String)> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        self.done.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -335,7 +251,7 @@ fn a_consistency_point_while_the_writer_runs_is_a_clean_filesystem_with_every_fs
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(700));
         // Everything the writer fsynced before the request must be in the point.
-        let before = writer.done.lock().unwrap().clone();
+        let before = writer.done();
         let snap: serde_json::Value = serde_json::from_str(&cli_ok(
             &server,
             &["snapshot", "create", "loop-host", "--wait", "--json"],

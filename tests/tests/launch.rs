@@ -1,0 +1,433 @@
+//! The main job end to end: a bootable Debian disk (the converter's fixture, configured as on a
+//! Xen host) on a loop device, its root filesystem mounted with a writer busy on it, replicated
+//! by the real agent to the real server; test launches that boot from the latest recovery point
+//! (the second replacing the first); a server killed mid-job; and the cutover, which boots and
+//! ends replication.
+//!
+//! Needs root, QEMU and debootstrap (the fixture): without root it skips with a message, and
+//! under `CI=true` it fails instead.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use rehost_tests::*;
+use serde_json::Value;
+
+const SYNC_LIMIT: Duration = Duration::from_secs(300);
+/// Export, conversion (the guest's initramfs is rebuilt in a chroot) and a boot under TCG.
+const JOB_LIMIT: Duration = Duration::from_secs(600);
+
+fn tools_ready() -> bool {
+    if !require_root("launch end-to-end test (loop devices, mount, QEMU)") {
+        return false;
+    }
+    let missing: Vec<&str> = ["qemu-system-x86_64", "qemu-img", "partx", "debootstrap", "debugfs"]
+        .into_iter()
+        .filter(|t| {
+            !Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {t}"))
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "launch test needs {missing:?}, and CI=true: failing instead of skipping (run scripts/install-deps.sh)"
+    );
+    eprintln!("SKIPPED: launch test needs {missing:?} (run scripts/install-deps.sh)");
+    false
+}
+
+/// The converter's Xen-like Debian image (built once, then cached).
+fn fixture() -> PathBuf {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../converter/fixtures/build-debian-image.sh");
+    let out = run_ok(Command::new("bash").arg(script).arg("xen"));
+    PathBuf::from(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim(),
+    )
+}
+
+/// The source disk: a loop device over a copy of the fixture, its root partition mounted.
+/// Dropping it stops everything the test started from its dir (VMs, converters), unmounts and
+/// detaches.
+struct Source {
+    dir: PathBuf,
+    dev: PathBuf,
+    mnt: PathBuf,
+}
+
+impl Source {
+    fn new(dir: &Path) -> Self {
+        let img = dir.join("source.img");
+        run_ok(
+            Command::new("cp")
+                .arg("--sparse=always")
+                .arg(fixture())
+                .arg(&img),
+        );
+        let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&img));
+        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        let src = Source {
+            dir: dir.to_path_buf(),
+            dev,
+            mnt: dir.join("mnt"),
+        };
+        run_ok(Command::new("partx").arg("-a").arg(&src.dev));
+        std::fs::create_dir_all(&src.mnt).unwrap();
+        run_ok(
+            Command::new("mount")
+                .arg(format!("{}p1", src.dev.display()))
+                .arg(&src.mnt),
+        );
+        src
+    }
+}
+
+/// Pids of processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        for pid in processes_mentioning(&self.dir.join("targets").display().to_string()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = Command::new("partx").arg("-d").arg(&self.dev).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+fn cli(server: &Server, args: &[&str]) -> String {
+    let out = server.cli(args);
+    assert!(
+        out.status.success(),
+        "rehost-server {}: {}\n{}\nserver log tail:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout),
+        tail(&server.log_text(), 40)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn machine(server: &Server) -> Value {
+    server.machines()["machines"][0].clone()
+}
+
+fn job(server: &Server, id: i64) -> Value {
+    serde_json::from_str(&cli(server, &["jobs", &id.to_string(), "--json"])).unwrap()
+}
+
+fn last_job_id(server: &Server) -> i64 {
+    let v: Value = serde_json::from_str(&cli(server, &["jobs", "--json"])).unwrap();
+    v["jobs"].as_array().unwrap().last().unwrap()["id"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Runs `launch --wait` and returns the job's JSON and how long the command took.
+fn launch(server: &Server, mode: &str) -> (Value, Duration) {
+    let t = Instant::now();
+    let out = server.cli(&["launch", "deb-src", "--mode", mode, "--wait"]);
+    let took = t.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("$ rehost-server launch deb-src --mode {mode} --wait\n{stdout}");
+    let id = last_job_id(server);
+    let j = job(server, id);
+    assert!(
+        out.status.success() && j["job"]["state"] == "succeeded",
+        "{mode} launch failed: {}\n{stdout}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&server.log_text(), 60)
+    );
+    assert!(took < JOB_LIMIT, "{mode} launch took {took:?}");
+    (j, took)
+}
+
+/// Every file of `files` (fsynced in the source before the point) is in the target's root
+/// filesystem with the same content.
+fn assert_files_in_target(image: &Path, mnt: &Path, files: &[(PathBuf, String)]) {
+    // The root is the first partition; read it through a read-only loop device at its offset.
+    let out = run_ok(Command::new("partx").args(["-g", "-o", "START", "-n", "1"]).arg(image));
+    let start: u64 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+    let out = run_ok(
+        Command::new("losetup")
+            .args(["-f", "--show", "-r", "-o", &(start * 512).to_string()])
+            .arg(image),
+    );
+    let part = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let check = || {
+        for (p, h) in files.iter().rev().take(40) {
+            let rel = p.strip_prefix(mnt).unwrap();
+            let out = run_ok(
+                Command::new("debugfs")
+                    .args(["-R", &format!("cat /{}", rel.display())])
+                    .arg(&part),
+            );
+            assert_eq!(
+                blake3::hash(&out.stdout).to_hex().to_string(),
+                *h,
+                "/{} (fsynced before the point) differs in the target {}",
+                rel.display(),
+                image.display()
+            );
+        }
+    };
+    let r = std::panic::catch_unwind(check);
+    let _ = Command::new("losetup").arg("-d").arg(&part).status();
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn target_of(j: &Value) -> PathBuf {
+    PathBuf::from(j["job"]["target_dir"].as_str().expect("job target dir"))
+}
+
+fn vm_running(target: &Path) -> bool {
+    std::fs::read_to_string(target.join("qemu.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&target.display().to_string()))
+        })
+}
+
+/// Seconds per step of a job's log: from each step's first line to the next step's.
+fn breakdown(j: &Value) -> String {
+    let log = j["log"].as_array().unwrap();
+    let mut steps: Vec<(String, i64)> = Vec::new();
+    for l in log {
+        let step = l["step"].as_str().unwrap().to_string();
+        if steps.last().map(|s| &s.0) != Some(&step) {
+            steps.push((step, l["at_ms"].as_i64().unwrap()));
+        }
+    }
+    let end = log.last().unwrap()["at_ms"].as_i64().unwrap();
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, (s, t))| {
+            let next = steps.get(i + 1).map(|n| n.1).unwrap_or(end);
+            format!("{s} {:.1}s", (next - t) as f64 / 1000.0)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[test]
+fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leaves_no_orphans() {
+    if !tools_ready() {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("rehost-launch")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let dir = tmp.path();
+    let source = Source::new(dir);
+    let mut server = Server::start(dir);
+    let token = server.token();
+    let mut agent = Agent::new(dir, "a");
+    let out = agent.install(&server, &token, &[&source.dev], "deb-src");
+    assert!(
+        out.status.success(),
+        "install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _trace = TraceCleanup(agent.state_json()["machine_id"].as_str().map(String::from));
+    agent.run(&[]);
+    let mut writer = Writer::paced(&source.mnt, Duration::from_millis(300));
+
+    wait_until("the initial sync", SYNC_LIMIT, || {
+        let m = machine(&server);
+        (m["lifecycle"] == "ready-for-testing" && m["disks"][0]["state"] == "continuous")
+            .then_some(())
+    });
+    // Nothing can cut over before a test (or a mark).
+    let out = server.cli(&["launch", "deb-src", "--mode", "cutover"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ready-for-testing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let targets = dir.join("targets");
+    cli(
+        &server,
+        &[
+            "blueprint",
+            "set",
+            "deb-src",
+            "--launch",
+            "qemu",
+            "--accel",
+            "tcg",
+            "--cpus",
+            "1",
+            "--memory",
+            "1024",
+            "--format",
+            "raw",
+            "--boot-timeout",
+            "300",
+            "--target-dir",
+            targets.to_str().unwrap(),
+        ],
+    );
+
+    // A recovery point while the writer runs; the test launch boots from the latest point.
+    std::thread::sleep(Duration::from_secs(2));
+    let before_point = writer.done();
+    assert!(!before_point.is_empty(), "the writer has written nothing");
+    let point: Value = serde_json::from_str(&cli(
+        &server,
+        &["snapshot", "create", "deb-src", "--wait", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(point["consistency"], "app", "{point}");
+    let (j1, took) = launch(&server, "test");
+    eprintln!("test launch 1: {took:?}; {}", breakdown(&j1));
+    assert_eq!(j1["job"]["snapshot_id"], point["id"]);
+    let t1 = target_of(&j1);
+    assert!(vm_running(&t1), "the test VM is not running");
+    let serial = std::fs::read_to_string(t1.join("serial.log")).unwrap();
+    assert!(serial.contains("REHOST-BOOT-OK"), "{serial}");
+    let log1 = j1["log"].to_string();
+    for want in ["job-start", "snapshot", "export", "conversion start", "conversion end", "boot-check", "target booted", "job-end"] {
+        assert!(log1.contains(want), "job log lacks {want}: {log1}");
+    }
+    assert!(log1.contains("guest address 10.0.2."), "no DHCP address: {log1}");
+    assert_files_in_target(&t1.join("deb-src.raw"), &source.mnt, &before_point);
+    assert!(t1.join("qemu.sh").is_file() && t1.join("domain.xml").is_file());
+    assert_eq!(machine(&server)["lifecycle"], "testing");
+    // Replication went on during the test.
+    assert_eq!(machine(&server)["connected"], true);
+
+    // A second test replaces the first: its VM and images are gone.
+    let (j2, took) = launch(&server, "test");
+    eprintln!("test launch 2: {took:?}; {}", breakdown(&j2));
+    assert!(!t1.exists(), "the first test's target was not removed");
+    assert!(processes_mentioning(&t1.display().to_string()).is_empty());
+    let t2 = target_of(&j2);
+    assert!(vm_running(&t2));
+    let all: Value = serde_json::from_str(&cli(&server, &["jobs", "--json"])).unwrap();
+    let active: Vec<i64> = all["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["active"] == true)
+        .map(|j| j["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(active, vec![j2["job"]["id"].as_i64().unwrap()]);
+
+    // One job at a time; and a server killed mid-job leaves it failed, with its log, and nothing
+    // behind: no VM, converter, mount, loop device or file.
+    cli(&server, &["launch", "deb-src", "--mode", "test"]);
+    let id3 = last_job_id(&server);
+    let out = server.cli(&["launch", "deb-src", "--mode", "test"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still running"));
+    wait_until("job 3 to reach the conversion", JOB_LIMIT, || {
+        job(&server, id3)["log"]
+            .to_string()
+            .contains("conversion start")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let t3 = PathBuf::from(job(&server, id3)["job"]["target_dir"].as_str().unwrap());
+    assert!(t3.exists());
+    server.kill();
+    server.restart();
+    let j3 = job(&server, id3);
+    assert_eq!(j3["job"]["state"], "failed", "{j3}");
+    assert!(j3["job"]["error"].as_str().unwrap().contains("interrupted"));
+    assert!(j3["log"].to_string().contains("the server stopped while this job ran"), "{j3}");
+    assert!(!t3.exists(), "job 3's target dir is still there");
+    assert!(
+        processes_mentioning(&t3.display().to_string()).is_empty(),
+        "a process of job 3 survived"
+    );
+    let loops = run_ok(Command::new("losetup").arg("-a")).stdout;
+    assert!(
+        !String::from_utf8_lossy(&loops).contains(&t3.display().to_string()),
+        "a loop device of job 3 survived"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&t3.display().to_string()), "a mount of job 3 survived");
+    // Job 3 had replaced job 2's test target before it was interrupted.
+    assert!(!t2.exists());
+    assert_eq!(machine(&server)["lifecycle"], "ready-for-testing");
+
+    // Cutover: a final consistency point from the agent, then the target boots and replication
+    // of the machine stops.
+    cli(&server, &["mark", "deb-src", "ready-for-cutover"]);
+    wait_until("the agent to reconnect", SYNC_LIMIT, || {
+        (machine(&server)["disks"][0]["state"] == "continuous").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let before_cutover = writer.done();
+    let (jc, rto) = launch(&server, "cutover");
+    let breakdown = breakdown(&jc);
+    eprintln!(
+        "RTO (launch --mode cutover to the boot marker): {:.1} s; {breakdown}",
+        rto.as_secs_f64()
+    );
+    let logc = jc["log"].to_string();
+    assert!(logc.contains("snapshot end: final recovery point"), "{logc}");
+    assert!(logc.contains("(app,"), "the final point is not app-consistent: {logc}");
+    let tc = target_of(&jc);
+    assert!(vm_running(&tc));
+    assert_files_in_target(&tc.join("deb-src.raw"), &source.mnt, &before_cutover);
+    assert_eq!(machine(&server)["lifecycle"], "cutover-complete");
+    let status = agent.wait(Duration::from_secs(120));
+    assert!(!status.success(), "the agent should stop once refused");
+    assert!(
+        agent.log_text().contains("cutover-complete"),
+        "{}",
+        tail(&agent.log_text(), 20)
+    );
+    let history = cli(&server, &["machine", "history", "deb-src"]);
+    for want in [
+        "not-ready -> ready-for-testing",
+        "ready-for-testing -> testing",
+        "testing -> ready-for-testing",
+        "ready-for-testing -> ready-for-cutover",
+        "ready-for-cutover -> cutting-over",
+        "cutting-over -> cutover-complete",
+    ] {
+        assert!(history.contains(want), "history lacks {want}:\n{history}");
+    }
+    writer.stop();
+    drop(source);
+}
