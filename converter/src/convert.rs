@@ -145,9 +145,9 @@ pub fn plan_changes(
 ) -> Result<(Vec<Change>, bool), ConvertError> {
     let mut changes = Vec::new();
     let volumes = ins.volumes();
-    let root_uuid = ins.root_fs.uuid.clone().unwrap_or_default();
+    let root_spec = ins.root_spec();
     if let Some(text) = g.read_text("/etc/fstab")? {
-        let (new, edits) = fstab::rewrite(&text, &volumes, &root_uuid);
+        let (new, edits) = fstab::rewrite(&text, &volumes, &root_spec);
         edit_file(g, apply, "fstab", "/etc/fstab", &new, edits, &mut changes)?;
     }
     let net = network::convert(g, apply)?;
@@ -158,7 +158,7 @@ pub fn plan_changes(
     }
     let policy = CmdlinePolicy {
         volumes: &volumes,
-        root_uuid: &root_uuid,
+        root_spec: &root_spec,
         ensure: &ensure,
     };
     if let Some(cfg) = &ins.grub_cfg {
@@ -199,7 +199,16 @@ pub fn plan_changes(
         }
     }
     let add = modules_to_add(ins);
-    let rebuild = !add.is_empty();
+    // An LVM root needs the guest's lvm tool in every initramfs that is to boot.
+    let lvm_missing: Vec<&inspect::KernelInfo> = match &ins.root_lv {
+        Some(_) => ins
+            .kernels
+            .iter()
+            .filter(|k| k.can_boot_virtio() && !k.initramfs_has_lvm)
+            .collect(),
+        None => Vec::new(),
+    };
+    let rebuild = !add.is_empty() || !lvm_missing.is_empty();
     if rebuild {
         match ins.initramfs_tool.as_deref() {
             Some("update-initramfs") => {
@@ -252,10 +261,13 @@ pub fn plan_changes(
             }
             Some("dracut") => {
                 let file = "/etc/dracut.conf.d/90-rehost-virtio.conf";
-                let text = format!(
+                let mut text = format!(
                     "# written by rehost-converter\nadd_drivers+=\" {} \"\n",
                     add.join(" ")
                 );
+                if ins.root_lv.is_some() {
+                    text.push_str("add_dracutmodules+=\" lvm \"\n");
+                }
                 if apply {
                     g.write(file, text.as_bytes())?;
                 }
@@ -269,19 +281,22 @@ pub fn plan_changes(
             }
             _ => {}
         }
-        for k in ins
-            .kernels
-            .iter()
-            .filter(|k| k.can_boot_virtio() && !k.missing.is_empty())
-        {
+        for k in ins.kernels.iter().filter(|k| {
+            k.can_boot_virtio()
+                && (!k.missing.is_empty() || lvm_missing.iter().any(|l| l.version == k.version))
+        }) {
             let file = k
                 .initramfs
                 .clone()
                 .unwrap_or_else(|| format!("/boot/initrd.img-{}", k.version));
+            let mut lacks = k.missing.clone();
+            if lvm_missing.iter().any(|l| l.version == k.version) {
+                lacks.push("lvm".into());
+            }
             changes.push(Change::new(
                 "initramfs",
                 &file,
-                Some(format!("lacks {}", k.missing.join(", "))),
+                Some(format!("lacks {}", lacks.join(", "))),
                 Some(format!(
                     "rebuilt with {} in a chroot",
                     ins.initramfs_tool.as_deref().unwrap_or("?")
@@ -440,15 +455,22 @@ fn produce(
                 ins.boot,
             )?;
             for k in after.kernels.iter().filter(|k| k.can_boot_virtio()) {
+                let lvm_root = ins.root_lv.is_some();
                 let fatal: Vec<&String> = k
                     .missing
                     .iter()
-                    .filter(|m| *m == "virtio_blk" || *m == "virtio_pci")
+                    .filter(|m| {
+                        *m == "virtio_blk" || *m == "virtio_pci" || (lvm_root && *m == "dm_mod")
+                    })
                     .collect();
-                if !fatal.is_empty() {
+                if !fatal.is_empty() || (lvm_root && !k.initramfs_has_lvm) {
+                    let mut missing = k.missing.clone();
+                    if lvm_root && !k.initramfs_has_lvm {
+                        missing.push("lvm".into());
+                    }
                     return Err(ConvertError::StillMissing {
                         kernel: k.version.clone(),
-                        missing: k.missing.join(", "),
+                        missing: missing.join(", "),
                     });
                 }
                 if !k.missing.is_empty() {

@@ -15,6 +15,8 @@ pub struct Volume {
     pub uuid: Option<String>,
     pub label: Option<String>,
     pub partuuid: Option<String>,
+    /// `vg/lv` for a logical volume (whose `part` is then its volume number, not a partition).
+    pub lv: Option<String>,
 }
 
 /// What a device spec from fstab or the kernel command line refers to.
@@ -22,6 +24,9 @@ pub struct Volume {
 pub enum Resolution {
     /// A volume with this UUID.
     Uuid(String),
+    /// A logical volume of the input, named by a stable LVM name (`/dev/mapper/VG-LV`, `/dev/VG/LV`);
+    /// with its filesystem UUID when it can be attached.
+    Lv(Option<String>),
     /// A block-device reference that matches nothing in the input images.
     NoMatch,
     /// Not a block device reference we understand (tmpfs, proc, nfs, /dev/mapper/...).
@@ -71,8 +76,38 @@ pub fn parse_dev(dev: &str) -> Option<(usize, u32)> {
     None
 }
 
+/// The `vg/lv` a device path names by LVM's stable names, if the VG is one of `volumes`.
+fn lv_of_spec(spec: &str, volumes: &[Volume]) -> Option<String> {
+    let dm = spec
+        .strip_prefix("/dev/mapper/")
+        .or_else(|| spec.strip_prefix("/dev/disk/by-id/dm-name-"));
+    let (vg, lv) = match dm {
+        Some(name) => crate::lvm::split_dm_name(name)?,
+        None => {
+            let (vg, lv) = spec.strip_prefix("/dev/")?.split_once('/')?;
+            if lv.contains('/') {
+                return None;
+            }
+            (vg.to_string(), lv.to_string())
+        }
+    };
+    let name = format!("{vg}/{lv}");
+    let known_vg = volumes.iter().any(|v| {
+        v.lv.as_deref()
+            .and_then(|l| l.split_once('/'))
+            .is_some_and(|(g, _)| g == vg)
+    });
+    known_vg.then_some(name)
+}
+
 /// Resolve a device spec against the volumes found.
 pub fn resolve(spec: &str, volumes: &[Volume]) -> Resolution {
+    if let Some(name) = lv_of_spec(spec, volumes) {
+        return match volumes.iter().find(|v| v.lv.as_deref() == Some(&name)) {
+            Some(v) => Resolution::Lv(v.uuid.clone()),
+            None => Resolution::NoMatch,
+        };
+    }
     let by = |f: &dyn Fn(&Volume) -> bool| {
         volumes
             .iter()
@@ -101,7 +136,7 @@ pub fn resolve(spec: &str, volumes: &[Volume]) -> Resolution {
         return by(&|v| eq_ci(&v.partuuid, p));
     }
     match parse_dev(spec) {
-        Some((disk, part)) => by(&|v| v.disk == disk && v.part == part),
+        Some((disk, part)) => by(&|v| v.disk == disk && v.part == part && v.lv.is_none()),
         None if spec.starts_with("/dev/") => Resolution::NoMatch,
         None => Resolution::NotADevice,
     }
@@ -125,6 +160,7 @@ mod tests {
                 uuid: Some("aaaa".into()),
                 label: Some("rootfs".into()),
                 partuuid: None,
+                lv: None,
             },
             Volume {
                 disk: 0,
@@ -133,6 +169,7 @@ mod tests {
                 uuid: Some("bbbb".into()),
                 label: None,
                 partuuid: None,
+                lv: None,
             },
             Volume {
                 disk: 1,
@@ -141,6 +178,7 @@ mod tests {
                 uuid: Some("cccc".into()),
                 label: None,
                 partuuid: None,
+                lv: None,
             },
         ]
     }
@@ -169,5 +207,39 @@ mod tests {
         assert_eq!(resolve("UUID=dead", &v), Resolution::NoMatch);
         assert_eq!(resolve("tmpfs", &v), Resolution::NotADevice);
         assert_eq!(resolve("/dev/mapper/x", &v), Resolution::NoMatch);
+    }
+
+    #[test]
+    fn logical_volumes_by_their_lvm_names() {
+        let mut v = vols();
+        v.push(Volume {
+            disk: 0,
+            part: 1001,
+            kind: FsKind::Ext4,
+            uuid: Some("dddd".into()),
+            label: None,
+            partuuid: None,
+            lv: Some("my-vg/root".into()),
+        });
+        v.push(Volume {
+            disk: 0,
+            part: 0,
+            kind: FsKind::Unknown,
+            uuid: None,
+            label: None,
+            partuuid: None,
+            lv: Some("my-vg/striped".into()),
+        });
+        let root = Resolution::Lv(Some("dddd".into()));
+        assert_eq!(resolve("/dev/mapper/my--vg-root", &v), root);
+        assert_eq!(resolve("/dev/my-vg/root", &v), root);
+        assert_eq!(resolve("/dev/disk/by-id/dm-name-my--vg-root", &v), root);
+        assert_eq!(resolve("UUID=dddd", &v), Resolution::Uuid("dddd".into()));
+        assert_eq!(resolve("/dev/my-vg/striped", &v), Resolution::Lv(None));
+        assert_eq!(resolve("/dev/my-vg/gone", &v), Resolution::NoMatch);
+        // A volume number is not a partition: /dev/sda1001 names nothing.
+        assert_eq!(resolve("/dev/sda1001", &v), Resolution::NoMatch);
+        // Unknown VG: not taken for an LV.
+        assert_eq!(resolve("/dev/other/root", &v), Resolution::NoMatch);
     }
 }

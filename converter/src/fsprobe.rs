@@ -142,7 +142,7 @@ pub fn probe(disk: &(impl ReadAt + ?Sized), base: u64, len: u64) -> FsInfo {
     for sector in 0..4 {
         let at = sector * 512;
         if &head[at..at + 8] == b"LABELONE" && &head[at + 24..at + 32] == b"LVM2 001" {
-            let id = label_text(&head[at + 32..at + 64]);
+            let id = label_text(&head[at + 32..at + 64]).map(|u| crate::lvm::format_uuid(&u));
             return FsInfo {
                 kind: FsKind::Lvm,
                 uuid: id,

@@ -87,13 +87,15 @@ pub fn parse(text: &str) -> Vec<Entry> {
 }
 
 /// Rewrite device names to `UUID=` where they match a volume; add `nofail` to entries whose device
-/// matches nothing (except `/`, which `root_uuid` always names). Returns the new text and the edits.
-pub fn rewrite(text: &str, volumes: &[Volume], root_uuid: &str) -> (String, Vec<LineEdit>) {
+/// matches nothing (except `/`, which `root_spec` — `UUID=...` or `/dev/mapper/VG-LV` — always names).
+/// Stable LVM names (`/dev/mapper/VG-LV`, `/dev/VG/LV`) of logical volumes in the input are kept.
+/// Returns the new text and the edits.
+pub fn rewrite(text: &str, volumes: &[Volume], root_spec: &str) -> (String, Vec<LineEdit>) {
     let mut out = String::with_capacity(text.len() + 64);
     let mut edits = Vec::new();
     for piece in text.split_inclusive('\n') {
         let (line, nl) = piece.strip_suffix('\n').map_or((piece, ""), |l| (l, "\n"));
-        let new = rewrite_line(line, volumes, root_uuid);
+        let new = rewrite_line(line, volumes, root_spec);
         if let Some((new_line, detail)) = new {
             edits.push(LineEdit {
                 old: line.to_string(),
@@ -109,7 +111,7 @@ pub fn rewrite(text: &str, volumes: &[Volume], root_uuid: &str) -> (String, Vec<
     (out, edits)
 }
 
-fn rewrite_line(line: &str, volumes: &[Volume], root_uuid: &str) -> Option<(String, String)> {
+fn rewrite_line(line: &str, volumes: &[Volume], root_spec: &str) -> Option<(String, String)> {
     if is_comment(line) {
         return None;
     }
@@ -119,11 +121,20 @@ fn rewrite_line(line: &str, volumes: &[Volume], root_uuid: &str) -> Option<(Stri
     }
     let spec = unescape(&line[spans[0].0..spans[0].1]);
     let mountpoint = unescape(&line[spans[1].0..spans[1].1]);
-    let resolution = if mountpoint == "/" && !is_uuid_spec(&spec) {
-        Resolution::Uuid(root_uuid.to_string())
-    } else {
-        resolve(&spec, volumes)
-    };
+    let resolution = resolve(&spec, volumes);
+    if mountpoint == "/"
+        && !is_uuid_spec(&spec)
+        && spec != root_spec
+        && !matches!(resolution, Resolution::Lv(_))
+    {
+        let new = format!(
+            "{}{}{}",
+            &line[..spans[0].0],
+            root_spec,
+            &line[spans[0].1..]
+        );
+        return Some((new, format!("{spec} -> {root_spec}")));
+    }
     match resolution {
         Resolution::Uuid(u) if is_uuid_spec(&spec) => {
             let _ = u;
@@ -170,6 +181,7 @@ mod tests {
                 uuid: Some("r-uuid".into()),
                 label: None,
                 partuuid: None,
+                lv: None,
             },
             Volume {
                 disk: 0,
@@ -178,6 +190,7 @@ mod tests {
                 uuid: Some("s-uuid".into()),
                 label: None,
                 partuuid: None,
+                lv: None,
             },
         ]
     }
@@ -186,21 +199,56 @@ mod tests {
 
     #[test]
     fn xen_fstab_rewritten() {
-        let (new, edits) = rewrite(XEN, &vols(), "r-uuid");
+        let (new, edits) = rewrite(XEN, &vols(), "UUID=r-uuid");
         assert_eq!(
             new,
             "# static\nUUID=r-uuid\t/\text4\terrors=remount-ro\t0\t1\nUUID=s-uuid none swap sw 0 0\n/dev/xvdb1\t/data\text4\tdefaults,nofail\t0\t2\nproc /proc proc defaults 0 0\nUUID=r-uuid /x ext4 ro 0 0\n"
         );
         assert_eq!(edits.len(), 3);
         assert_eq!(edits[2].old, "/dev/xvdb1\t/data\text4\tdefaults\t0\t2");
-        let (again, e2) = rewrite(&new, &vols(), "r-uuid");
+        let (again, e2) = rewrite(&new, &vols(), "UUID=r-uuid");
         assert_eq!(again, new);
         assert!(e2.is_empty());
     }
 
     #[test]
+    fn lvm_names_are_kept() {
+        let mut v = vols();
+        v.push(Volume {
+            disk: 0,
+            part: 1001,
+            kind: FsKind::Ext4,
+            uuid: Some("lv-uuid".into()),
+            label: None,
+            partuuid: None,
+            lv: Some("vg0/root".into()),
+        });
+        v.push(Volume {
+            disk: 0,
+            part: 0,
+            kind: FsKind::Unknown,
+            uuid: None,
+            label: None,
+            partuuid: None,
+            lv: Some("vg0/home".into()),
+        });
+        let text = "/dev/mapper/vg0-root / ext4 defaults 0 1\n/dev/vg0/home /home ext4 defaults 0 2\n/dev/vg0/gone /x ext4 defaults 0 2\n";
+        let (new, edits) = rewrite(text, &v, "/dev/mapper/vg0-root");
+        assert_eq!(edits.len(), 1, "{edits:?}");
+        assert_eq!(edits[0].old, "/dev/vg0/gone /x ext4 defaults 0 2");
+        assert!(new.starts_with("/dev/mapper/vg0-root / ext4 defaults 0 1\n/dev/vg0/home /home"));
+        // A root named by a source device name becomes the LV's stable name.
+        let (new, _) = rewrite(
+            "/dev/sda2 / ext4 defaults 0 1\n",
+            &v,
+            "/dev/mapper/vg0-root",
+        );
+        assert_eq!(new, "/dev/mapper/vg0-root / ext4 defaults 0 1\n");
+    }
+
+    #[test]
     fn short_entry_gets_options() {
-        let (new, _) = rewrite("/dev/sdc1 /mnt\n", &vols(), "r-uuid");
+        let (new, _) = rewrite("/dev/sdc1 /mnt\n", &vols(), "UUID=r-uuid");
         assert_eq!(new, "/dev/sdc1 /mnt\tauto\tdefaults,nofail\n");
     }
 
@@ -216,8 +264,8 @@ mod tests {
     proptest! {
         #[test]
         fn random_text_never_panics_and_is_idempotent(text in "[ -~\\t\\n\\\\]{0,300}") {
-            let (once, _) = rewrite(&text, &vols(), "r-uuid");
-            let (twice, edits) = rewrite(&once, &vols(), "r-uuid");
+            let (once, _) = rewrite(&text, &vols(), "UUID=r-uuid");
+            let (twice, edits) = rewrite(&once, &vols(), "UUID=r-uuid");
             prop_assert_eq!(once, twice);
             prop_assert!(edits.is_empty());
             let _ = parse(&text);
@@ -225,7 +273,7 @@ mod tests {
 
         #[test]
         fn random_unicode_never_panics(text in "\\PC{0,200}") {
-            let _ = rewrite(&text, &vols(), "r-uuid");
+            let _ = rewrite(&text, &vols(), "UUID=r-uuid");
             let _ = parse(&text);
         }
     }

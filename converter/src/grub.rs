@@ -11,8 +11,9 @@ use crate::fstab::{field_spans, LineEdit};
 #[derive(Debug, Clone)]
 pub struct CmdlinePolicy<'a> {
     pub volumes: &'a [Volume],
-    /// UUID of the root filesystem found in the image (what `root=` must name).
-    pub root_uuid: &'a str,
+    /// What `root=` must name: `UUID=...` of the root filesystem found in the image, or the stable
+    /// `/dev/mapper/VG-LV` name of its logical volume.
+    pub root_spec: &'a str,
     /// Arguments to append when no argument with the same key (text before `=`, or the whole word for
     /// `console=ttyS0...`: the key is `console=ttyS0`) is present.
     pub ensure: &'a [&'a str],
@@ -32,8 +33,12 @@ pub fn rewrite_args(args: &str, p: &CmdlinePolicy<'_>) -> (String, Vec<String>) 
     let mut notes = Vec::new();
     for arg in args.split_whitespace() {
         if let Some(dev) = arg.strip_prefix("root=") {
-            if !dev.starts_with("UUID=") && !dev.starts_with("ZFS=") {
-                let new = format!("root=UUID={}", p.root_uuid);
+            let keep = dev.starts_with("UUID=")
+                || dev.starts_with("ZFS=")
+                || dev == p.root_spec
+                || matches!(resolve(dev, p.volumes), Resolution::Lv(_));
+            if !keep {
+                let new = format!("root={}", p.root_spec);
                 notes.push(format!("{arg} -> {new}"));
                 out.push(new);
                 continue;
@@ -47,6 +52,8 @@ pub fn rewrite_args(args: &str, p: &CmdlinePolicy<'_>) -> (String, Vec<String>) 
                         notes.push(format!("{arg} -> {new}"));
                         out.push(new);
                     }
+                    // A logical volume's LVM name is stable: kept.
+                    Resolution::Lv(_) => out.push(arg.to_string()),
                     _ => notes.push(format!("{arg} removed: no such device in the input")),
                 }
                 continue;
@@ -204,6 +211,7 @@ mod tests {
                 uuid: Some("r".into()),
                 label: None,
                 partuuid: None,
+                lv: None,
             },
             Volume {
                 disk: 0,
@@ -212,6 +220,7 @@ mod tests {
                 uuid: Some("s".into()),
                 label: None,
                 partuuid: None,
+                lv: None,
             },
         ]
     }
@@ -223,7 +232,7 @@ mod tests {
         let v = vols();
         let p = CmdlinePolicy {
             volumes: &v,
-            root_uuid: "r",
+            root_spec: "UUID=r",
             ensure: ENSURE,
         };
         let cfg = "menuentry 'Debian' {\n\tsearch --fs-uuid r\n\tlinux\t/boot/vmlinuz-6.1 root=/dev/xvda1 ro resume=/dev/xvda2 console=ttyS0,115200 quiet\n\tinitrd\t/boot/initrd.img-6.1\n}\n";
@@ -237,11 +246,47 @@ mod tests {
     }
 
     #[test]
+    fn lvm_root_and_resume_names_are_kept() {
+        let mut v = vols();
+        v.push(Volume {
+            disk: 0,
+            part: 1001,
+            kind: FsKind::Ext4,
+            uuid: Some("lv".into()),
+            label: None,
+            partuuid: None,
+            lv: Some("vg0/root".into()),
+        });
+        v.push(Volume {
+            disk: 0,
+            part: 1002,
+            kind: FsKind::Swap,
+            uuid: Some("sw".into()),
+            label: None,
+            partuuid: None,
+            lv: Some("vg0/swap".into()),
+        });
+        let p = CmdlinePolicy {
+            volumes: &v,
+            root_spec: "/dev/mapper/vg0-root",
+            ensure: ENSURE,
+        };
+        let (args, _) = rewrite_args("root=/dev/mapper/vg0-root ro resume=/dev/vg0/swap", &p);
+        assert_eq!(
+            args,
+            "root=/dev/mapper/vg0-root ro resume=/dev/vg0/swap console=ttyS0,115200 net.ifnames=0"
+        );
+        // A source device name for the root becomes the LV's stable name.
+        let (args, _) = rewrite_args("root=/dev/xvda2", &p);
+        assert!(args.starts_with("root=/dev/mapper/vg0-root "), "{args}");
+    }
+
+    #[test]
     fn unmatched_resume_is_dropped() {
         let v = vols();
         let p = CmdlinePolicy {
             volumes: &v,
-            root_uuid: "r",
+            root_spec: "UUID=r",
             ensure: &[],
         };
         let (args, notes) = rewrite_args("root=UUID=r resume=/dev/xvdc1 ro", &p);
@@ -254,7 +299,7 @@ mod tests {
         let v = vols();
         let p = CmdlinePolicy {
             volumes: &v,
-            root_uuid: "r",
+            root_spec: "UUID=r",
             ensure: ENSURE,
         };
         let text = "GRUB_TIMEOUT=1\nGRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\nGRUB_CMDLINE_LINUX=\"resume=/dev/xvda2\"\nGRUB_DISABLE_LINUX_UUID=true\n";
@@ -276,7 +321,7 @@ mod tests {
         let v = vols();
         let p = CmdlinePolicy {
             volumes: &v,
-            root_uuid: "r",
+            root_spec: "UUID=r",
             ensure: ENSURE,
         };
         let (args, _) = rewrite_args("console=hvc0 console=ttyS0", &p);
@@ -287,7 +332,7 @@ mod tests {
         #[test]
         fn random_text_never_panics_and_is_idempotent(text in "[ -~\\t\\n]{0,400}") {
             let v = vols();
-            let p = CmdlinePolicy { volumes: &v, root_uuid: "r", ensure: ENSURE };
+            let p = CmdlinePolicy { volumes: &v, root_spec: "UUID=r", ensure: ENSURE };
             let (a, _) = rewrite_grub_cfg(&text, &p);
             let (b, e) = rewrite_grub_cfg(&a, &p);
             prop_assert_eq!(a, b);
@@ -301,7 +346,7 @@ mod tests {
         #[test]
         fn grub_lines_with_random_args(args in proptest::collection::vec("[a-z=/0-9,.]{1,12}", 0..8)) {
             let v = vols();
-            let p = CmdlinePolicy { volumes: &v, root_uuid: "r", ensure: ENSURE };
+            let p = CmdlinePolicy { volumes: &v, root_spec: "UUID=r", ensure: ENSURE };
             let line = format!("linux /vmlinuz {}\n", args.join(" "));
             let (a, _) = rewrite_grub_cfg(&line, &p);
             prop_assert!(a.contains("console=ttyS0"));

@@ -10,6 +10,7 @@ use crate::fsprobe::{self, FsInfo, FsKind};
 use crate::fstab;
 use crate::guestfs::{EntryKind, GuestError, GuestRoot};
 use crate::initramfs::{self, REQUIRED};
+use crate::lvm;
 use crate::partition::{self, FileDisk, PartitionError, PartitionTable, ReadAt};
 use crate::sys::{LoopDevice, Mount, SysError, WorkDir};
 use nix::mount::MsFlags;
@@ -32,7 +33,7 @@ pub enum InspectError {
     NoRoot(PathBuf, String),
     #[error("the root filesystem is on LUKS-encrypted volume {0}: it cannot be converted without its key")]
     EncryptedRoot(String),
-    #[error("the root filesystem may be on an LVM physical volume ({0}); LVM roots are not supported yet")]
+    #[error("no root filesystem found outside LVM, and LVM gives none that can be attached without device-mapper: {0}")]
     LvmRoot(String),
 }
 
@@ -52,7 +53,32 @@ pub struct DiskInfo {
     pub path: String,
     pub size: u64,
     pub table: PartitionTable,
+    /// Partitions, then the logical volumes that can be attached (numbered from [`LV_NUMBER_BASE`] + 1).
     pub filesystems: Vec<PartFs>,
+    /// Every visible logical volume of the volume groups whose PVs are on this disk.
+    pub logical_volumes: Vec<LvInfo>,
+    /// LVM physical volumes whose label or metadata was refused (partition and reason).
+    pub lvm_errors: Vec<String>,
+}
+
+/// Logical volumes that can be attached get volume numbers above this (partitions stay below it), so
+/// that `(disk, number)` names partitions and logical volumes alike.
+pub const LV_NUMBER_BASE: u32 = 1000;
+
+/// A logical volume found in LVM metadata.
+#[derive(Debug, Clone, Serialize)]
+pub struct LvInfo {
+    pub vg: String,
+    pub name: String,
+    pub uuid: String,
+    /// `/dev/mapper/...` name the guest knows it by.
+    pub dm_name: String,
+    /// Its volume number in `filesystems` when it can be attached (one linear segment on a PV here).
+    pub number: Option<u32>,
+    /// Partition holding its PV.
+    pub pv_part: Option<u32>,
+    /// Why it cannot be attached without device-mapper.
+    pub refused: Option<String>,
 }
 
 /// A partition and what it holds.
@@ -62,6 +88,9 @@ pub struct PartFs {
     pub start: u64,
     pub len: u64,
     pub fs: FsInfo,
+    /// `vg/lv` when this is a logical volume rather than a partition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lv: Option<String>,
 }
 
 /// An installed kernel.
@@ -80,6 +109,8 @@ pub struct KernelInfo {
     pub unavailable: Vec<String>,
     /// Error reading the initramfs, if any.
     pub initramfs_error: Option<String>,
+    /// The initramfs carries LVM's tool (`lvm`), so it can activate a volume group.
+    pub initramfs_has_lvm: bool,
 }
 
 impl KernelInfo {
@@ -108,6 +139,8 @@ pub struct Inspection {
     pub root: (usize, u32),
     pub root_fs: FsInfo,
     pub root_subvol: Option<String>,
+    /// `vg/lv` when the root filesystem is on a logical volume.
+    pub root_lv: Option<String>,
     /// (disk, partition) of a separate /boot.
     pub boot: Option<(usize, u32)>,
     pub os: OsInfo,
@@ -129,16 +162,44 @@ impl Inspection {
             .iter()
             .enumerate()
             .flat_map(|(d, disk)| {
-                disk.filesystems.iter().map(move |p| Volume {
+                let attached = disk.filesystems.iter().map(move |p| Volume {
                     disk: d,
                     part: p.part,
                     kind: p.fs.kind,
                     uuid: p.fs.uuid.clone(),
                     label: p.fs.label.clone(),
                     partuuid: None,
-                })
+                    lv: p.lv.clone(),
+                });
+                // Logical volumes that cannot be attached are still known by name.
+                let refused = disk
+                    .logical_volumes
+                    .iter()
+                    .filter(|l| l.number.is_none())
+                    .map(move |l| Volume {
+                        disk: d,
+                        part: 0,
+                        kind: FsKind::Unknown,
+                        uuid: None,
+                        label: None,
+                        partuuid: None,
+                        lv: Some(format!("{}/{}", l.vg, l.name)),
+                    });
+                attached.chain(refused)
             })
             .collect()
+    }
+
+    /// The guest's name for the root device: `/dev/mapper/VG-LV` for a logical volume (a stable name
+    /// that the guest's LVM initramfs activates), `UUID=...` otherwise.
+    pub fn root_spec(&self) -> String {
+        match &self.root_lv {
+            Some(vl) => {
+                let (vg, lv) = vl.split_once('/').unwrap_or((vl, ""));
+                format!("/dev/mapper/{}", lvm::dm_name(vg, lv))
+            }
+            None => format!("UUID={}", self.root_fs.uuid.as_deref().unwrap_or_default()),
+        }
     }
 
     /// Human summary.
@@ -152,23 +213,41 @@ impl Inspection {
                 d.table.scheme
             ));
             for p in &d.filesystems {
+                let what = match &p.lv {
+                    Some(l) => format!("LV {l}"),
+                    None => format!("part {}", p.part),
+                };
                 s.push_str(&format!(
-                    "  part {}: {} MiB {:?} uuid={} label={}\n",
-                    p.part,
+                    "  {what}: {} MiB {:?} uuid={} label={}\n",
                     p.len >> 20,
                     p.fs.kind,
                     p.fs.uuid.as_deref().unwrap_or("-"),
                     p.fs.label.as_deref().unwrap_or("-")
                 ));
             }
+            for l in d.logical_volumes.iter().filter(|l| l.refused.is_some()) {
+                s.push_str(&format!(
+                    "  LV {}/{}: not attachable: {}\n",
+                    l.vg,
+                    l.name,
+                    l.refused.as_deref().unwrap_or_default()
+                ));
+            }
+            for e in &d.lvm_errors {
+                s.push_str(&format!("  LVM: {e}\n"));
+            }
         }
         s.push_str(&format!(
-            "os: {} ({} {})\nroot: disk {} part {} ({:?}, UUID={})\n",
+            "os: {} ({} {})\nroot: disk {} volume {}{} ({:?}, UUID={})\n",
             self.os.pretty_name,
             self.os.id,
             self.os.version_id,
             self.root.0,
             self.root.1,
+            self.root_lv
+                .as_ref()
+                .map(|l| format!(" = LV {l}"))
+                .unwrap_or_default(),
             self.root_fs.kind,
             self.root_fs.uuid.as_deref().unwrap_or("-")
         ));
@@ -208,7 +287,7 @@ pub fn probe_disk(path: &Path) -> Result<DiskInfo, InspectError> {
     let disk = FileDisk::open(path).map_err(|e| InspectError::Open(path.to_path_buf(), e))?;
     let table =
         partition::parse(&disk).map_err(|e| InspectError::Partitions(path.to_path_buf(), e))?;
-    let filesystems = table
+    let mut filesystems: Vec<PartFs> = table
         .partitions
         .iter()
         .map(|p| PartFs {
@@ -216,14 +295,93 @@ pub fn probe_disk(path: &Path) -> Result<DiskInfo, InspectError> {
             start: p.start,
             len: p.len,
             fs: fsprobe::probe(&disk, p.start, p.len),
+            lv: None,
         })
         .collect();
+    let (logical_volumes, lvm_errors, lv_fs) = probe_lvm(&disk, &filesystems);
+    filesystems.extend(lv_fs);
     Ok(DiskInfo {
         path: path.display().to_string(),
         size: disk.size(),
         table,
         filesystems,
+        logical_volumes,
+        lvm_errors,
     })
+}
+
+/// Read the LVM metadata of every PV partition of a disk; locate each visible logical volume, and
+/// probe the filesystem of those that are one linear segment on a PV of this disk.
+fn probe_lvm(
+    disk: &(impl ReadAt + ?Sized),
+    parts: &[PartFs],
+) -> (Vec<LvInfo>, Vec<String>, Vec<PartFs>) {
+    let mut errors = Vec::new();
+    // PV UUID -> partition; VG UUID -> the newest metadata seen on any of its PVs.
+    let mut pvs: Vec<(String, &PartFs)> = Vec::new();
+    let mut vgs: Vec<lvm::VolumeGroup> = Vec::new();
+    for p in parts.iter().filter(|p| p.fs.kind == FsKind::Lvm) {
+        match lvm::read_pv(disk, p.start, p.len) {
+            Ok(pv) => {
+                pvs.push((pv.uuid.clone(), p));
+                if let Some(vg) = pv.vg {
+                    match vgs.iter_mut().find(|v| v.uuid == vg.uuid) {
+                        Some(old) if old.seqno >= vg.seqno => {}
+                        Some(old) => *old = vg,
+                        None => vgs.push(vg),
+                    }
+                }
+            }
+            Err(e) => errors.push(format!("partition {}: {e}", p.part)),
+        }
+    }
+    let mut lvs = Vec::new();
+    let mut fs = Vec::new();
+    for vg in &vgs {
+        for lv in vg.lvs.iter().filter(|l| l.visible) {
+            let mut info = LvInfo {
+                vg: vg.name.clone(),
+                name: lv.name.clone(),
+                uuid: lv.uuid.clone(),
+                dm_name: lvm::dm_name(&vg.name, &lv.name),
+                number: None,
+                pv_part: None,
+                refused: None,
+            };
+            let placed = vg.placement(lv).and_then(|pl| {
+                let (_, part) = pvs.iter().find(|(u, _)| *u == pl.pv.uuid).ok_or_else(|| {
+                    format!(
+                        "its physical volume {} ({}) is not on this disk",
+                        pl.pv.name, pl.pv.uuid
+                    )
+                })?;
+                info.pv_part = Some(part.part);
+                if pl.offset.checked_add(pl.len).is_none_or(|e| e > part.len) {
+                    return Err(format!(
+                        "its extents ({}+{} bytes) lie past the end of partition {}",
+                        pl.offset, pl.len, part.part
+                    ));
+                }
+                Ok((part.start + pl.offset, pl.len))
+            });
+            match placed {
+                Ok((start, len)) => {
+                    let number = LV_NUMBER_BASE + 1 + fs.len() as u32;
+                    info.number = Some(number);
+                    fs.push(PartFs {
+                        part: number,
+                        start,
+                        len,
+                        fs: fsprobe::probe(disk, start, len),
+                        lv: Some(format!("{}/{}", vg.name, lv.name)),
+                    });
+                }
+                Err(why) => info.refused = Some(why),
+            }
+            lvs.push(info);
+        }
+    }
+    (lvs, errors, fs)
 }
 
 /// Loop devices and mounts of one opened guest; released (in reverse order) on drop.
@@ -330,11 +488,9 @@ pub fn open_guest(
     let root_mount = work.subdir("root")?;
     let boot_disk = &disks[0];
     let mut luks = None;
-    let mut lvm = None;
     for p in &boot_disk.filesystems {
         match p.fs.kind {
             FsKind::Luks => luks = Some(format!("partition {}", p.part)),
-            FsKind::Lvm => lvm = Some(format!("partition {}", p.part)),
             k if k.can_be_root() => {
                 let (lo, m) = match attach_mount(&images[0], p, &root_mount, read_only, None) {
                     Ok(x) => x,
@@ -388,8 +544,23 @@ pub fn open_guest(
     if let Some(l) = luks {
         return Err(InspectError::EncryptedRoot(l));
     }
-    if let Some(l) = lvm {
-        return Err(InspectError::LvmRoot(l));
+    let mut lvm: Vec<String> = boot_disk.lvm_errors.clone();
+    lvm.extend(boot_disk.logical_volumes.iter().filter_map(|l| {
+        l.refused
+            .as_ref()
+            .map(|why| format!("logical volume {}/{}: {why}", l.vg, l.name))
+    }));
+    if !lvm.is_empty() {
+        return Err(InspectError::LvmRoot(lvm.join("; ")));
+    }
+    if boot_disk
+        .filesystems
+        .iter()
+        .any(|p| p.fs.kind == FsKind::Lvm)
+    {
+        return Err(InspectError::LvmRoot(
+            "the LVM physical volumes hold no logical volume with a Linux root filesystem".into(),
+        ));
     }
     Err(InspectError::NoRoot(images[0].clone(), String::new()))
 }
@@ -411,8 +582,9 @@ pub fn mount_boot(
     else {
         return Ok(None);
     };
-    let Resolution::Uuid(u) = resolve(&entry.spec, volumes) else {
-        return Ok(None);
+    let u = match resolve(&entry.spec, volumes) {
+        Resolution::Uuid(u) | Resolution::Lv(Some(u)) => u,
+        _ => return Ok(None),
     };
     let Some(v) = volumes
         .iter()
@@ -482,7 +654,10 @@ fn kernel_modules(
     Ok((builtin, available))
 }
 
-fn kernels(g: &GuestRoot) -> Result<Vec<KernelInfo>, GuestError> {
+/// Module an LVM root needs on top of [`REQUIRED`].
+pub const LVM_REQUIRED: &[&str] = &["dm_mod"];
+
+fn kernels(g: &GuestRoot, extra: &[&str]) -> Result<Vec<KernelInfo>, GuestError> {
     let mut out = Vec::new();
     let entries = g.list_dir("/boot")?.unwrap_or_default();
     for (name, kind) in &entries {
@@ -505,10 +680,19 @@ fn kernels(g: &GuestRoot) -> Result<Vec<KernelInfo>, GuestError> {
         .map(|n| format!("/boot/{n}"));
         let (builtin, available) = kernel_modules(g, version)?;
         let (mut present, mut initramfs_error) = (BTreeSet::new(), None);
+        let mut initramfs_has_lvm = false;
         if let Some(path) = &initramfs {
             if let Some(f) = g.open_read(path)? {
-                match initramfs::modules(f) {
-                    Ok(m) => present = m,
+                match initramfs::list_names(f) {
+                    Ok(names) => {
+                        initramfs_has_lvm = names
+                            .iter()
+                            .any(|n| matches!(n.as_str(), "sbin/lvm" | "usr/sbin/lvm"));
+                        present = names
+                            .iter()
+                            .filter_map(|n| initramfs::module_name(n))
+                            .collect();
+                    }
                     Err(e) => initramfs_error = Some(format!("{e:#}")),
                 }
             }
@@ -516,6 +700,7 @@ fn kernels(g: &GuestRoot) -> Result<Vec<KernelInfo>, GuestError> {
         let req = |f: &dyn Fn(&str) -> bool| {
             REQUIRED
                 .iter()
+                .chain(extra)
                 .filter(|m| f(m))
                 .map(|m| m.to_string())
                 .collect::<Vec<_>>()
@@ -529,6 +714,7 @@ fn kernels(g: &GuestRoot) -> Result<Vec<KernelInfo>, GuestError> {
             missing: req(&|m| !builtin.contains(m) && !present.contains(m)),
             unavailable: req(&|m| !builtin.contains(m) && !available.contains(m)),
             initramfs_error,
+            initramfs_has_lvm,
         });
     }
     Ok(out)
@@ -552,8 +738,13 @@ pub fn inspect_guest(
             uuid: None,
             label: None,
         });
+    let root_lv = disks[root.0]
+        .filesystems
+        .iter()
+        .find(|p| p.part == root.1)
+        .and_then(|p| p.lv.clone());
     let os = os_release(g)?;
-    let kernels = kernels(g)?;
+    let kernels = kernels(g, if root_lv.is_some() { LVM_REQUIRED } else { &[] })?;
     let grub_cfg = ["/boot/grub/grub.cfg", "/boot/grub2/grub.cfg"]
         .into_iter()
         .find(|p| g.exists(p))
@@ -590,8 +781,20 @@ pub fn inspect_guest(
     let needs_rebuild = kernels
         .iter()
         .any(|k| k.can_boot_virtio() && !k.missing.is_empty());
+    if let Some(lv) = &root_lv {
+        if !["/usr/sbin/lvm", "/sbin/lvm"].iter().any(|p| g.exists(p)) {
+            blockers.push(format!(
+                "the root filesystem is on logical volume {lv} but the guest has no lvm2 (/sbin/lvm): its initramfs cannot activate the volume group"
+            ));
+        }
+    }
+    let needs_rebuild = needs_rebuild
+        || (root_lv.is_some()
+            && kernels
+                .iter()
+                .any(|k| k.can_boot_virtio() && !k.initramfs_has_lvm));
     if needs_rebuild && initramfs_tool.is_none() {
-        blockers.push("the initramfs lacks virtio drivers and no update-initramfs/dracut is installed to rebuild it".into());
+        blockers.push("the initramfs lacks what the target needs (virtio drivers, or LVM for an LVM root) and no update-initramfs/dracut is installed to rebuild it".into());
     }
     for k in &kernels {
         if k.initramfs.is_none() {
@@ -620,6 +823,7 @@ pub fn inspect_guest(
         root,
         root_fs,
         root_subvol,
+        root_lv,
         boot,
         os,
         kernels,
@@ -653,6 +857,7 @@ pub(crate) fn empty_inspection() -> Inspection {
             label: None,
         },
         root_subvol: None,
+        root_lv: None,
         boot: None,
         os: OsInfo::default(),
         kernels: Vec::new(),
