@@ -285,10 +285,14 @@ pub fn plan_changes(
             k.can_boot_virtio()
                 && (!k.missing.is_empty() || lvm_missing.iter().any(|l| l.version == k.version))
         }) {
+            // The name the rebuild writes when there is no initramfs yet (see `rebuild_initramfs`).
             let file = k
                 .initramfs
                 .clone()
-                .unwrap_or_else(|| format!("/boot/initrd.img-{}", k.version));
+                .unwrap_or_else(|| match ins.initramfs_tool.as_deref() {
+                    Some("dracut") => format!("/boot/initramfs-{}.img", k.version),
+                    _ => format!("/boot/initrd.img-{}", k.version),
+                });
             let mut lacks = k.missing.clone();
             if lvm_missing.iter().any(|l| l.version == k.version) {
                 lacks.push("lvm".into());

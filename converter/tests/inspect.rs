@@ -172,3 +172,123 @@ fn btrfs_root_is_found() {
     );
     assert!(leftovers(dir.path()).is_empty());
 }
+
+#[test]
+fn xfs_root_is_found() {
+    if !ready(&["sfdisk", "mkfs.xfs", "losetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let file = |name: &str, text: &str| {
+        let p = src.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let os = file(
+        "os-release",
+        "NAME=\"Rocky Linux\"\nID=\"rocky\"\nVERSION_ID=\"9.3\"\nPRETTY_NAME=\"Rocky Linux 9.3 (Blue Onyx)\"\n",
+    );
+    let fstab = file(
+        "fstab",
+        "/dev/sda1 / xfs defaults 0 0\n/dev/sdb1 /data xfs defaults 0 0\n",
+    );
+    let grub = file(
+        "grub.cfg",
+        "menuentry 'Rocky' {\n linux /boot/vmlinuz-5.14.0-362.el9.x86_64 root=/dev/sda1 ro\n}\n",
+    );
+    let kernel = file("vmlinuz", "kernel");
+    let dep = file(
+        "modules.dep",
+        "kernel/drivers/virtio/virtio_pci.ko.xz:\nkernel/drivers/block/virtio_blk.ko.xz:\n",
+    );
+    let dracut = file("dracut", "#!/bin/sh\n");
+    // mkfs.xfs -p: a prototype file describes the tree (no mount needed to populate it).
+    let proto = format!(
+        "dummy\n0 0\nd--755 0 0\n\
+         etc d--755 0 0\n os-release ---644 0 0 {os}\n fstab ---644 0 0 {fstab}\n$\n\
+         boot d--755 0 0\n vmlinuz-5.14.0-362.el9.x86_64 ---644 0 0 {kernel}\n\
+          grub2 d--755 0 0\n  grub.cfg ---644 0 0 {grub}\n $\n$\n\
+         usr d--755 0 0\n lib d--755 0 0\n  modules d--755 0 0\n   5.14.0-362.el9.x86_64 d--755 0 0\n    modules.dep ---644 0 0 {dep}\n   $\n  $\n $\n\
+          bin d--755 0 0\n  dracut ---755 0 0 {dracut}\n $\n$\n$\n"
+    );
+    let proto_path = dir.path().join("proto");
+    std::fs::write(&proto_path, proto).unwrap();
+    // xfs wants at least 300 MiB.
+    let fs = dir.path().join("fs.img");
+    std::fs::File::create(&fs)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let o = Command::new("mkfs.xfs")
+        .args(["-q", "-f", "-L", "root", "-p"])
+        .arg(&proto_path)
+        .arg(&fs)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(302 << 20)
+        .unwrap();
+    let mut sf = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&img)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=1MiB, size=300MiB, type=83, bootable\n")
+        .unwrap();
+    assert!(sf.wait().unwrap().success());
+    let st = Command::new("dd")
+        .arg(format!("if={}", fs.display()))
+        .arg(format!("of={}", img.display()))
+        .args(["bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let o = run_in(dir.path(), &["inspect", "--json", img.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ins = &v["inspection"];
+    assert_eq!(ins["root_fs"]["kind"], "xfs");
+    assert_eq!(ins["root_fs"]["label"], "root");
+    let uuid = ins["root_fs"]["uuid"].as_str().unwrap().to_string();
+    assert_eq!(ins["os"]["id"], "rocky");
+    assert_eq!(ins["os"]["pretty_name"], "Rocky Linux 9.3 (Blue Onyx)");
+    assert_eq!(ins["grub_cfg"], "/boot/grub2/grub.cfg");
+    assert_eq!(ins["initramfs_tool"], "dracut");
+    assert_eq!(ins["kernels"][0]["version"], "5.14.0-362.el9.x86_64");
+    // The fstab was read: its root line is planned to name the xfs UUID, the missing disk gets nofail.
+    let plan = v["planned_changes"].as_array().unwrap();
+    let show = serde_json::to_string_pretty(plan).unwrap();
+    assert!(
+        plan.iter().any(|c| c["file"] == "/etc/fstab"
+            && c["old"] == "/dev/sda1 / xfs defaults 0 0"
+            && c["new"] == format!("UUID={uuid} / xfs defaults 0 0")),
+        "{show}"
+    );
+    assert!(
+        plan.iter()
+            .any(|c| c["file"] == "/etc/fstab"
+                && c["new"] == "/dev/sdb1 /data xfs defaults,nofail 0 0"),
+        "{show}"
+    );
+    assert!(
+        plan.iter()
+            .any(|c| c["file"] == "/etc/dracut.conf.d/90-rehost-virtio.conf"),
+        "{show}"
+    );
+    assert!(
+        plan.iter()
+            .any(|c| c["file"] == "/boot/initramfs-5.14.0-362.el9.x86_64.img"),
+        "{show}"
+    );
+    assert_eq!(o.status.code(), Some(0));
+    assert!(leftovers(dir.path()).is_empty());
+}
