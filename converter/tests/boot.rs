@@ -270,3 +270,75 @@ fn converting_twice_gives_the_same_output() {
         .lines()
         .any(|l| l.contains("/boot/initrd.img-") && l.contains(" file ")));
 }
+
+#[test]
+fn converted_lvm_image_boots_with_its_lvm_names_kept() {
+    if !ready(&[BOOT_TOOLS, &["pvcreate", "lvcreate", "blkid"]].concat()) {
+        return;
+    }
+    // Debian installer's layout: /boot on p1, the root on LV vg-sys/root of the PV on p2. The staging
+    // host has no device-mapper: the converter attaches the LV by its extent range.
+    let img = fixture("xen-lvm");
+    let before = file_hash(&img);
+    let dir = scratch();
+    let out = dir.path().join("lvm.raw");
+    let report = dir.path().join("report.json");
+    let serial = dir.path().join("serial.log");
+    let t = Instant::now();
+    let o = run_in(
+        dir.path(),
+        &[
+            "convert",
+            "--input",
+            img.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+            "--boot-check",
+            "--boot-timeout",
+            "300",
+            "--boot-marker",
+            "REHOST-BOOT-OK",
+            "--serial-log",
+            serial.to_str().unwrap(),
+        ],
+    );
+    eprintln!("convert + boot check took {:?}", t.elapsed());
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(file_hash(&img), before, "the input image was modified");
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:#?}",
+        leftovers(dir.path())
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["inspection"]["root_lv"], "vg-sys/root");
+    assert_eq!(r["boot_check"]["booted"], true);
+    assert!(r["boot_check"]["guest_ipv4"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("10.0.2."));
+    let ch = changes(&r);
+    // The LVM names are stable: no fstab or kernel command line change touches them.
+    assert!(
+        !ch.iter().any(|(k, _, o, n)| (k == "fstab"
+            && (o.contains("/dev/mapper/") || o.contains("/dev/vg-sys/")))
+            || (k == "grub-cfg" && !n.contains("root=/dev/mapper/vg--sys-root"))),
+        "{ch:#?}"
+    );
+    assert!(ch.iter().any(|(k, f, o, n)| k == "fstab"
+        && f == "/etc/fstab"
+        && o.contains("/dev/xvda1")
+        && n.starts_with("UUID=")));
+    // The rebuilt initramfs has the virtio drivers and still device-mapper.
+    assert!(
+        ch.iter().any(|(k, f, _, n)| k == "initramfs"
+            && f.starts_with("/boot/initrd.img-")
+            && n.contains("virtio_blk")
+            && n.contains("dm_mod")),
+        "{ch:#?}"
+    );
+}
