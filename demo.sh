@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# rehost local demo: a disk image holding a real ext4 filesystem is replicated by the real agent
-# to the real replication server over TLS on 127.0.0.1:1500, and the replica is checked against
-# the source (blake3 of the whole disk, fsck, the files inside).
+# rehost local demo, the whole path of a migration:
+#  1. a bootable Debian disk, configured as on a Xen host (root on /dev/xvda1, static IP on a
+#     MAC-bound eth0), is attached as a loop device with its root filesystem mounted;
+#  2. the real agent replicates it over TLS to the real server on 127.0.0.1:1500 (the kernel's
+#     block tracepoints find every write); the replica is checked byte for byte;
+#  3. a recovery point is taken (the agent freezes the filesystem for it) and verified;
+#  4. a test launch exports it, converts it for KVM/virtio with rehost-converter, starts it under
+#     QEMU and waits for it to boot; replication goes on;
+#  5. a file is written on the source, and the cutover takes a final consistency point, boots
+#     the target from it (the file is there), and stops replication.
 set -euo pipefail
 cd "$(dirname "$0")"
-W=${REHOST_DEMO_DIR:-/tmp/rehost-demo}
+W=${REHOST_DEMO_DIR:-/var/tmp/rehost-demo}
 PORT=${REHOST_DEMO_PORT:-1500}
 ADMIN_PORT=${REHOST_DEMO_ADMIN_PORT:-1501}
 
 step() { printf '\n== %s\n' "$*"; }
 
+[ "$(id -u)" = 0 ] || { echo "demo.sh needs root (loop devices, mount, tracefs, the converter)" >&2; exit 1; }
 scripts/install-deps.sh
 
 step "building rehost (release)"
@@ -17,18 +25,32 @@ cargo build --release --workspace --bins
 BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 SERVER=("$BIN/rehost-server" --data-dir "$W/server" --admin "127.0.0.1:$ADMIN_PORT")
 
-rm -rf "$W" && mkdir -p "$W/files/etc" "$W/files/var/www" "$W/files/data"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+step "building the source disk: Debian bookworm as on a Xen host (cached after the first run)"
+FIXTURE=$(converter/fixtures/build-debian-image.sh xen)
 
-step "creating a 256 MiB source disk with an ext4 filesystem and files"
-printf 'demo-host\n' > "$W/files/etc/hostname"
-for i in $(seq 1 200); do printf 'page %s served by the source machine\n' "$i" > "$W/files/var/www/page-$i.html"; done
-head -c $((24 << 20)) /dev/urandom > "$W/files/data/random.bin"
-seq 1 2000000 > "$W/files/data/numbers.txt"
-mkfs.ext4 -q -F -L demo-root -d "$W/files" "$W/source.img" 256M
-echo "source: $W/source.img"
+pids=()
+LOOP=""
+cleanup() {
+  set +e
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  for pf in "$W"/targets/*/*/qemu.pid; do [ -f "$pf" ] && kill "$(cat "$pf")" 2>/dev/null; done
+  mountpoint -q "$W/mnt" && umount "$W/mnt"
+  if [ -n "$LOOP" ]; then partx -d "$LOOP" 2>/dev/null; losetup -d "$LOOP"; fi
+  for t in /sys/kernel/tracing/instances/rehost-*; do
+    [ -d "$t" ] || continue
+    echo 0 > "$t/events/block/block_rq_complete/enable" 2>/dev/null; rmdir "$t" 2>/dev/null
+  done
+}
+trap cleanup EXIT
+cleanup
+rm -rf "$W" && mkdir -p "$W/mnt"
+cp --sparse=always "$FIXTURE" "$W/source.img"
+LOOP=$(losetup -f --show "$W/source.img")
+partx -a "$LOOP"
+mount "${LOOP}p1" "$W/mnt"
+echo "source disk: $LOOP ($(du -h --apparent-size "$W/source.img" | cut -f1), root filesystem mounted on $W/mnt)"
+grep -v '^#' "$W/mnt/etc/fstab" | sed 's/^/  fstab: /'
 
 step "starting the replication server (agents: 127.0.0.1:$PORT, admin API: 127.0.0.1:$ADMIN_PORT)"
 "${SERVER[@]}" serve --listen "127.0.0.1:$PORT" 2> "$W/server.log" &
@@ -36,62 +58,73 @@ pids+=($!)
 for _ in $(seq 1 100); do "${SERVER[@]}" token list >/dev/null 2>&1 && break; sleep 0.1; done
 "${SERVER[@]}" token list >/dev/null || { cat "$W/server.log"; exit 1; }
 
-step "creating an install token"
+step "creating an install token, installing the agent for $LOOP"
 TOKEN=$("${SERVER[@]}" token create --description demo)
-echo "$TOKEN"
+"$BIN/rehost-agent" install --server "127.0.0.1:$PORT" --token "$TOKEN" --devices "$LOOP" \
+  --no-prompt --no-service --hostname demo-web --state-dir "$W/agent"
 
-step "installing the agent against the image"
-"$BIN/rehost-agent" install --server "127.0.0.1:$PORT" --token "$TOKEN" --devices "$W/source.img" \
-  --no-prompt --no-service --hostname demo-host --state-dir "$W/agent"
-
-step "running the agent; waiting for the initial sync"
+step "running the agent; initial sync"
 "$BIN/rehost-agent" run --state-dir "$W/agent" 2> "$W/agent.log" &
 pids+=($!)
-for _ in $(seq 1 600); do
+for _ in $(seq 1 1200); do
   if "${SERVER[@]}" machines --json | grep -q '"state": "continuous"'; then break; fi
   "${SERVER[@]}" machines | sed -n 3p
-  sleep 0.5
+  sleep 1
 done
 "${SERVER[@]}" machines
-# The agent refreshes its status file every second.
-for _ in $(seq 1 50); do
-  "$BIN/rehost-agent" status --json --state-dir "$W/agent" | grep -q '"state": "continuous"' && break
-  sleep 0.2
+
+step "checking the replica while the source is idle"
+sync
+for _ in $(seq 1 100); do
+  SRC_SUM=$(blockdev --flushbufs "$LOOP"; "$BIN/rehost-agent" checksum "$LOOP" | cut -d' ' -f1)
+  DST_SUM=$("$BIN/rehost-agent" checksum "$W"/server/volumes/*/disk-*.vol | cut -d' ' -f1)
+  [ "$SRC_SUM" = "$DST_SUM" ] && break
+  sleep 0.5
 done
-"$BIN/rehost-agent" status --state-dir "$W/agent"
-
-step "checking the replica"
-REPLICA=$(ls "$W"/server/volumes/*/disk-*.vol)
-SRC_SUM=$("$BIN/rehost-agent" checksum "$W/source.img" | cut -d' ' -f1)
-DST_SUM=$("$BIN/rehost-agent" checksum "$REPLICA" | cut -d' ' -f1)
 echo "source  blake3 $SRC_SUM"
-echo "replica blake3 $DST_SUM  ($REPLICA)"
-e2fsck -fn "$REPLICA" >/dev/null && echo "replica filesystem: e2fsck clean"
-debugfs -R 'cat /etc/hostname' "$REPLICA" 2>/dev/null | sed 's/^/replica \/etc\/hostname: /'
-if [ "$SRC_SUM" = "$DST_SUM" ]; then
-  echo "OK: the replica's blake3 equals the source's"
-else
-  echo "FAILED: the replica differs from the source" >&2
-  exit 1
-fi
+echo "replica blake3 $DST_SUM"
+[ "$SRC_SUM" = "$DST_SUM" ] || { echo "FAILED: the replica differs from the source" >&2; exit 1; }
+echo "OK: the replica is byte-identical to the source"
 
-step "taking a recovery point while replication goes on, and exporting it"
-printf 'changed after the initial sync\n' > "$W/files/etc/motd"
-debugfs -w -R "write $W/files/etc/motd /etc/motd" "$W/source.img" >/dev/null 2>&1
-POINT_SUM=$("$BIN/rehost-agent" checksum "$W/source.img" | cut -d' ' -f1)
-"${SERVER[@]}" snapshot create demo-host --wait
-"${SERVER[@]}" snapshots demo-host
-"${SERVER[@]}" snapshot export demo-host latest --output "$W/point.img"
-EXPORT_SUM=$("$BIN/rehost-agent" checksum "$W/point.img" | cut -d' ' -f1)
-echo "source at the point blake3 $POINT_SUM"
-echo "exported point      blake3 $EXPORT_SUM"
-e2fsck -fn "$W/point.img" >/dev/null && echo "exported filesystem: e2fsck clean"
-debugfs -R 'cat /etc/motd' "$W/point.img" 2>/dev/null | sed 's/^/exported \/etc\/motd: /'
-"${SERVER[@]}" snapshot verify demo-host latest
-"$BIN/rehost-converter" inspect "$W/point.img" || echo "(inspect: this demo image holds files, not an OS: the converter says what a bootable disk would need)"
-if [ "$POINT_SUM" = "$EXPORT_SUM" ]; then
-  echo "OK: the recovery point is byte-identical to the source at that point"
-else
-  echo "FAILED: the exported recovery point differs from the source" >&2
-  exit 1
-fi
+step "target settings (blueprint): QEMU under TCG, user networking (isolated), raw image"
+"${SERVER[@]}" blueprint set demo-web --launch qemu --accel tcg --cpus 1 --memory 1024 --format raw \
+  --network user --target-dir "$W/targets"
+
+step "a recovery point (the agent freezes the filesystem for it), verified"
+"${SERVER[@]}" snapshot create demo-web --wait
+"${SERVER[@]}" snapshots demo-web
+"${SERVER[@]}" snapshot verify demo-web latest
+
+step "test launch from the latest recovery point (export, convert, boot); replication goes on"
+"${SERVER[@]}" launch demo-web --mode test --wait
+"${SERVER[@]}" machines | head -1
+
+step "a file written on the source after the test"
+echo "written on the source at $(date -u +%FT%TZ), before the cutover" > "$W/mnt/root/cutover-proof.txt"
+sync -f "$W/mnt/root/cutover-proof.txt"
+cat "$W/mnt/root/cutover-proof.txt"
+
+step "cutover: final consistency point, convert, boot; replication of the machine stops"
+"${SERVER[@]}" mark demo-web ready-for-cutover
+START=$(date +%s.%N)
+"${SERVER[@]}" launch demo-web --mode cutover --wait
+END=$(date +%s.%N)
+printf 'cutover took %.1f s from the command to the boot marker\n' "$(echo "$END - $START" | bc 2>/dev/null || python3 -c "print($END - $START)")"
+
+step "where things stand"
+"${SERVER[@]}" machines
+"${SERVER[@]}" jobs
+"${SERVER[@]}" machine history demo-web
+TARGET=$("${SERVER[@]}" jobs --json | python3 -c 'import json,sys; print([j for j in json.load(sys.stdin)["jobs"] if j["mode"]=="cutover"][-1]["target_dir"])')
+IMG="$TARGET/demo-web.raw"
+START_SECTOR=$(partx -g -o START -n 1 "$IMG" | tr -d ' ')
+PART=$(losetup -f --show -r -o $((START_SECTOR * 512)) "$IMG")
+echo "in the cutover target $IMG:"
+debugfs -c -R 'cat /root/cutover-proof.txt' "$PART" 2>/dev/null | sed 's/^/  \/root\/cutover-proof.txt: /'
+debugfs -c -R 'cat /etc/fstab' "$PART" 2>/dev/null | grep -v '^#' | sed 's/^/  fstab: /'
+losetup -d "$PART"
+echo "serial console of the target ($TARGET/serial.log), last lines:"
+tail -n 6 "$TARGET/serial.log" | sed 's/^/  /'
+echo
+echo "OK: the source was replicated, tested and cut over; the target VM boots on KVM/virtio."
+echo "(the demo stops the target VM on exit; $TARGET/qemu.sh starts it again)"

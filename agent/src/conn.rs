@@ -150,7 +150,14 @@ impl Conn {
         let (idx_tx, idx_rx) = mpsc::channel(4);
         let (pt_tx, pt_rx) = mpsc::channel(16);
         let (set_tx, set_rx) = watch::channel(0u64);
-        let inbound = tokio::spawn(inbound(BufReader::new(rd), ack_tx, idx_tx, pt_tx, set_tx));
+        let inbound = tokio::spawn(inbound(
+            BufReader::new(rd),
+            ack_tx,
+            idx_tx,
+            pt_tx,
+            set_tx,
+            out_tx.clone(),
+        ));
         let outbound = tokio::spawn(outbound(wr, out_rx));
         let throttle = Throttle {
             local_mbps: max_mbps,
@@ -303,6 +310,7 @@ async fn inbound<R: AsyncRead + Unpin>(
     index: mpsc::Sender<IndexChunk>,
     points: mpsc::Sender<(u64, u32)>,
     settings: watch::Sender<u64>,
+    out: mpsc::Sender<Message>,
 ) -> Result<(), ConnError> {
     loop {
         match read_message(&mut rd).await? {
@@ -342,6 +350,19 @@ async fn inbound<R: AsyncRead + Unpin>(
                     tracing::info!(max_mbps, "bandwidth cap set by the server (0: none)");
                 }
                 let _ = settings.send(max_mbps);
+            }
+            Some(Message::SourceAction { id, kind, units }) => {
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let (ok, message) = crate::source::act(kind, &units).await;
+                    let sent = out
+                        .send(Message::SourceActionResult { id, ok, message })
+                        .await
+                        .is_ok();
+                    if sent && ok && kind == rehost_proto::msg::SourceActionKind::PowerOff {
+                        crate::source::power_off().await;
+                    }
+                });
             }
             Some(Message::PointRequest { id, max_freeze_ms }) => {
                 // A full queue means points are already pending; the server times this one out.

@@ -9,7 +9,8 @@
 //! - [`replicate`]: the daemon: initial sync, resume, rescan, continuous replication, reconnect;
 //! - [`tracker`]: change tracking (kernel block tracepoints through tracefs, or periodic scans);
 //! - [`freeze`]: filesystem freezes for consistency points, with a thaw guard process;
-//! - [`cleanstop`]: the dirty bitmap saved on a clean stop, so a restart needs no rescan.
+//! - [`cleanstop`]: the dirty bitmap saved on a clean stop, so a restart needs no rescan;
+//! - [`source`]: planned failover on the source (stop services, power off) during a cutover.
 
 pub mod cleanstop;
 pub mod conn;
@@ -18,6 +19,7 @@ pub mod freeze;
 pub mod install;
 pub mod pipeline;
 pub mod replicate;
+pub mod source;
 pub mod state;
 pub mod tls;
 pub mod tracker;

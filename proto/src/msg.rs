@@ -69,7 +69,7 @@ pub fn getrandom_fill(buf: &mut [u8]) {
         .expect("read /dev/urandom");
 }
 
-pub use wire::{Compression, DiskState, ErrorCode, MarkKind, PointConsistency};
+pub use wire::{Compression, DiskState, ErrorCode, MarkKind, PointConsistency, SourceActionKind};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskInfo {
@@ -209,6 +209,29 @@ pub enum Message {
     Settings {
         max_mbps: u64,
     },
+    /// `units` is non-empty exactly for [`SourceActionKind::StopServices`], each a systemd unit
+    /// name (see [`valid_unit`]).
+    SourceAction {
+        id: u64,
+        kind: SourceActionKind,
+        units: Vec<String>,
+    },
+    SourceActionResult {
+        id: u64,
+        ok: bool,
+        message: String,
+    },
+}
+
+/// Most units a [`Message::SourceAction`] may name.
+pub const MAX_SOURCE_UNITS: usize = 64;
+
+/// A systemd unit name: 1-255 of `A-Za-z0-9:-_.\@`, not starting with `-` (never an option).
+pub fn valid_unit(u: &str) -> bool {
+    (1..=255).contains(&u.len())
+        && !u.starts_with('-')
+        && u.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b":-_.\\@".contains(&c))
 }
 
 impl Message {
@@ -229,6 +252,8 @@ impl Message {
             Message::PointRequest { .. } => "point request",
             Message::Point { .. } => "point",
             Message::Settings { .. } => "settings",
+            Message::SourceAction { .. } => "source action",
+            Message::SourceActionResult { .. } => "source action result",
         }
     }
 }
@@ -443,6 +468,25 @@ impl TryFrom<wire::Frame> for Message {
                 freeze_ms: p.freeze_ms,
                 note: text(p.note, "note", 1024)?,
             },
+            Body::SourceAction(a) => {
+                let kind = enum_field(a.kind, "source action kind")?;
+                let units_ok = a.units.len() <= MAX_SOURCE_UNITS
+                    && a.units.iter().all(|u| valid_unit(u))
+                    && (kind == SourceActionKind::StopServices) != a.units.is_empty();
+                if !units_ok {
+                    return Err(DecodeError::Field("source action units"));
+                }
+                Message::SourceAction {
+                    id: a.id,
+                    kind,
+                    units: a.units,
+                }
+            }
+            Body::SourceActionResult(r) => Message::SourceActionResult {
+                id: r.id,
+                ok: r.ok,
+                message: text(r.message, "source action message", 4096)?,
+            },
         })
     }
 }
@@ -581,6 +625,14 @@ impl From<Message> for wire::Frame {
                 freeze_ms,
                 note,
             }),
+            Message::SourceAction { id, kind, units } => Body::SourceAction(wire::SourceAction {
+                id,
+                kind: kind as i32,
+                units,
+            }),
+            Message::SourceActionResult { id, ok, message } => {
+                Body::SourceActionResult(wire::SourceActionResult { id, ok, message })
+            }
         };
         wire::Frame { body: Some(body) }
     }

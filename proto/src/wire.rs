@@ -9,7 +9,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "frame::Body",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
     )]
     pub body: Option<frame::Body>,
 }
@@ -46,6 +46,10 @@ pub mod frame {
         Point(super::Point),
         #[prost(message, tag = "14")]
         Settings(super::Settings),
+        #[prost(message, tag = "15")]
+        SourceAction(super::SourceAction),
+        #[prost(message, tag = "16")]
+        SourceActionResult(super::SourceActionResult),
     }
 }
 
@@ -269,6 +273,39 @@ pub struct Point {
     /// What the agent did, for the job log (e.g. which filesystems it froze, or why none).
     #[prost(string, tag = "5")]
     pub note: String,
+}
+
+/// Server → agent, during a planned cutover: act on the source machine.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SourceAction {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(enumeration = "SourceActionKind", tag = "2")]
+    pub kind: i32,
+    /// systemd units to stop (`StopServices` only).
+    #[prost(string, repeated, tag = "3")]
+    pub units: Vec<String>,
+}
+
+/// Agent → server: what became of [`SourceAction`] `id`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SourceActionResult {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(bool, tag = "2")]
+    pub ok: bool,
+    #[prost(string, tag = "3")]
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum SourceActionKind {
+    Invalid = 0,
+    /// `systemctl stop UNITS`.
+    StopServices = 1,
+    /// `systemctl poweroff` (answered before the machine goes down).
+    PowerOff = 2,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

@@ -4,11 +4,28 @@
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use rehost_proto::frame::{decode, encode, split_frame};
-use rehost_proto::msg::{Auth, Block, Compression, DiskInfo, Hello, MarkKind, PointConsistency};
+use rehost_proto::msg::{
+    Auth, Block, Compression, DiskInfo, Hello, MarkKind, PointConsistency, SourceActionKind,
+};
 use rehost_proto::{DiskId, FrameError, MachineId, Message, MAX_FRAME};
 
 fn arb_message() -> impl Strategy<Value = Message> {
     prop_oneof![
+        (
+            any::<u64>(),
+            proptest::collection::vec("[a-z][a-z0-9@._-]{0,30}\\.service", 0..5)
+        )
+            .prop_map(|(id, units)| Message::SourceAction {
+                id,
+                kind: if units.is_empty() {
+                    SourceActionKind::PowerOff
+                } else {
+                    SourceActionKind::StopServices
+                },
+                units,
+            }),
+        (any::<u64>(), any::<bool>(), "[ -~]{0,200}")
+            .prop_map(|(id, ok, message)| { Message::SourceActionResult { id, ok, message } }),
         (
             any::<u64>(),
             any::<u64>(),
@@ -177,6 +194,38 @@ fn zero_enums_and_short_hashes_are_rejected() {
     }
     assert!(decode(Bytes::from(f.encode_to_vec())).is_err());
     assert!(decode(Bytes::from(wire::Frame { body: None }.encode_to_vec())).is_err());
+}
+
+#[test]
+fn source_actions_name_only_unit_names() {
+    use prost::Message as _;
+    use rehost_proto::wire;
+    let frame = |kind: SourceActionKind, units: &[&str]| {
+        let f = wire::Frame {
+            body: Some(wire::frame::Body::SourceAction(wire::SourceAction {
+                id: 7,
+                kind: kind as i32,
+                units: units.iter().map(|u| u.to_string()).collect(),
+            })),
+        };
+        decode(Bytes::from(f.encode_to_vec()))
+    };
+    assert!(frame(
+        SourceActionKind::StopServices,
+        &["nginx.service", "getty@tty1.service"]
+    )
+    .is_ok());
+    assert!(frame(SourceActionKind::PowerOff, &[]).is_ok());
+    // An option smuggled as a unit, a shell word, a stop with nothing to stop, a poweroff with units.
+    assert!(frame(SourceActionKind::StopServices, &["--force"]).is_err());
+    assert!(frame(SourceActionKind::StopServices, &["a b"]).is_err());
+    assert!(frame(SourceActionKind::StopServices, &["x;reboot"]).is_err());
+    assert!(frame(SourceActionKind::StopServices, &[]).is_err());
+    assert!(frame(SourceActionKind::PowerOff, &["nginx"]).is_err());
+    assert!(frame(SourceActionKind::Invalid, &[]).is_err());
+    let many: Vec<String> = (0..65).map(|i| format!("u{i}.service")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert!(frame(SourceActionKind::StopServices, &many).is_err());
 }
 
 #[tokio::test]

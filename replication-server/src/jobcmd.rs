@@ -80,7 +80,11 @@ value_enum!(DiskBus { Virtio, Scsi, Nvme });
 value_enum!(Nic { Virtio, E1000 });
 value_enum!(Boot { Bios, Uefi, Source });
 value_enum!(Format { Qcow2, Raw });
-value_enum!(Launch { None, Qemu, Libvirt });
+value_enum!(Launch {
+    None,
+    Qemu,
+    Libvirt
+});
 value_enum!(Accel { Auto, Kvm, Tcg });
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -230,11 +234,9 @@ fn print_jobs(jobs: &[JobRow]) {
                 .unwrap_or_else(|| "-".into()),
             j.launch,
             if j.active { "active" } else { "-" },
-            j.error.as_deref().unwrap_or(if j.state == "succeeded" {
-                "ok"
-            } else {
-                ""
-            })
+            j.error
+                .as_deref()
+                .unwrap_or(if j.state == "succeeded" { "ok" } else { "" })
         );
     }
 }
@@ -285,6 +287,7 @@ pub fn launch(
     machine: &str,
     mode: Mode,
     snapshot: Option<&str>,
+    source_action: Option<&str>,
     wait: bool,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -295,7 +298,7 @@ pub fn launch(
     };
     let job: JobRow = client.post(
         &format!("/v1/machines/{machine}/launch"),
-        &serde_json::json!({ "mode": mode, "snapshot": snapshot }),
+        &serde_json::json!({ "mode": mode, "snapshot": snapshot, "source_action": source_action }),
     )?;
     if json && !wait {
         println!("{}", serde_json::to_string_pretty(&job)?);

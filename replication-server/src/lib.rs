@@ -47,7 +47,12 @@ pub struct Slot {
     agent: Mutex<Option<tokio::sync::mpsc::WeakSender<rehost_proto::Message>>>,
     /// Consistency points asked of the agent and not yet marked in its stream.
     points: Mutex<(u64, HashMap<u64, PendingPoint>)>,
+    /// Source actions (planned failover) asked of the agent and not yet answered.
+    actions: Mutex<(u64, HashMap<u64, ActionReply>)>,
 }
+
+/// Where the agent's answer to a source action goes: whether it succeeded, and what it said.
+pub type ActionReply = tokio::sync::oneshot::Sender<(bool, String)>;
 
 /// A consistency point the server asked an agent for.
 pub struct PendingPoint {
@@ -112,13 +117,38 @@ impl Slot {
         self.take_point(id);
     }
 
-    /// Drops every pending point (their requesters fall back at once): the session ended.
+    /// Drops every pending point and source action (their requesters hear at once that no
+    /// answer comes): the session ended.
     pub fn clear_points(&self) {
         self.points
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .1
             .clear();
+        self.actions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clear();
+    }
+
+    /// Registers a source action to send to the agent; returns its id and where the answer comes.
+    pub fn expect_action(&self) -> (u64, tokio::sync::oneshot::Receiver<(bool, String)>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut a = self.actions.lock().unwrap_or_else(|p| p.into_inner());
+        a.0 += 1;
+        let id = a.0;
+        a.1.insert(id, tx);
+        (id, rx)
+    }
+
+    /// The pending source action `id`, if it is still awaited.
+    pub fn take_action(&self, id: u64) -> Option<ActionReply> {
+        self.actions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .remove(&id)
     }
 
     /// The live session's writer queue, if a session is running.
@@ -158,6 +188,7 @@ impl Shared {
                     jobs: Mutex::new(None),
                     agent: Mutex::new(None),
                     points: Mutex::new((0, HashMap::new())),
+                    actions: Mutex::new((0, HashMap::new())),
                 })
             })
             .clone()

@@ -96,6 +96,11 @@ enum Cmd {
         /// point asked of the agent (the latest point if none comes within 60 s).
         #[arg(long)]
         snapshot: Option<String>,
+        /// Planned failover (cutover only), done by the agent: `stop-services:UNIT[,UNIT...]`
+        /// stops those systemd units before the final point (if that fails, nothing is cut over),
+        /// `poweroff` powers the source off once the final point is taken.
+        #[arg(long)]
+        source_action: Option<String>,
         /// Follow the job's progress log until it ends; exit non-zero if it failed.
         #[arg(long)]
         wait: bool,
@@ -246,6 +251,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             machine,
             mode,
             snapshot,
+            source_action,
             wait,
             json,
         } => jobcmd::launch(
@@ -254,6 +260,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             machine,
             *mode,
             snapshot.as_deref(),
+            source_action.as_deref(),
             *wait,
             *json,
         ),

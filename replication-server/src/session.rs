@@ -490,10 +490,22 @@ async fn stream<R: AsyncRead + Unpin>(
                     .await
                     .map_err(|_| internal("writer stopped"))?;
             }
+            Message::SourceActionResult { id, ok, message } => {
+                match shared.slot(machine).take_action(id) {
+                    Some(reply) => {
+                        let _ = reply.send((ok, message));
+                    }
+                    None => warn!(
+                        action = id,
+                        "source action result after its request was given up"
+                    ),
+                }
+            }
             Message::Error { code, message } => {
                 return Err(SessionError::Agent(format!("{code:?}: {message}")))
             }
             m @ (Message::Hello(_)
+            | Message::SourceAction { .. }
             | Message::Welcome(_)
             | Message::IndexChunk { .. }
             | Message::Ack { .. }

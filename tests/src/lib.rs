@@ -236,6 +236,11 @@ impl Agent {
     /// Starts `rehost-agent run`; its log level is `info`, or `REHOST_TEST_AGENT_LOG` (a
     /// `RUST_LOG` filter such as `rehost_agent=debug`) when a failing test needs more.
     pub fn run(&mut self, extra: &[&str]) {
+        self.run_with_env(extra, &[]);
+    }
+
+    /// [`Agent::run`] with extra environment variables.
+    pub fn run_with_env(&mut self, extra: &[&str], env: &[(&str, String)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -249,6 +254,7 @@ impl Agent {
                 "RUST_LOG",
                 std::env::var("REHOST_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -488,7 +494,7 @@ impl Writer {
         }
     }
 
-    /// The files fsynced so far, each with the digest of its content.
+    /// The files fsynced so far, each with the digest of its latest content.
     pub fn done(&self) -> Vec<(PathBuf, String)> {
         self.done.lock().unwrap().clone()
     }
@@ -508,3 +514,15 @@ impl Drop for Writer {
     }
 }
 
+/// The files of `before` (taken before some point) whose content `after` (taken after it) still
+/// shows: not rewritten around the point, so a copy at the point must hold exactly that content.
+pub fn unchanged_across(
+    before: &[(PathBuf, String)],
+    after: &[(PathBuf, String)],
+) -> Vec<(PathBuf, String)> {
+    before
+        .iter()
+        .filter(|b| after.contains(b))
+        .cloned()
+        .collect()
+}

@@ -23,16 +23,22 @@ fn tools_ready() -> bool {
     if !require_root("launch end-to-end test (loop devices, mount, QEMU)") {
         return false;
     }
-    let missing: Vec<&str> = ["qemu-system-x86_64", "qemu-img", "partx", "debootstrap", "debugfs"]
-        .into_iter()
-        .filter(|t| {
-            !Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {t}"))
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .collect();
+    let missing: Vec<&str> = [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "partx",
+        "debootstrap",
+        "debugfs",
+    ]
+    .into_iter()
+    .filter(|t| {
+        !Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .collect();
     if missing.is_empty() {
         return true;
     }
@@ -155,12 +161,15 @@ fn last_job_id(server: &Server) -> i64 {
 }
 
 /// Runs `launch --wait` and returns the job's JSON and how long the command took.
-fn launch(server: &Server, mode: &str) -> (Value, Duration) {
+fn launch(server: &Server, mode_and_args: &[&str]) -> (Value, Duration) {
+    let mode = mode_and_args[0];
+    let mut args = vec!["launch", "deb-src", "--wait", "--mode"];
+    args.extend_from_slice(mode_and_args);
     let t = Instant::now();
-    let out = server.cli(&["launch", "deb-src", "--mode", mode, "--wait"]);
+    let out = server.cli(&args);
     let took = t.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!("$ rehost-server launch deb-src --mode {mode} --wait\n{stdout}");
+    eprintln!("$ rehost-server {}\n{stdout}", args.join(" "));
     let id = last_job_id(server);
     let j = job(server, id);
     assert!(
@@ -177,8 +186,16 @@ fn launch(server: &Server, mode: &str) -> (Value, Duration) {
 /// filesystem with the same content.
 fn assert_files_in_target(image: &Path, mnt: &Path, files: &[(PathBuf, String)]) {
     // The root is the first partition; read it through a read-only loop device at its offset.
-    let out = run_ok(Command::new("partx").args(["-g", "-o", "START", "-n", "1"]).arg(image));
-    let start: u64 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+    let out = run_ok(
+        Command::new("partx")
+            .args(["-g", "-o", "START", "-n", "1"])
+            .arg(image),
+    );
+    let start: u64 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let out = run_ok(
         Command::new("losetup")
             .args(["-f", "--show", "-r", "-o", &(start * 512).to_string()])
@@ -188,18 +205,27 @@ fn assert_files_in_target(image: &Path, mnt: &Path, files: &[(PathBuf, String)])
     let check = || {
         for (p, h) in files.iter().rev().take(40) {
             let rel = p.strip_prefix(mnt).unwrap();
+            // -c: the guest runs on this filesystem; its bitmaps on disk lag behind its memory.
             let out = run_ok(
                 Command::new("debugfs")
-                    .args(["-R", &format!("cat /{}", rel.display())])
+                    .args(["-c", "-R", &format!("cat /{}", rel.display())])
                     .arg(&part),
             );
-            assert_eq!(
-                blake3::hash(&out.stdout).to_hex().to_string(),
-                *h,
-                "/{} (fsynced before the point) differs in the target {}",
-                rel.display(),
-                image.display()
-            );
+            if blake3::hash(&out.stdout).to_hex().to_string() != *h {
+                let stat = Command::new("debugfs")
+                    .args(["-c", "-R", &format!("stat /{}", rel.display())])
+                    .arg(&part)
+                    .output()
+                    .unwrap();
+                panic!(
+                    "/{} (fsynced before the point) differs in the target {}: {} bytes read ({}); stat: {}",
+                    rel.display(),
+                    image.display(),
+                    out.stdout.len(),
+                    String::from_utf8_lossy(&out.stderr),
+                    String::from_utf8_lossy(&stat.stdout)
+                );
+            }
         }
     };
     let r = std::panic::catch_unwind(check);
@@ -266,7 +292,27 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
         String::from_utf8_lossy(&out.stderr)
     );
     let _trace = TraceCleanup(agent.state_json()["machine_id"].as_str().map(String::from));
-    agent.run(&[]);
+    // systemd's `systemctl`, as the agent sees it: a stand-in that records what the agent asks
+    // for a planned failover (stopping this host's services is not for a test to do), and fails
+    // for units named `broken*`.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = dir.join("systemctl.calls");
+    std::fs::write(
+        bin.join("systemctl"),
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\ncase \"$*\" in *broken*) echo \"Failed to stop $3: Unit not loaded.\" >&2; exit 5;; esac\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    run_ok(Command::new("chmod").arg("755").arg(bin.join("systemctl")));
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    agent.run_with_env(&[], &[("PATH", path)]);
     let mut writer = Writer::paced(&source.mnt, Duration::from_millis(300));
 
     wait_until("the initial sync", SYNC_LIMIT, || {
@@ -316,7 +362,8 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     ))
     .unwrap();
     assert_eq!(point["consistency"], "app", "{point}");
-    let (j1, took) = launch(&server, "test");
+    let before_point = unchanged_across(&before_point, &writer.done());
+    let (j1, took) = launch(&server, &["test"]);
     eprintln!("test launch 1: {took:?}; {}", breakdown(&j1));
     assert_eq!(j1["job"]["snapshot_id"], point["id"]);
     let t1 = target_of(&j1);
@@ -324,10 +371,22 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     let serial = std::fs::read_to_string(t1.join("serial.log")).unwrap();
     assert!(serial.contains("REHOST-BOOT-OK"), "{serial}");
     let log1 = j1["log"].to_string();
-    for want in ["job-start", "snapshot", "export", "conversion start", "conversion end", "boot-check", "target booted", "job-end"] {
+    for want in [
+        "job-start",
+        "snapshot",
+        "export",
+        "conversion start",
+        "conversion end",
+        "boot-check",
+        "target booted",
+        "job-end",
+    ] {
         assert!(log1.contains(want), "job log lacks {want}: {log1}");
     }
-    assert!(log1.contains("guest address 10.0.2."), "no DHCP address: {log1}");
+    assert!(
+        log1.contains("guest address 10.0.2."),
+        "no DHCP address: {log1}"
+    );
     assert_files_in_target(&t1.join("deb-src.raw"), &source.mnt, &before_point);
     assert!(t1.join("qemu.sh").is_file() && t1.join("domain.xml").is_file());
     assert_eq!(machine(&server)["lifecycle"], "testing");
@@ -335,7 +394,7 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     assert_eq!(machine(&server)["connected"], true);
 
     // A second test replaces the first: its VM and images are gone.
-    let (j2, took) = launch(&server, "test");
+    let (j2, took) = launch(&server, &["test"]);
     eprintln!("test launch 2: {took:?}; {}", breakdown(&j2));
     assert!(!t1.exists(), "the first test's target was not removed");
     assert!(processes_mentioning(&t1.display().to_string()).is_empty());
@@ -372,7 +431,12 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     let j3 = job(&server, id3);
     assert_eq!(j3["job"]["state"], "failed", "{j3}");
     assert!(j3["job"]["error"].as_str().unwrap().contains("interrupted"));
-    assert!(j3["log"].to_string().contains("the server stopped while this job ran"), "{j3}");
+    assert!(
+        j3["log"]
+            .to_string()
+            .contains("the server stopped while this job ran"),
+        "{j3}"
+    );
     assert!(!t3.exists(), "job 3's target dir is still there");
     assert!(
         processes_mentioning(&t3.display().to_string()).is_empty(),
@@ -384,7 +448,10 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
         "a loop device of job 3 survived"
     );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(&t3.display().to_string()), "a mount of job 3 survived");
+    assert!(
+        !mounts.contains(&t3.display().to_string()),
+        "a mount of job 3 survived"
+    );
     // Job 3 had replaced job 2's test target before it was interrupted.
     assert!(!t2.exists());
     assert_eq!(machine(&server)["lifecycle"], "ready-for-testing");
@@ -395,17 +462,59 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     wait_until("the agent to reconnect", SYNC_LIMIT, || {
         (machine(&server)["disks"][0]["state"] == "continuous").then_some(())
     });
+    // A planned failover whose services cannot be stopped makes no cutover at all.
+    let out = server.cli(&[
+        "launch",
+        "deb-src",
+        "--mode",
+        "cutover",
+        "--source-action",
+        "stop-services:broken.service",
+        "--wait",
+    ]);
+    assert!(!out.status.success());
+    let failed = job(&server, last_job_id(&server));
+    assert!(
+        failed["job"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("Unit not loaded"),
+        "{failed}"
+    );
+    assert!(failed["job"]["snapshot_id"].is_null(), "{failed}");
+    assert_eq!(machine(&server)["lifecycle"], "ready-for-cutover");
+
     std::thread::sleep(Duration::from_secs(2));
     let before_cutover = writer.done();
-    let (jc, rto) = launch(&server, "cutover");
+    let (jc, rto) = launch(
+        &server,
+        &[
+            "cutover",
+            "--source-action",
+            "stop-services:demo-app.service",
+        ],
+    );
+    let before_cutover = unchanged_across(&before_cutover, &writer.done());
     let breakdown = breakdown(&jc);
     eprintln!(
         "RTO (launch --mode cutover to the boot marker): {:.1} s; {breakdown}",
         rto.as_secs_f64()
     );
     let logc = jc["log"].to_string();
-    assert!(logc.contains("snapshot end: final recovery point"), "{logc}");
-    assert!(logc.contains("(app,"), "the final point is not app-consistent: {logc}");
+    assert!(
+        logc.contains("the agent says: stopped demo-app.service"),
+        "{logc}"
+    );
+    let asked = std::fs::read_to_string(&calls).unwrap();
+    assert!(asked.contains("stop -- demo-app.service"), "{asked}");
+    assert!(
+        logc.contains("snapshot end: final recovery point"),
+        "{logc}"
+    );
+    assert!(
+        logc.contains("(app,"),
+        "the final point is not app-consistent: {logc}"
+    );
     let tc = target_of(&jc);
     assert!(vm_running(&tc));
     assert_files_in_target(&tc.join("deb-src.raw"), &source.mnt, &before_cutover);

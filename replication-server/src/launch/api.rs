@@ -121,6 +121,10 @@ pub struct LaunchRequest {
     /// cutover.
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// Cutover only: `stop-services:UNIT[,UNIT...]` (before the final point) or `poweroff`
+    /// (after it).
+    #[serde(default)]
+    pub source_action: Option<String>,
 }
 
 async fn launch(
@@ -134,8 +138,14 @@ async fn launch(
         .mode
         .parse()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let action = req
+        .source_action
+        .as_deref()
+        .map(str::parse::<super::SourceAction>)
+        .transpose()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let machine = resolve(&s, m).await?;
-    super::start(s, machine, mode, req.snapshot)
+    super::start(s, machine, mode, req.snapshot, action)
         .await
         .map(Json)
         .map_err(api)

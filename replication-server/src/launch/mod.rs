@@ -91,6 +91,86 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// A planned failover's action on the source, asked of its agent during a cutover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceAction {
+    /// `systemctl stop UNITS` before the final point, so that the point holds everything the
+    /// services wrote; if it fails, the cutover stops there and the source keeps running.
+    StopServices(Vec<String>),
+    /// `systemctl poweroff` once the final point is taken.
+    PowerOff,
+}
+
+impl std::str::FromStr for SourceAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "poweroff" {
+            return Ok(SourceAction::PowerOff);
+        }
+        let Some(list) = s.strip_prefix("stop-services:") else {
+            return Err(format!(
+                "source action `{s}` is neither poweroff nor stop-services:UNIT[,UNIT...]"
+            ));
+        };
+        let units: Vec<String> = list
+            .split(',')
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
+        if units.is_empty() || units.len() > rehost_proto::msg::MAX_SOURCE_UNITS {
+            return Err(format!(
+                "stop-services needs 1 to {} units",
+                rehost_proto::msg::MAX_SOURCE_UNITS
+            ));
+        }
+        if let Some(bad) = units.iter().find(|u| !rehost_proto::msg::valid_unit(u)) {
+            return Err(format!("`{bad}` is not a systemd unit name"));
+        }
+        Ok(SourceAction::StopServices(units))
+    }
+}
+
+/// How long the agent gets to stop the source's services (or to acknowledge a poweroff).
+pub const SOURCE_ACTION_BOUND: Duration = Duration::from_secs(150);
+
+/// Asks the connected agent to act on the source; returns what it said.
+async fn source_action(
+    shared: &Shared,
+    machine: &MachineId,
+    action: &SourceAction,
+) -> Result<String, String> {
+    let slot = shared.slot(machine);
+    let out = slot.agent().ok_or("the machine's agent is not connected")?;
+    let (id, rx) = slot.expect_action();
+    let (kind, units) = match action {
+        SourceAction::StopServices(u) => {
+            (rehost_proto::msg::SourceActionKind::StopServices, u.clone())
+        }
+        SourceAction::PowerOff => (rehost_proto::msg::SourceActionKind::PowerOff, Vec::new()),
+    };
+    if out
+        .send(rehost_proto::Message::SourceAction { id, kind, units })
+        .await
+        .is_err()
+    {
+        slot.take_action(id);
+        return Err("the machine's agent disconnected".into());
+    }
+    drop(out);
+    match tokio::time::timeout(SOURCE_ACTION_BOUND, rx).await {
+        Ok(Ok((true, m))) => Ok(m),
+        Ok(Ok((false, m))) => Err(m),
+        Ok(Err(_)) => Err("the agent's session ended before it answered".into()),
+        Err(_) => {
+            slot.take_action(id);
+            Err(format!(
+                "no answer within {} s",
+                SOURCE_ACTION_BOUND.as_secs()
+            ))
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error("launch catalog")]
@@ -141,7 +221,13 @@ pub async fn start(
     machine: MachineId,
     mode: Mode,
     snapshot: Option<String>,
+    action: Option<SourceAction>,
 ) -> Result<JobRow, LaunchError> {
+    if action.is_some() && mode != Mode::Cutover {
+        return Err(LaunchError::Refused(
+            "a source action (stop services, power off) belongs to a cutover, not a test".into(),
+        ));
+    }
     let s = shared.clone();
     let m = machine.clone();
     let (bp, job) = tokio::task::spawn_blocking(move || {
@@ -175,7 +261,7 @@ pub async fn start(
     .map_err(|e| LaunchError::Refused(format!("launch task: {e}")))??;
     tracing::info!(job = job.id, %machine, mode = mode.as_str(), "launch job started");
     let row = job.clone();
-    tokio::spawn(run(shared, job, machine, mode, bp, snapshot));
+    tokio::spawn(run(shared, job, machine, mode, bp, snapshot, action));
     Ok(row)
 }
 
@@ -222,6 +308,7 @@ async fn run(
     mode: Mode,
     bp: Blueprint,
     snapshot: Option<String>,
+    action: Option<SourceAction>,
 ) {
     let log = JobLog {
         shared: shared.clone(),
@@ -249,6 +336,7 @@ async fn run(
         mode,
         &bp,
         snapshot,
+        action,
         &mut made,
         &mut removed_test,
     )
@@ -338,6 +426,7 @@ async fn steps(
     mode: Mode,
     bp: &Blueprint,
     snapshot: Option<String>,
+    action: Option<SourceAction>,
     made: &mut Made,
     removed_test: &mut bool,
 ) -> Result<(), String> {
@@ -367,7 +456,40 @@ async fn steps(
         }
     }
 
+    if let Some(a @ SourceAction::StopServices(units)) = &action {
+        log.log(
+            "source",
+            format!(
+                "planned failover: stopping {} on the source before the final point",
+                units.join(", ")
+            ),
+        )
+        .await;
+        let said = source_action(shared, machine, a).await.map_err(|e| {
+            format!("source action failed: {e}; no cutover was made and the source keeps running")
+        })?;
+        log.log("source", format!("the agent says: {said}")).await;
+    }
+
     let point = choose_point(shared, log, job, machine, mode, snapshot).await?;
+
+    if let Some(a @ SourceAction::PowerOff) = &action {
+        log.log(
+            "source",
+            "planned failover: powering off the source after the final point",
+        )
+        .await;
+        match source_action(shared, machine, a).await {
+            Ok(said) => log.log("source", format!("the agent says: {said}")).await,
+            Err(e) => {
+                log.log(
+                    "source",
+                    format!("could not power off the source ({e}); it keeps running, and the cutover goes on from the final point"),
+                )
+                .await
+            }
+        }
+    }
 
     // export
     let parent = bp
@@ -990,6 +1112,26 @@ mod tests {
         assert_eq!(safe_name("../../etc"), "m.._.._etc");
         assert_eq!(safe_name(""), "m");
         assert_eq!(safe_name("a b/c"), "a_b_c");
+    }
+
+    #[test]
+    fn source_actions_parse_and_refuse_what_is_not_a_unit() {
+        assert_eq!("poweroff".parse(), Ok(SourceAction::PowerOff));
+        assert_eq!(
+            "stop-services:nginx.service,postgresql@15-main".parse(),
+            Ok(SourceAction::StopServices(vec![
+                "nginx.service".into(),
+                "postgresql@15-main".into()
+            ]))
+        );
+        for bad in [
+            "stop-services:",
+            "stop-services:--all",
+            "stop-services:a b",
+            "reboot",
+        ] {
+            assert!(bad.parse::<SourceAction>().is_err(), "{bad}");
+        }
     }
 
     #[test]
