@@ -342,3 +342,68 @@ fn converted_lvm_image_boots_with_its_lvm_names_kept() {
         "{ch:#?}"
     );
 }
+
+#[test]
+fn converted_dracut_image_boots() {
+    if !ready(BOOT_TOOLS) {
+        return;
+    }
+    // As a RHEL-like guest: dracut, an initramfs built on the Xen host with its drivers only.
+    let img = fixture("xen-dracut");
+    let dir = scratch();
+    let out = dir.path().join("dracut.qcow2");
+    let report = dir.path().join("report.json");
+    let serial = dir.path().join("serial.log");
+    let t = Instant::now();
+    let o = run_in(
+        dir.path(),
+        &[
+            "convert",
+            "--input",
+            img.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--format",
+            "qcow2",
+            "--report",
+            report.to_str().unwrap(),
+            "--boot-check",
+            "--boot-timeout",
+            "300",
+            "--boot-marker",
+            "REHOST-BOOT-OK",
+            "--serial-log",
+            serial.to_str().unwrap(),
+        ],
+    );
+    eprintln!("convert + boot check took {:?}", t.elapsed());
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:#?}",
+        leftovers(dir.path())
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["inspection"]["initramfs_tool"], "dracut");
+    assert_eq!(r["boot_check"]["booted"], true);
+    assert!(r["boot_check"]["guest_ipv4"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("10.0.2."));
+    let ch = changes(&r);
+    assert!(
+        ch.iter().any(|(k, f, _, n)| k == "initramfs"
+            && f == "/etc/dracut.conf.d/90-rehost-virtio.conf"
+            && n.contains("virtio_blk")),
+        "{ch:#?}"
+    );
+    assert!(
+        ch.iter().any(|(k, f, _, n)| k == "initramfs"
+            && f.starts_with("/boot/initrd.img-")
+            && n.contains("rebuilt with dracut")
+            && n.contains("now contains virtio_pci, virtio_blk")),
+        "{ch:#?}"
+    );
+}
