@@ -366,6 +366,16 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Result<String, ApiError> {
             }
         }
     }
-    out.push_str(&blocking(move || crate::snapshot::api::metrics(&s)).await?);
+    let _ = writeln!(out, "# TYPE rehost_machine_lifecycle gauge");
+    for m in &view.machines {
+        let _ = writeln!(
+            out,
+            "rehost_machine_lifecycle{{machine=\"{}\",lifecycle=\"{}\"}} 1",
+            m.machine_id, m.lifecycle
+        );
+    }
+    let s2 = s.clone();
+    out.push_str(&blocking(move || crate::snapshot::api::metrics(&s2)).await?);
+    out.push_str(&blocking(move || crate::launch::api::metrics(&s)).await?);
     Ok(out)
 }

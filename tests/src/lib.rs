@@ -160,6 +160,16 @@ impl Server {
         stop(&mut self.child, nix::sys::signal::Signal::SIGKILL);
     }
 
+    /// The Prometheus text of the admin API's `/metrics`.
+    pub fn metrics(&self) -> String {
+        let mut c = std::net::TcpStream::connect(&self.admin).expect("connect to the admin API");
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: rehost\r\nConnection: close\r\n\r\n")
+            .expect("send the metrics request");
+        let mut text = String::new();
+        c.read_to_string(&mut text).expect("read the metrics");
+        text
+    }
+
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();

@@ -526,6 +526,15 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
         "{}",
         tail(&agent.log_text(), 20)
     );
+    let metrics = server.metrics();
+    assert!(
+        metrics.contains("lifecycle=\"cutover-complete\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rehost_launch_jobs{mode=\"test\",state=\"failed\"} 1"),
+        "{metrics}"
+    );
     let history = cli(&server, &["machine", "history", "deb-src"]);
     for want in [
         "not-ready -> ready-for-testing",

@@ -132,17 +132,6 @@ fn store_bytes(server: &Server) -> u64 {
     walk(&server.data.join("store"))
 }
 
-/// The Prometheus text of the admin API's `/metrics`.
-fn metrics(server: &Server) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(&server.admin).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: rehost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    text
-}
-
 /// Starts a server whose scheduler takes no points (the tests take them by hand).
 fn quiet_server(dir: &Path) -> Server {
     let server = Server::start(dir);
@@ -393,7 +382,7 @@ fn identical_machines_share_chunks_and_snapshots_are_incremental() {
         "3 changed blocks added {added} bytes"
     );
 
-    let text = metrics(&server);
+    let text = server.metrics();
     assert!(
         text.contains(&format!("rehost_recovery_points{{machine=\"{m1}\"}} 3")),
         "{text}"

@@ -281,3 +281,21 @@ async fn job(
     })
     .await
 }
+
+/// Prometheus lines: launch jobs by mode and state.
+pub fn metrics(s: &Shared) -> Result<String, ApiError> {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    let mut n: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for j in s.catalog.jobs(None, false).map_err(internal)? {
+        *n.entry((j.mode, j.state)).or_default() += 1;
+    }
+    let mut out = String::from("# TYPE rehost_launch_jobs gauge\n");
+    for ((mode, state), c) in n {
+        let _ = writeln!(
+            out,
+            "rehost_launch_jobs{{mode=\"{mode}\",state=\"{state}\"}} {c}"
+        );
+    }
+    Ok(out)
+}

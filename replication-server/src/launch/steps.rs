@@ -1,0 +1,509 @@
+//! The steps of a launch job after its cleanup: choose (or take) the recovery point, export its
+//! disks, convert them with `rehost-converter`, and launch the target per the blueprint.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rehost_proto::MachineId;
+
+use super::blueprint::{self, Blueprint, BootMode, LaunchMethod};
+use super::{blocking, converter_path, target, JobLog, JobRow, Mode, FINAL_POINT_BOUND};
+use crate::snapshot::{Consistency, SnapshotInfo};
+use crate::Shared;
+
+pub(super) async fn choose_point(
+    shared: &Arc<Shared>,
+    log: &JobLog,
+    job: &JobRow,
+    machine: &MachineId,
+    mode: Mode,
+    snapshot: Option<String>,
+) -> Result<SnapshotInfo, String> {
+    let (s, m) = (shared.clone(), machine.to_string());
+    let snaps = blocking(move || s.catalog.snapshots(&m).map_err(|e| e.to_string())).await?;
+    let latest = crate::snapshot::api::select(&snaps, "latest").ok().cloned();
+    let describe = |p: &SnapshotInfo| {
+        format!(
+            "recovery point {} ({}, {}, taken at @{})",
+            p.id,
+            p.consistency,
+            p.reason,
+            p.completed_at.unwrap_or(p.created_at)
+        )
+    };
+    let point = match (snapshot.as_deref(), mode) {
+        (Some(sel), _) => {
+            let p = crate::snapshot::api::select(&snaps, sel)?.clone();
+            if p.state != "complete" {
+                return Err(format!("snapshot {} is {}, not complete", p.id, p.state));
+            }
+            log.log("snapshot", format!("using the chosen {}", describe(&p)))
+                .await;
+            p
+        }
+        (None, Mode::Test) => match latest {
+            Some(p) => {
+                log.log("snapshot", format!("using the latest {}", describe(&p)))
+                    .await;
+                p
+            }
+            None => {
+                log.log("snapshot", "no recovery point yet: taking one")
+                    .await;
+                let p = crate::snapshot::request(
+                    shared.clone(),
+                    machine.clone(),
+                    Consistency::Crash,
+                    format!("test job {}", job.id),
+                    true,
+                )
+                .await
+                .map_err(|e| format!("snapshot failed: {}", crate::retention::chain(&e)))?;
+                log.log("snapshot", format!("snapshot end: {}", describe(&p)))
+                    .await;
+                p
+            }
+        },
+        (None, Mode::Cutover) => {
+            log.log(
+                "snapshot",
+                "snapshot start: asking the agent for a final consistency point (freeze, drain, mark, thaw)",
+            )
+            .await;
+            let t = Instant::now();
+            let fresh = tokio::time::timeout(
+                FINAL_POINT_BOUND,
+                crate::snapshot::request(
+                    shared.clone(),
+                    machine.clone(),
+                    Consistency::Crash,
+                    format!("cutover job {}", job.id),
+                    true,
+                ),
+            )
+            .await;
+            let why = match fresh {
+                Ok(Ok(p)) => {
+                    log.log(
+                        "snapshot",
+                        format!(
+                            "snapshot end: final {} in {:.1} s, {} bytes added",
+                            describe(&p),
+                            t.elapsed().as_secs_f64(),
+                            p.bytes_added
+                        ),
+                    )
+                    .await;
+                    return finish_point(shared, job, p).await;
+                }
+                Ok(Err(e)) => crate::retention::chain(&e),
+                Err(_) => format!("none within {} s", FINAL_POINT_BOUND.as_secs()),
+            };
+            let p = latest.ok_or_else(|| {
+                format!("snapshot fail: no final point ({why}) and no earlier recovery point")
+            })?;
+            log.log(
+                "snapshot",
+                format!(
+                    "snapshot fail: no final point ({why}); using previous snapshot: {}",
+                    describe(&p)
+                ),
+            )
+            .await;
+            p
+        }
+    };
+    finish_point(shared, job, point).await
+}
+
+async fn finish_point(
+    shared: &Arc<Shared>,
+    job: &JobRow,
+    p: SnapshotInfo,
+) -> Result<SnapshotInfo, String> {
+    let (s, id, sid) = (shared.clone(), job.id, p.id);
+    blocking(move || {
+        s.catalog
+            .set_job_snapshot(id, sid)
+            .map_err(|e| e.to_string())
+    })
+    .await?;
+    Ok(p)
+}
+
+/// Exports every disk of the point into `dir`; returns the raw images, boot disk first.
+pub(super) async fn export(
+    shared: &Arc<Shared>,
+    log: &JobLog,
+    point: &SnapshotInfo,
+    dir: &Path,
+) -> Result<Vec<PathBuf>, String> {
+    let (s, l, p, dir) = (
+        shared.clone(),
+        log.clone(),
+        point.clone(),
+        dir.to_path_buf(),
+    );
+    blocking(move || {
+        let mut out = Vec::new();
+        for d in &p.disks {
+            let root = d
+                .root_id()
+                .ok_or_else(|| format!("damaged root id of {} in the catalog", d.device))?;
+            let path = dir.join(format!("source-disk{}.raw", d.disk_id));
+            let file = std::fs::File::create(&path)
+                .map_err(|e| format!("create {}: {e}", path.display()))?;
+            l.line(
+                "export",
+                format!(
+                    "exporting {} ({} MiB) to {}",
+                    d.device,
+                    d.size_bytes >> 20,
+                    path.display()
+                ),
+            );
+            let t = Instant::now();
+            let mut next = 25;
+            let stats = crate::snapshot::export::export_raw(
+                &s.store,
+                &root,
+                &file,
+                &path,
+                &mut |done, total| {
+                    let pct = (done * 100).checked_div(total).unwrap_or(100);
+                    if pct >= next && pct < 100 {
+                        l.line("export", format!("{}: {pct}%", d.device));
+                        next = (pct / 25 + 1) * 25;
+                    }
+                },
+            )
+            .map_err(|e| format!("export {}: {}", d.device, crate::retention::chain(&e)))?;
+            l.line(
+                "export",
+                format!(
+                    "{}: 100%, {} MiB of data in {:.1} s",
+                    d.device,
+                    stats.data_bytes >> 20,
+                    t.elapsed().as_secs_f64()
+                ),
+            );
+            out.push(path);
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Runs `rehost-converter convert` on the exported images; returns its JSON report.
+pub(super) async fn convert(
+    shared: &Arc<Shared>,
+    log: &JobLog,
+    job: &JobRow,
+    bp: &Blueprint,
+    dir: &Path,
+    sources: &[PathBuf],
+) -> Result<serde_json::Value, String> {
+    let (s, l, id, dir) = (shared.clone(), log.clone(), job.id, dir.to_path_buf());
+    let name = safe_name(&job.hostname);
+    let output = dir.join(format!("{name}.{}", bp.format.name()));
+    let report = dir.join("conversion.json");
+    let mut cmd = Command::new(converter_path());
+    cmd.arg("--work-dir")
+        .arg(dir.join("work"))
+        .arg("convert")
+        .arg("--target")
+        .arg("kvm-virtio")
+        .arg("--format")
+        .arg(bp.format.name())
+        .arg("--output")
+        .arg(&output)
+        .arg("--report")
+        .arg(&report);
+    for src in sources {
+        cmd.arg("--input").arg(src);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    blocking(move || {
+        // Spawned and waited for on this one thread: PR_SET_PDEATHSIG follows the thread.
+        let t = Instant::now();
+        l.line(
+            "convert",
+            format!(
+                "conversion start: {} (its own process)",
+                converter_path().display()
+            ),
+        );
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", converter_path().display()))?;
+        let _ = s.catalog.set_job_child(id, Some(child.id()));
+        let stderr = child.stderr.take();
+        let err_reader = std::thread::spawn(move || {
+            let mut e = String::new();
+            if let Some(mut r) = stderr {
+                let _ = std::io::Read::read_to_string(&mut r, &mut e);
+            }
+            e
+        });
+        if let Some(out) = child.stdout.take() {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
+            {
+                if !line.trim().is_empty() {
+                    l.line("convert", line);
+                }
+            }
+        }
+        let status = child
+            .wait()
+            .map_err(|e| format!("wait for the converter: {e}"))?;
+        let _ = s.catalog.set_job_child(id, None);
+        let err = err_reader.join().unwrap_or_default();
+        let err = err.trim();
+        match status.code() {
+            Some(0) => {}
+            Some(3) => {
+                return Err(format!(
+                    "conversion fail: the image cannot be made bootable: {err}"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "conversion fail: rehost-converter exited with {status}: {err}"
+                ))
+            }
+        }
+        let text = std::fs::read_to_string(&report)
+            .map_err(|e| format!("read the conversion report {}: {e}", report.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("conversion report {}: {e}", report.display()))?;
+        l.line(
+            "convert",
+            format!(
+                "conversion end: {} in {:.1} s (report {})",
+                output.display(),
+                t.elapsed().as_secs_f64(),
+                report.display()
+            ),
+        );
+        Ok(v)
+    })
+    .await
+}
+
+/// A name made of `[A-Za-z0-9._-]` only (hostnames come from agents).
+fn safe_name(s: &str) -> String {
+    let n: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(48)
+        .collect();
+    if n.is_empty() || n.starts_with('.') {
+        format!("m{n}")
+    } else {
+        n
+    }
+}
+
+/// Whether the source booted with UEFI: a GPT boot disk with an EFI system (vfat) partition.
+fn source_is_uefi(report: &serde_json::Value) -> bool {
+    let d = &report["inspection"]["disks"][0];
+    d["table"]["scheme"] == "gpt"
+        && d["filesystems"]
+            .as_array()
+            .is_some_and(|fs| fs.iter().any(|p| p["fs"]["kind"] == "vfat"))
+}
+
+pub(super) async fn launch(
+    log: &JobLog,
+    job: &JobRow,
+    mode: Mode,
+    bp: &Blueprint,
+    dir: &Path,
+    report: &serde_json::Value,
+) -> Result<(), String> {
+    let disks: Vec<PathBuf> = report["outputs"]
+        .as_array()
+        .map(|o| {
+            o.iter()
+                .filter_map(|v| v.as_str())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    if disks.is_empty() {
+        return Err("the conversion report names no output image".into());
+    }
+    let uefi = match bp.boot {
+        BootMode::Bios => false,
+        BootMode::Uefi => true,
+        BootMode::Source => source_is_uefi(report),
+    };
+    let uefi = if uefi {
+        let (code, vars) = blueprint::find_ovmf()
+            .ok_or("UEFI boot needs the OVMF firmware in /usr/share/OVMF (apt-get install ovmf)")?;
+        let own = dir.join("OVMF_VARS.fd");
+        std::fs::copy(&vars, &own).map_err(|e| format!("copy {}: {e}", vars.display()))?;
+        Some((code, own))
+    } else {
+        None
+    };
+    let t = blueprint::Target {
+        name: format!(
+            "rehost-{}-{}-{}",
+            safe_name(&job.hostname),
+            mode.as_str(),
+            job.id
+        ),
+        disks,
+        format: bp.format,
+        serial_log: dir.join(target::SERIAL_LOG),
+        pidfile: dir.join(target::PIDFILE),
+        uefi,
+        accel: bp.accel.resolve(),
+    };
+    let args = blueprint::qemu_args(bp, &t);
+    let script = dir.join("qemu.sh");
+    let xml = dir.join("domain.xml");
+    std::fs::write(&script, blueprint::qemu_script(&args))
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        })
+        .map_err(|e| format!("write {}: {e}", script.display()))?;
+    std::fs::write(&xml, blueprint::libvirt_xml(bp, &t))
+        .map_err(|e| format!("write {}: {e}", xml.display()))?;
+    match bp.launch {
+        LaunchMethod::None => {
+            log.log(
+                "launch",
+                format!(
+                    "target ready, not started (launch method none): {}; start it with {} or `virsh define {}`",
+                    t.disks[0].display(),
+                    script.display(),
+                    xml.display()
+                ),
+            )
+            .await;
+            return Ok(());
+        }
+        LaunchMethod::Qemu => {
+            log.log(
+                "launch",
+                format!("launch start: QEMU ({} accel, {})", t.accel, bp.network),
+            )
+            .await;
+            let (d, a) = (dir.to_path_buf(), args.clone());
+            let pid = blocking(move || {
+                target::start_qemu(&d, &a).map_err(|e| crate::retention::chain(&e))
+            })
+            .await
+            .map_err(|e| format!("launch failed: {e}"))?;
+            log.log(
+                "launch",
+                format!(
+                    "VM {} started (qemu pid {pid}); serial console {}",
+                    t.name,
+                    t.serial_log.display()
+                ),
+            )
+            .await;
+        }
+        LaunchMethod::Libvirt => {
+            log.log("launch", format!("launch start: libvirt domain {}", t.name))
+                .await;
+            let (d, x, n) = (dir.to_path_buf(), xml.clone(), t.name.clone());
+            blocking(move || {
+                target::start_libvirt(&d, &x, &n).map_err(|e| crate::retention::chain(&e))
+            })
+            .await
+            .map_err(|e| format!("launch failed: {e}"))?;
+            log.log("launch", format!("domain {} started", t.name))
+                .await;
+        }
+    }
+    log.log(
+        "boot-check",
+        format!(
+            "waiting up to {} s for the boot marker ({}) on the serial console",
+            bp.boot_timeout_s,
+            bp.boot_markers.join(", ")
+        ),
+    )
+    .await;
+    let (serial, markers, timeout, d, method) = (
+        t.serial_log.clone(),
+        bp.boot_markers.clone(),
+        Duration::from_secs(bp.boot_timeout_s),
+        dir.to_path_buf(),
+        bp.launch,
+    );
+    let name = t.name.clone();
+    let boot = blocking(move || {
+        let running = || match method {
+            LaunchMethod::Libvirt => Command::new("virsh")
+                .args(["domstate", &name])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("running")),
+            _ => target::vm_pid(&d).is_some(),
+        };
+        target::watch_boot(&serial, &markers, timeout, &running)
+    })
+    .await
+    .map_err(|e| format!("boot check failed: {e}"))?;
+    log.log(
+        "boot-check",
+        format!(
+            "target booted: saw {:?} after {:.1} s{}",
+            boot.marker,
+            boot.seconds,
+            boot.guest_ipv4
+                .map(|a| format!("; guest address {a}"))
+                .unwrap_or_default()
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_agents_are_made_safe() {
+        assert_eq!(safe_name("web-1.example"), "web-1.example");
+        assert_eq!(safe_name("../../etc"), "m.._.._etc");
+        assert_eq!(safe_name(""), "m");
+        assert_eq!(safe_name("a b/c"), "a_b_c");
+    }
+
+    #[test]
+    fn uefi_is_detected_from_the_report() {
+        let gpt = serde_json::json!({"inspection": {"disks": [{"table": {"scheme": "gpt"},
+            "filesystems": [{"fs": {"kind": "vfat"}}, {"fs": {"kind": "ext4"}}]}]}});
+        assert!(source_is_uefi(&gpt));
+        let mbr = serde_json::json!({"inspection": {"disks": [{"table": {"scheme": "mbr"},
+            "filesystems": [{"fs": {"kind": "ext4"}}]}]}});
+        assert!(!source_is_uefi(&mbr));
+    }
+}
