@@ -456,6 +456,53 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     assert!(!t2.exists());
     assert_eq!(machine(&server)["lifecycle"], "ready-for-testing");
 
+    // A step that fails (here: no boot marker in time) says why and leaves no VM and no files.
+    cli(
+        &server,
+        &[
+            "blueprint",
+            "set",
+            "deb-src",
+            "--boot-timeout",
+            "5",
+            "--boot-marker",
+            "NEVER-PRINTED",
+        ],
+    );
+    let out = server.cli(&["launch", "deb-src", "--mode", "test", "--wait"]);
+    assert!(!out.status.success());
+    let failed = job(&server, last_job_id(&server));
+    let err = failed["job"]["error"].as_str().unwrap();
+    assert!(
+        err.contains("boot check failed: no boot marker (NEVER-PRINTED) within 5 s"),
+        "{failed}"
+    );
+    let tf = PathBuf::from(failed["job"]["target_dir"].as_str().unwrap());
+    assert!(!tf.exists(), "the failed job's target dir is still there");
+    assert!(
+        processes_mentioning(&tf.display().to_string()).is_empty(),
+        "its VM still runs"
+    );
+    assert!(
+        failed["log"].to_string().contains("VM (qemu pid"),
+        "{failed}"
+    );
+    assert_eq!(machine(&server)["lifecycle"], "ready-for-testing");
+    cli(
+        &server,
+        &[
+            "blueprint",
+            "set",
+            "deb-src",
+            "--boot-timeout",
+            "300",
+            "--boot-marker",
+            "REHOST-BOOT-OK",
+            "--boot-marker",
+            "login:",
+        ],
+    );
+
     // Cutover: a final consistency point from the agent, then the target boots and replication
     // of the machine stops.
     cli(&server, &["mark", "deb-src", "ready-for-cutover"]);

@@ -375,8 +375,7 @@ async fn run(
             }
         }
         Err(why) => {
-            log.log("job-end", format!("failed after {secs:.1} s: {why}"))
-                .await;
+            log.log("fail", why.clone()).await;
             if let Some(dir) = made.dir.take() {
                 let l = log.clone();
                 let _ = blocking(move || {
@@ -385,6 +384,8 @@ async fn run(
                 })
                 .await;
             }
+            log.log("job-end", format!("failed after {secs:.1} s: {why}"))
+                .await;
             let back = restore_to(&job.prev_lifecycle, removed_test);
             let r = blocking(move || {
                 s.catalog
