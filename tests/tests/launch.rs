@@ -579,7 +579,7 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
         "{metrics}"
     );
     assert!(
-        metrics.contains("rehost_launch_jobs{mode=\"test\",state=\"failed\"} 1"),
+        metrics.contains("rehost_launch_jobs{mode=\"test\",state=\"failed\"} 2"),
         "{metrics}"
     );
     let history = cli(&server, &["machine", "history", "deb-src"]);
