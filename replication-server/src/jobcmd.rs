@@ -87,6 +87,29 @@ value_enum!(Launch {
 });
 value_enum!(Accel { Auto, Kvm, Tcg });
 
+/// What `launch` takes.
+#[derive(clap::Args)]
+pub struct LaunchCmd {
+    /// Machine id or hostname.
+    machine: String,
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Snapshot id or `latest`. Default: the latest point for a test; for a cutover, a final
+    /// point asked of the agent (the latest point if none comes within 60 s).
+    #[arg(long)]
+    snapshot: Option<String>,
+    /// Planned failover (cutover only), done by the agent: `stop-services:UNIT[,UNIT...]`
+    /// stops those systemd units before the final point (if that fails, nothing is cut over),
+    /// `poweroff` powers the source off once the final point is taken.
+    #[arg(long)]
+    source_action: Option<String>,
+    /// Follow the job's progress log until it ends; exit non-zero if it failed.
+    #[arg(long)]
+    wait: bool,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Mode {
     Test,
@@ -281,18 +304,18 @@ fn show_job(client: &AdminClient, id: i64, follow: bool) -> anyhow::Result<JobRo
     }
 }
 
-pub fn launch(
-    admin: &str,
-    data_dir: &Path,
-    machine: &str,
-    mode: Mode,
-    snapshot: Option<&str>,
-    source_action: Option<&str>,
-    wait: bool,
-    json: bool,
-) -> anyhow::Result<()> {
+pub fn launch(cmd: &LaunchCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()> {
+    let LaunchCmd {
+        machine,
+        mode,
+        snapshot,
+        source_action,
+        wait,
+        json,
+    } = cmd;
+    let (wait, json) = (*wait, *json);
     let client = AdminClient::new(admin, data_dir)?;
-    let mode = match mode {
+    let mode = match *mode {
         Mode::Test => "test",
         Mode::Cutover => "cutover",
     };

@@ -87,26 +87,7 @@ enum Cmd {
     Blueprint(jobcmd::BlueprintCmd),
     /// Launch a target VM from a recovery point: a test (replication goes on; a new test replaces
     /// the previous one) or the cutover (a final consistency point, then replication stops).
-    Launch {
-        /// Machine id or hostname.
-        machine: String,
-        #[arg(long, value_enum)]
-        mode: jobcmd::Mode,
-        /// Snapshot id or `latest`. Default: the latest point for a test; for a cutover, a final
-        /// point asked of the agent (the latest point if none comes within 60 s).
-        #[arg(long)]
-        snapshot: Option<String>,
-        /// Planned failover (cutover only), done by the agent: `stop-services:UNIT[,UNIT...]`
-        /// stops those systemd units before the final point (if that fails, nothing is cut over),
-        /// `poweroff` powers the source off once the final point is taken.
-        #[arg(long)]
-        source_action: Option<String>,
-        /// Follow the job's progress log until it ends; exit non-zero if it failed.
-        #[arg(long)]
-        wait: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Launch(jobcmd::LaunchCmd),
     /// Launch jobs, or one job's timestamped progress log.
     Jobs {
         /// A job id: show its progress log.
@@ -247,23 +228,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Gc { json } => snapcmd::gc(&cli.admin, &cli.data_dir, *json),
         Cmd::Retention(cmd) => snapcmd::retention(cmd, &cli.admin, &cli.data_dir),
         Cmd::Blueprint(cmd) => jobcmd::blueprint(cmd, &cli.admin, &cli.data_dir),
-        Cmd::Launch {
-            machine,
-            mode,
-            snapshot,
-            source_action,
-            wait,
-            json,
-        } => jobcmd::launch(
-            &cli.admin,
-            &cli.data_dir,
-            machine,
-            *mode,
-            snapshot.as_deref(),
-            source_action.as_deref(),
-            *wait,
-            *json,
-        ),
+        Cmd::Launch(cmd) => jobcmd::launch(cmd, &cli.admin, &cli.data_dir),
         Cmd::Jobs {
             job,
             machine,
