@@ -132,14 +132,23 @@ pub enum TestCmd {
     },
 }
 
+/// A blueprint value as it is written on the command line and in JSON.
+fn name<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
 fn print_blueprint(v: &BlueprintView) {
     let b = &v.blueprint;
     println!("blueprint of {} ({})", v.machine_id, v.source);
     println!("  cpus          {}", b.cpus);
     println!("  memory        {} MiB", b.memory_mib);
-    println!("  disk bus      {:?}", b.disk_bus);
-    println!("  nic           {:?}", b.nic);
-    println!("  boot          {:?}", b.boot);
+    println!("  disk bus      {}", name(&b.disk_bus));
+    println!("  nic           {}", name(&b.nic));
+    println!("  boot          {}", name(&b.boot));
     println!("  format        {}", b.format.name());
     println!(
         "  target dir    {}",
@@ -148,9 +157,9 @@ fn print_blueprint(v: &BlueprintView) {
             .map(|d| d.display().to_string())
             .unwrap_or_else(|| "DATA_DIR/targets".into())
     );
-    println!("  launch        {:?}", b.launch);
+    println!("  launch        {}", name(&b.launch));
     println!("  network       {}", b.network);
-    println!("  accel         {:?}", b.accel);
+    println!("  accel         {}", name(&b.accel));
     println!("  boot timeout  {} s", b.boot_timeout_s);
     println!("  boot markers  {}", b.boot_markers.join(", "));
 }
