@@ -214,7 +214,7 @@ mod tests {
         let mut v = vols();
         v.push(Volume {
             disk: 0,
-            part: 1001,
+            part: 10_001,
             kind: FsKind::Ext4,
             uuid: Some("dddd".into()),
             label: None,
@@ -237,8 +237,8 @@ mod tests {
         assert_eq!(resolve("UUID=dddd", &v), Resolution::Uuid("dddd".into()));
         assert_eq!(resolve("/dev/my-vg/striped", &v), Resolution::Lv(None));
         assert_eq!(resolve("/dev/my-vg/gone", &v), Resolution::NoMatch);
-        // A volume number is not a partition: /dev/sda1001 names nothing.
-        assert_eq!(resolve("/dev/sda1001", &v), Resolution::NoMatch);
+        // A volume number is not a partition: /dev/sda10001 names nothing.
+        assert_eq!(resolve("/dev/sda10001", &v), Resolution::NoMatch);
         // Unknown VG: not taken for an LV.
         assert_eq!(resolve("/dev/other/root", &v), Resolution::NoMatch);
     }

@@ -216,7 +216,7 @@ mod tests {
         let mut v = vols();
         v.push(Volume {
             disk: 0,
-            part: 1001,
+            part: 10_001,
             kind: FsKind::Ext4,
             uuid: Some("lv-uuid".into()),
             label: None,

@@ -250,7 +250,7 @@ mod tests {
         let mut v = vols();
         v.push(Volume {
             disk: 0,
-            part: 1001,
+            part: 10_001,
             kind: FsKind::Ext4,
             uuid: Some("lv".into()),
             label: None,
@@ -259,7 +259,7 @@ mod tests {
         });
         v.push(Volume {
             disk: 0,
-            part: 1002,
+            part: 10_002,
             kind: FsKind::Swap,
             uuid: Some("sw".into()),
             label: None,

@@ -4,6 +4,12 @@
 //! [`GuestSession`] attaches the partitions as loop devices (offset + size limit) and mounts the root
 //! (read-only for inspection, read-write on the output copy for conversion) inside the work directory;
 //! everything is released when the session is dropped.
+//!
+//! LVM without device-mapper: the metadata of each PV partition is read in userspace ([`lvm`]); a
+//! logical volume that is one linear segment on a PV of the same disk is a byte range of the disk, so it
+//! is attached like a partition (a loop device at its offset) and listed in `filesystems` with a volume
+//! number above [`LV_NUMBER_BASE`]. Other volumes are listed in `logical_volumes` with the reason they
+//! cannot be attached; if the root is among them, the image is refused (exit 3) with that reason.
 
 use crate::devmap::{resolve, Resolution, Volume};
 use crate::fsprobe::{self, FsInfo, FsKind};
@@ -63,7 +69,8 @@ pub struct DiskInfo {
 
 /// Logical volumes that can be attached get volume numbers above this (partitions stay below it), so
 /// that `(disk, number)` names partitions and logical volumes alike.
-pub const LV_NUMBER_BASE: u32 = 1000;
+pub const LV_NUMBER_BASE: u32 = 10_000;
+const _: () = assert!(LV_NUMBER_BASE > partition::MAX_GPT_ENTRIES + 4);
 
 /// A logical volume found in LVM metadata.
 #[derive(Debug, Clone, Serialize)]

@@ -14,7 +14,8 @@ use std::os::unix::fs::FileExt;
 /// Sector size assumed for MBR and GPT (512-byte logical sectors, as in every raw snapshot export).
 pub const SECTOR: u64 = 512;
 const MAX_LOGICAL: usize = 128;
-const MAX_GPT_ENTRIES: u32 = 1024;
+/// The most GPT entries read (so the highest partition number).
+pub const MAX_GPT_ENTRIES: u32 = 1024;
 
 /// Random-access reads from a disk image (a file, or a byte slice in tests).
 pub trait ReadAt {

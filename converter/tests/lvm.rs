@@ -288,7 +288,9 @@ fn lvm_root_is_inspected_and_planned_without_device_mapper() {
     assert_eq!(ins["root_lv"], "vg-sys/root");
     assert_eq!(ins["root_fs"]["kind"], "ext4");
     assert_eq!(ins["root"][0], 0);
-    assert!(ins["root"][1].as_u64().unwrap() > 1000);
+    assert!(
+        ins["root"][1].as_u64().unwrap() > u64::from(rehost_converter::inspect::LV_NUMBER_BASE)
+    );
     // /boot found through the guest's fstab and mounted from partition 1.
     assert_eq!(ins["boot"], serde_json::json!([0, 1]));
     assert_eq!(ins["bootloader"], "grub2");
