@@ -49,6 +49,21 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(internal)?
 }
 
+/// A machine named by id or hostname; 404 when there is none (or the hostname is ambiguous).
+pub(crate) async fn resolve(
+    s: &Arc<Shared>,
+    name: String,
+) -> Result<rehost_proto::MachineId, ApiError> {
+    let s = s.clone();
+    blocking(move || {
+        s.catalog
+            .resolve_machine(&name)
+            .map_err(internal)?
+            .map_err(|m| ApiError(StatusCode::NOT_FOUND, m))
+    })
+    .await
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(

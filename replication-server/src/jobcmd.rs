@@ -103,6 +103,10 @@ pub struct LaunchCmd {
     /// `poweroff` powers the source off once the final point is taken.
     #[arg(long)]
     source_action: Option<String>,
+    /// Cutover only: seconds the agent gets to make the final consistency point before the
+    /// latest recovery point is used instead.
+    #[arg(long, default_value_t = 60)]
+    final_point_timeout: u64,
     /// Follow the job's progress log until it ends; exit non-zero if it failed.
     #[arg(long)]
     wait: bool,
@@ -319,6 +323,7 @@ pub fn launch(cmd: &LaunchCmd, admin: &str, data_dir: &Path) -> anyhow::Result<(
         mode,
         snapshot,
         source_action,
+        final_point_timeout,
         wait,
         json,
     } = cmd;
@@ -330,7 +335,12 @@ pub fn launch(cmd: &LaunchCmd, admin: &str, data_dir: &Path) -> anyhow::Result<(
     };
     let job: JobRow = client.post(
         &format!("/v1/machines/{machine}/launch"),
-        &serde_json::json!({ "mode": mode, "snapshot": snapshot, "source_action": source_action }),
+        &serde_json::json!({
+            "mode": mode,
+            "snapshot": snapshot,
+            "source_action": source_action,
+            "final_point_timeout_s": final_point_timeout,
+        }),
     )?;
     if json && !wait {
         println!("{}", serde_json::to_string_pretty(&job)?);

@@ -478,11 +478,13 @@ impl Writer {
             while !s.load(Ordering::Relaxed) {
                 let len = 4096 + (n as usize * 7919) % (256 << 10);
                 let data = random_bytes(n + 1, len);
-                // Every fourth write rewrites an earlier file, so blocks get dirty again.
+                // Every fourth write rewrites an earlier file, so blocks get dirty again; at most
+                // FILES names (about 20 MiB), so that a long run never fills the filesystem.
+                const FILES: u64 = 160;
                 let name = if n % 4 == 3 {
-                    format!("f-{}", n / 2)
+                    format!("f-{}", (n / 2) % FILES)
                 } else {
-                    format!("f-{n}")
+                    format!("f-{}", n % FILES)
                 };
                 let p = dir.join(&name);
                 let mut f = std::fs::File::create(&p).unwrap();

@@ -596,3 +596,100 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     writer.stop();
     drop(source);
 }
+
+/// A cutover whose agent gives no final point within the bound (here: the agent is stopped with
+/// SIGSTOP, its connection still open) falls back to the latest recovery point and says so; a
+/// conversion that fails (a disk of plain files holds no OS) ends the job with its reason, the
+/// machine where it was, and nothing left in the target dir. No QEMU and no root needed.
+#[test]
+fn a_cutover_without_a_final_point_uses_the_previous_one_and_a_failed_conversion_leaves_nothing() {
+    let tmp = tempfile::Builder::new()
+        .prefix("rehost-fallback")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let dir = tmp.path();
+    let files = dir.join("files");
+    std::fs::create_dir_all(files.join("etc")).unwrap();
+    std::fs::write(files.join("etc/hostname"), "plain-host\n").unwrap();
+    let img = dir.join("plain.img");
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&files)
+            .arg(&img)
+            .arg("32M"),
+    );
+    let server = Server::start(dir);
+    let token = server.token();
+    let mut agent = Agent::new(dir, "p");
+    let out = agent.install(&server, &token, &[&img], "plain-host");
+    assert!(
+        out.status.success(),
+        "install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.run(&[]);
+    wait_until("the initial sync", SYNC_LIMIT, || {
+        let m = machine(&server);
+        (m["lifecycle"] == "ready-for-testing" && m["disks"][0]["state"] == "continuous")
+            .then_some(())
+    });
+    let targets = dir.join("targets");
+    cli(
+        &server,
+        &[
+            "blueprint",
+            "set",
+            "plain-host",
+            "--launch",
+            "none",
+            "--target-dir",
+            targets.to_str().unwrap(),
+        ],
+    );
+    cli(&server, &["mark", "plain-host", "ready-for-cutover"]);
+    let point: Value = serde_json::from_str(&cli(
+        &server,
+        &["snapshot", "create", "plain-host", "--wait", "--json"],
+    ))
+    .unwrap();
+
+    let pid = nix::unistd::Pid::from_raw(agent.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    let out = server.cli(&[
+        "launch",
+        "plain-host",
+        "--mode",
+        "cutover",
+        "--final-point-timeout",
+        "3",
+        "--wait",
+    ]);
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let j = job(&server, last_job_id(&server));
+    let log = j["log"].to_string();
+    assert!(
+        log.contains(&format!(
+            "no final point (the agent gave no consistency point within 3 s); using previous snapshot: recovery point {}",
+            point["id"]
+        )),
+        "{log}"
+    );
+    assert_eq!(j["job"]["snapshot_id"], point["id"]);
+    assert!(
+        j["job"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("conversion fail"),
+        "{j}"
+    );
+    let target = PathBuf::from(j["job"]["target_dir"].as_str().unwrap());
+    assert!(!target.exists(), "the failed job left {}", target.display());
+    assert_eq!(machine(&server)["lifecycle"], "ready-for-cutover");
+    // Replication goes on after a failed cutover.
+    wait_until("the agent to be back", SYNC_LIMIT, || {
+        (machine(&server)["disks"][0]["state"] == "continuous").then_some(())
+    });
+}

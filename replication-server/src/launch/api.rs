@@ -8,13 +8,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use rehost_proto::MachineId;
 use serde::{Deserialize, Serialize};
 
 use super::blueprint::Blueprint;
 use super::rows::{JobRow, LogLine, Transition};
 use super::{blueprint_of, LaunchError, Mode};
-use crate::admin::{authorize, blocking, internal, ApiError};
+use crate::admin::{authorize, blocking, internal, resolve, ApiError};
 use crate::retention::chain;
 use crate::Shared;
 
@@ -39,17 +38,6 @@ fn api(e: LaunchError) -> ApiError {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError(code, chain(&e))
-}
-
-async fn resolve(s: &Arc<Shared>, name: String) -> Result<MachineId, ApiError> {
-    let s = s.clone();
-    blocking(move || {
-        s.catalog
-            .resolve_machine(&name)
-            .map_err(internal)?
-            .map_err(|m| ApiError(StatusCode::NOT_FOUND, m))
-    })
-    .await
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,6 +113,9 @@ pub struct LaunchRequest {
     /// (after it).
     #[serde(default)]
     pub source_action: Option<String>,
+    /// Cutover only: seconds the agent gets to make the final point (default 60).
+    #[serde(default)]
+    pub final_point_timeout_s: Option<u64>,
 }
 
 async fn launch(
@@ -144,8 +135,23 @@ async fn launch(
         .map(str::parse::<super::SourceAction>)
         .transpose()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let final_point_timeout = match req.final_point_timeout_s {
+        None => super::FINAL_POINT_BOUND,
+        Some(t @ 1..=3600) => std::time::Duration::from_secs(t),
+        Some(t) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("final point timeout {t} s is not within 1..=3600"),
+            ))
+        }
+    };
     let machine = resolve(&s, m).await?;
-    super::start(s, machine, mode, req.snapshot, action)
+    let opts = super::LaunchOptions {
+        snapshot: req.snapshot,
+        source_action: action,
+        final_point_timeout,
+    };
+    super::start(s, machine, mode, opts)
         .await
         .map(Json)
         .map_err(api)

@@ -45,9 +45,30 @@ use crate::Shared;
 use blueprint::Blueprint;
 pub use rows::{JobRow, LogLine};
 
-/// How long a cutover waits for the agent's final consistency point before it falls back to the
-/// latest recovery point.
+/// How long a cutover waits by default for the agent's final consistency point before it falls
+/// back to the latest recovery point.
 pub const FINAL_POINT_BOUND: Duration = Duration::from_secs(60);
+
+/// What a launch request asks besides its mode.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// A snapshot id or `latest`; `None`: the latest (test) or a final point (cutover).
+    pub snapshot: Option<String>,
+    /// Cutover only: planned failover on the source.
+    pub source_action: Option<SourceAction>,
+    /// Cutover only: how long the agent gets to make the final point.
+    pub final_point_timeout: Duration,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions {
+            snapshot: None,
+            source_action: None,
+            final_point_timeout: FINAL_POINT_BOUND,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -219,10 +240,9 @@ pub async fn start(
     shared: Arc<Shared>,
     machine: MachineId,
     mode: Mode,
-    snapshot: Option<String>,
-    action: Option<SourceAction>,
+    opts: LaunchOptions,
 ) -> Result<JobRow, LaunchError> {
-    if action.is_some() && mode != Mode::Cutover {
+    if opts.source_action.is_some() && mode != Mode::Cutover {
         return Err(LaunchError::Refused(
             "a source action (stop services, power off) belongs to a cutover, not a test".into(),
         ));
@@ -260,7 +280,7 @@ pub async fn start(
     .map_err(|e| LaunchError::Refused(format!("launch task: {e}")))??;
     tracing::info!(job = job.id, %machine, mode = mode.as_str(), "launch job started");
     let row = job.clone();
-    tokio::spawn(run(shared, job, machine, mode, bp, snapshot, action));
+    tokio::spawn(run(shared, job, machine, mode, bp, opts));
     Ok(row)
 }
 
@@ -306,8 +326,7 @@ async fn run(
     machine: MachineId,
     mode: Mode,
     bp: Blueprint,
-    snapshot: Option<String>,
-    action: Option<SourceAction>,
+    opts: LaunchOptions,
 ) {
     let log = JobLog {
         shared: shared.clone(),
@@ -334,8 +353,7 @@ async fn run(
         &machine,
         mode,
         &bp,
-        snapshot,
-        action,
+        &opts,
         &mut made,
         &mut removed_test,
     )
@@ -461,8 +479,7 @@ async fn steps(
     machine: &MachineId,
     mode: Mode,
     bp: &Blueprint,
-    snapshot: Option<String>,
-    action: Option<SourceAction>,
+    opts: &LaunchOptions,
     made: &mut Made,
     removed_test: &mut bool,
 ) -> Result<(), String> {
@@ -475,7 +492,7 @@ async fn steps(
         }
     }
 
-    if let Some(a @ SourceAction::StopServices(units)) = &action {
+    if let Some(a @ SourceAction::StopServices(units)) = &opts.source_action {
         log.log(
             "source",
             format!(
@@ -490,9 +507,9 @@ async fn steps(
         log.log("source", format!("the agent says: {said}")).await;
     }
 
-    let point = steps::choose_point(shared, log, job, machine, mode, snapshot).await?;
+    let point = steps::choose_point(shared, log, job, machine, mode, opts).await?;
 
-    if let Some(a @ SourceAction::PowerOff) = &action {
+    if let Some(a @ SourceAction::PowerOff) = &opts.source_action {
         log.log(
             "source",
             "planned failover: powering off the source after the final point",

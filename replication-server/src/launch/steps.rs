@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rehost_proto::MachineId;
 
 use super::blueprint::{self, Blueprint, BootMode, LaunchMethod};
-use super::{blocking, converter_path, target, JobLog, JobRow, Mode, FINAL_POINT_BOUND};
+use super::{blocking, converter_path, target, JobLog, JobRow, LaunchOptions, Mode};
 use crate::snapshot::{Consistency, SnapshotInfo};
 use crate::Shared;
 
@@ -20,7 +20,7 @@ pub(super) async fn choose_point(
     job: &JobRow,
     machine: &MachineId,
     mode: Mode,
-    snapshot: Option<String>,
+    opts: &LaunchOptions,
 ) -> Result<SnapshotInfo, String> {
     let (s, m) = (shared.clone(), machine.to_string());
     let snaps = blocking(move || s.catalog.snapshots(&m).map_err(|e| e.to_string())).await?;
@@ -34,7 +34,7 @@ pub(super) async fn choose_point(
             p.completed_at.unwrap_or(p.created_at)
         )
     };
-    let point = match (snapshot.as_deref(), mode) {
+    let point = match (opts.snapshot.as_deref(), mode) {
         (Some(sel), _) => {
             let p = crate::snapshot::api::select(&snaps, sel)?.clone();
             if p.state != "complete" {
@@ -74,19 +74,15 @@ pub(super) async fn choose_point(
             )
             .await;
             let t = Instant::now();
-            let fresh = tokio::time::timeout(
-                FINAL_POINT_BOUND,
-                crate::snapshot::request(
-                    shared.clone(),
-                    machine.clone(),
-                    Consistency::Crash,
-                    format!("cutover job {}", job.id),
-                    true,
-                ),
+            let fresh = crate::snapshot::final_point(
+                shared.clone(),
+                machine.clone(),
+                format!("cutover job {}", job.id),
+                opts.final_point_timeout,
             )
             .await;
             let why = match fresh {
-                Ok(Ok(p)) => {
+                Ok(p) => {
                     log.log(
                         "snapshot",
                         format!(
@@ -99,8 +95,7 @@ pub(super) async fn choose_point(
                     .await;
                     return finish_point(shared, job, p).await;
                 }
-                Ok(Err(e)) => crate::retention::chain(&e),
-                Err(_) => format!("none within {} s", FINAL_POINT_BOUND.as_secs()),
+                Err(why) => why,
             };
             let p = latest.ok_or_else(|| {
                 format!("snapshot fail: no final point ({why}) and no earlier recovery point")

@@ -7,11 +7,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use rehost_proto::MachineId;
 use serde::{Deserialize, Serialize};
 
 use super::{Consistency, SnapshotError, SnapshotInfo};
-use crate::admin::{authorize, blocking, internal, ApiError};
+use crate::admin::{authorize, blocking, internal, resolve, ApiError};
 use crate::retention::{chain, policy_for, Policy};
 use crate::Shared;
 
@@ -31,17 +30,6 @@ fn api(e: SnapshotError) -> ApiError {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError(code, chain(&e))
-}
-
-async fn resolve(s: &Arc<Shared>, name: String) -> Result<MachineId, ApiError> {
-    let s = s.clone();
-    blocking(move || {
-        s.catalog
-            .resolve_machine(&name)
-            .map_err(internal)?
-            .map_err(|m| ApiError(StatusCode::NOT_FOUND, m))
-    })
-    .await
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -495,6 +495,7 @@ async fn agent_point(
     slot: &crate::Slot,
     machine: &MachineId,
     reason: &str,
+    timeout: Duration,
 ) -> Result<Option<SnapshotInfo>, SnapshotError> {
     let Some(out) = slot.agent() else {
         return Ok(None);
@@ -511,15 +512,15 @@ async fn agent_point(
         slot.forget_point(id);
         return Ok(None);
     }
-    match tokio::time::timeout(POINT_TIMEOUT, rx).await {
+    match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(r)) => r.map(Some),
         Ok(Err(_)) => {
-            tracing::warn!(%machine, "the agent's session ended before its consistency point; taking a point of the stream");
+            tracing::warn!(%machine, "the agent's session ended before its consistency point");
             Ok(None)
         }
         Err(_) => {
             slot.forget_point(id);
-            tracing::warn!(%machine, secs = POINT_TIMEOUT.as_secs(), "the agent gave no consistency point in time; taking a point of the stream");
+            tracing::warn!(%machine, secs = timeout.as_secs(), "the agent gave no consistency point in time");
             Ok(None)
         }
     }
@@ -552,18 +553,9 @@ async fn add_prepared(shared: &Arc<Shared>, info: &mut SnapshotInfo, prepared: u
     }
 }
 
-/// Takes a snapshot of `machine` now: through its live session's writer (a point in its stream,
-/// after [`prepare`] stored most of the changed data without pausing it), or directly from its
-/// volumes when no agent is connected.
-pub async fn request(
-    shared: Arc<Shared>,
-    machine: MachineId,
-    consistency: Consistency,
-    reason: String,
-    ask_agent: bool,
-) -> Result<SnapshotInfo, SnapshotError> {
-    let slot = shared.slot(&machine);
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// [`prepare`] for a machine with a live session (nothing to prepare otherwise); returns the
+/// bytes it stored. A failure is logged: the snapshot then stores that data itself.
+async fn prepare_live(shared: &Arc<Shared>, slot: &crate::Slot, machine: &MachineId) -> u64 {
     let mut prepared = 0;
     if slot.jobs().is_some() {
         let (s, m) = (shared.clone(), machine.clone());
@@ -579,8 +571,56 @@ pub async fn request(
             Err(e) => tracing::warn!(%machine, error = %e, "preparing snapshot data failed"),
         }
     }
+    prepared
+}
+
+/// A cutover's final point: only the agent's own consistency point (freeze, drain, mark, thaw)
+/// within `timeout`, never a point of the stream without it. The error says why there is none.
+pub async fn final_point(
+    shared: Arc<Shared>,
+    machine: MachineId,
+    reason: String,
+    timeout: Duration,
+) -> Result<SnapshotInfo, String> {
+    let slot = shared.slot(&machine);
+    if slot.agent().is_none() {
+        return Err("the machine's agent is not connected".into());
+    }
+    if !synced(&shared, &machine)
+        .await
+        .map_err(|e| crate::retention::chain(&e))?
+    {
+        return Err("not every disk has finished its initial sync".into());
+    }
+    let prepared = prepare_live(&shared, &slot, &machine).await;
+    match agent_point(&slot, &machine, &reason, timeout).await {
+        Ok(Some(mut info)) => {
+            add_prepared(&shared, &mut info, prepared).await;
+            Ok(info)
+        }
+        Ok(None) => Err(format!(
+            "the agent gave no consistency point within {} s",
+            timeout.as_secs()
+        )),
+        Err(e) => Err(crate::retention::chain(&e)),
+    }
+}
+
+/// Takes a snapshot of `machine` now: through its live session's writer (a point in its stream,
+/// after [`prepare`] stored most of the changed data without pausing it), or directly from its
+/// volumes when no agent is connected.
+pub async fn request(
+    shared: Arc<Shared>,
+    machine: MachineId,
+    consistency: Consistency,
+    reason: String,
+    ask_agent: bool,
+) -> Result<SnapshotInfo, SnapshotError> {
+    let slot = shared.slot(&machine);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let prepared = prepare_live(&shared, &slot, &machine).await;
     let from_agent = if ask_agent && synced(&shared, &machine).await? {
-        agent_point(&slot, &machine, &reason).await?
+        agent_point(&slot, &machine, &reason, POINT_TIMEOUT).await?
     } else {
         None
     };
