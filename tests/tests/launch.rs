@@ -393,13 +393,43 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     // Replication went on during the test.
     assert_eq!(machine(&server)["connected"], true);
 
-    // A second test replaces the first: its VM and images are gone.
+    // A second test replaces the first: its VM and images are gone. (This one uses launch
+    // method `none`: the converted image, `qemu.sh` and `domain.xml`, nothing started.)
+    cli(
+        &server,
+        &["blueprint", "set", "deb-src", "--launch", "none"],
+    );
     let (j2, took) = launch(&server, &["test"]);
     eprintln!("test launch 2: {took:?}; {}", breakdown(&j2));
     assert!(!t1.exists(), "the first test's target was not removed");
     assert!(processes_mentioning(&t1.display().to_string()).is_empty());
     let t2 = target_of(&j2);
-    assert!(vm_running(&t2));
+    assert!(!vm_running(&t2));
+    assert!(t2.join("deb-src.raw").is_file());
+    let script = std::fs::read_to_string(t2.join("qemu.sh")).unwrap();
+    assert!(script.contains("deb-src.raw"), "{script}");
+    match Command::new("virt-xml-validate")
+        .arg(t2.join("domain.xml"))
+        .arg("domain")
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "virt-xml-validate: {e} (CI=true; scripts/install-deps.sh installs it)"
+        ),
+    }
+    assert!(j2["log"]
+        .to_string()
+        .contains("not started (launch method none)"));
+    cli(
+        &server,
+        &["blueprint", "set", "deb-src", "--launch", "qemu"],
+    );
     let all: Value = serde_json::from_str(&cli(&server, &["jobs", "--json"])).unwrap();
     let active: Vec<i64> = all["jobs"]
         .as_array()

@@ -4,7 +4,7 @@
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{now, Catalog, CatalogError};
+use crate::catalog::{now, now_ms, Catalog, CatalogError};
 
 /// Schema version 4.
 pub(crate) const MIGRATE_4: &str = "
@@ -45,13 +45,6 @@ CREATE TABLE lifecycle_log (
     reason TEXT NOT NULL
 );
 ";
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// One job as `jobs --json` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
