@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages rehost's demo and tests use, when they are missing (as root):
 # filesystem tools (ext4, btrfs, xfs, LVM2), debootstrap for the converter's fixture images, QEMU for boot
-# checks, and virt-xml-validate for the libvirt domains that launches write.
+# checks, and libvirt (its daemon and virt-xml-validate) for the launch method `libvirt`.
 # QEMU comes from <codename>-backports: the machine's qemu-utils is from there, so the plain
 # suite's qemu-system-x86 would conflict. The backports source reuses the machine's own mirror.
 set -euo pipefail
@@ -25,6 +25,7 @@ have pgrep || need+=(procps)
 have losetup && have partx && have blockdev || need+=(util-linux)
 have qemu-img || need+=(qemu-utils)
 have virt-xml-validate && have xmllint || need+=(libvirt-clients libxml2-utils)
+have libvirtd || need+=(libvirt-daemon-system)
 qemu=()
 have qemu-system-x86_64 || qemu=(qemu-system-x86)
 

@@ -4,8 +4,12 @@
 //! (the second replacing the first); a server killed mid-job; and the cutover, which boots and
 //! ends replication.
 //!
-//! Needs root, QEMU and debootstrap (the fixture): without root it skips with a message, and
-//! under `CI=true` it fails instead.
+//! The first test launch runs as a libvirt domain (the test starts the host's libvirtd if it is
+//! not running, and stops it again), the others as QEMU processes the server starts; the second
+//! uses launch method `none`.
+//!
+//! Needs root, QEMU, libvirt and debootstrap (the fixture): without root it skips with a message,
+//! and under `CI=true` it fails instead.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +32,8 @@ fn tools_ready() -> bool {
         "qemu-img",
         "partx",
         "debootstrap",
+        "libvirtd",
+        "virsh",
         "debugfs",
     ]
     .into_iter()
@@ -114,6 +120,70 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
         })
         .collect()
+}
+
+/// The host's libvirt daemon, for the launch method `libvirt`: the one already running, or one this
+/// test starts as an init system would (and stops when done). Domains the test defined are
+/// removed at the end whatever happened.
+struct Libvirtd {
+    started: Vec<std::process::Child>,
+}
+
+fn virsh_ok(args: &[&str]) -> bool {
+    Command::new("virsh")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn domains() -> String {
+    Command::new("virsh")
+        .args(["list", "--all", "--name"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+impl Libvirtd {
+    fn ensure() -> Self {
+        let mut d = Libvirtd {
+            started: Vec::new(),
+        };
+        if virsh_ok(&["list"]) {
+            return d;
+        }
+        std::fs::create_dir_all("/var/log/libvirt").unwrap();
+        std::fs::create_dir_all("/run/libvirt").unwrap();
+        for daemon in ["virtlogd", "libvirtd"] {
+            let child = Command::new(daemon)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {daemon}: {e}"));
+            d.started.push(child);
+        }
+        wait_until("libvirtd to answer", Duration::from_secs(60), || {
+            virsh_ok(&["list"]).then_some(())
+        });
+        d
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        for name in domains()
+            .lines()
+            .filter(|n| n.starts_with("rehost-deb-src-"))
+        {
+            let _ = virsh_ok(&["destroy", name]);
+            let _ = virsh_ok(&["undefine", "--nvram", name]);
+        }
+        for c in self.started.iter_mut().rev() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Drop for Source {
@@ -281,6 +351,7 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
         .tempdir_in("/var/tmp")
         .unwrap();
     let dir = tmp.path();
+    let _libvirtd = Libvirtd::ensure();
     let source = Source::new(dir);
     let mut server = Server::start(dir);
     let token = server.token();
@@ -336,7 +407,7 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
             "set",
             "deb-src",
             "--launch",
-            "qemu",
+            "libvirt",
             "--accel",
             "tcg",
             "--cpus",
@@ -367,7 +438,17 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     eprintln!("test launch 1: {took:?}; {}", breakdown(&j1));
     assert_eq!(j1["job"]["snapshot_id"], point["id"]);
     let t1 = target_of(&j1);
-    assert!(vm_running(&t1), "the test VM is not running");
+    // The first test runs as a libvirt domain.
+    let d1 = "rehost-deb-src-test-1";
+    assert!(domains().contains(d1), "{}", domains());
+    let state = Command::new("virsh")
+        .args(["domstate", d1])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&state.stdout).contains("running"));
+    assert!(j1["log"]
+        .to_string()
+        .contains("domain rehost-deb-src-test-1 started"));
     let serial = std::fs::read_to_string(t1.join("serial.log")).unwrap();
     assert!(serial.contains("REHOST-BOOT-OK"), "{serial}");
     let log1 = j1["log"].to_string();
@@ -403,6 +484,7 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
     eprintln!("test launch 2: {took:?}; {}", breakdown(&j2));
     assert!(!t1.exists(), "the first test's target was not removed");
     assert!(processes_mentioning(&t1.display().to_string()).is_empty());
+    assert!(!domains().contains(d1), "domain {d1} is still defined");
     let t2 = target_of(&j2);
     assert!(!vm_running(&t2));
     assert!(t2.join("deb-src.raw").is_file());
