@@ -170,6 +170,31 @@ fn breakdown(j: &Value) -> String {
         .join(", ")
 }
 
+/// systemd's `systemctl`, as the agent sees it: a stand-in in `dir/bin` that records what the
+/// agent asks for a planned failover in `dir/systemctl.calls` (stopping this host's services or
+/// powering it off is not for a test to do), and fails for units named `broken*`. Returns the
+/// PATH to run the agent with, and the calls file.
+fn systemctl_stand_in(dir: &Path) -> (String, PathBuf) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = dir.join("systemctl.calls");
+    std::fs::write(
+        bin.join("systemctl"),
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\ncase \"$*\" in *broken*) echo \"Failed to stop $3: Unit not loaded.\" >&2; exit 5;; esac\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    run_ok(Command::new("chmod").arg("755").arg(bin.join("systemctl")));
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    (path, calls)
+}
+
 #[test]
 fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leaves_no_orphans() {
     if !tools_ready() {
@@ -192,26 +217,7 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
         String::from_utf8_lossy(&out.stderr)
     );
     let _trace = TraceCleanup(agent.state_json()["machine_id"].as_str().map(String::from));
-    // systemd's `systemctl`, as the agent sees it: a stand-in that records what the agent asks
-    // for a planned failover (stopping this host's services is not for a test to do), and fails
-    // for units named `broken*`.
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let calls = dir.join("systemctl.calls");
-    std::fs::write(
-        bin.join("systemctl"),
-        format!(
-            "#!/bin/sh\necho \"$*\" >> {}\ncase \"$*\" in *broken*) echo \"Failed to stop $3: Unit not loaded.\" >&2; exit 5;; esac\n",
-            calls.display()
-        ),
-    )
-    .unwrap();
-    run_ok(Command::new("chmod").arg("755").arg(bin.join("systemctl")));
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let (path, calls) = systemctl_stand_in(dir);
     agent.run_with_env(&[], &[("PATH", path)]);
     let mut writer = Writer::paced(&source.mnt, Duration::from_millis(300));
 
@@ -541,7 +547,9 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
 /// A cutover whose agent gives no final point within the bound (here: the agent is stopped with
 /// SIGSTOP, its connection still open) falls back to the latest recovery point and says so; a
 /// conversion that fails (a disk of plain files holds no OS) ends the job with its reason, the
-/// machine where it was, and nothing left in the target dir. No QEMU and no root needed.
+/// machine where it was, and nothing left in the target dir. Then a cutover with `--source-action
+/// poweroff` takes the agent's own final point and has the agent power the source off (through a
+/// `systemctl` stand-in). No QEMU and no root needed.
 #[test]
 fn a_cutover_without_a_final_point_uses_the_previous_one_and_a_failed_conversion_leaves_nothing() {
     let tmp = tempfile::Builder::new()
@@ -569,7 +577,8 @@ fn a_cutover_without_a_final_point_uses_the_previous_one_and_a_failed_conversion
         "install: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    agent.run(&[]);
+    let (path, calls) = systemctl_stand_in(dir);
+    agent.run_with_env(&[], &[("PATH", path)]);
     wait_until("the initial sync", SYNC_LIMIT, || {
         let m = machine(&server);
         (m["lifecycle"] == "ready-for-testing" && m["disks"][0]["state"] == "continuous")
@@ -633,4 +642,33 @@ fn a_cutover_without_a_final_point_uses_the_previous_one_and_a_failed_conversion
     wait_until("the agent to be back", SYNC_LIMIT, || {
         (machine(&server)["disks"][0]["state"] == "continuous").then_some(())
     });
+
+    // A planned failover that powers the source off: asked once the final point is taken (the
+    // agent's own point this time), answered before the machine goes down.
+    let out = server.cli(&[
+        "launch",
+        "plain-host",
+        "--mode",
+        "cutover",
+        "--source-action",
+        "poweroff",
+        "--wait",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a disk with no OS cannot be converted"
+    );
+    let j = job(&server, last_job_id(&server));
+    let log = j["log"].to_string();
+    assert!(log.contains("snapshot end: final recovery point"), "{log}");
+    assert!(log.contains("the agent says: powering off"), "{log}");
+    wait_until(
+        "the agent to call systemctl poweroff",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&calls)
+                .is_ok_and(|c| c.contains("poweroff --"))
+                .then_some(())
+        },
+    );
 }
