@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use rehost_converter::bootcheck::{self, BootOptions};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn changes(report: &serde_json::Value) -> Vec<(String, String, String, String)> {
@@ -16,6 +17,52 @@ fn changes(report: &serde_json::Value) -> Vec<(String, String, String, String)> 
             (s("kind"), s("file"), s("old"), s("new"))
         })
         .collect()
+}
+
+/// Converts `img` into `dir/name` (qcow2 or raw, by the name) with `--boot-check` to the fixture's
+/// marker, prints the serial console's tail, and returns the exit code and the report (null when
+/// none was written).
+fn convert_and_boot(img: &Path, dir: &Path, name: &str) -> (Option<i32>, serde_json::Value) {
+    let out = dir.join(name);
+    let report = dir.join("report.json");
+    let serial = dir.join("serial.log");
+    let format = if name.ends_with(".qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    };
+    let t = Instant::now();
+    let o = run_in(
+        dir,
+        &[
+            "convert",
+            "--input",
+            img.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--target",
+            "kvm-virtio",
+            "--format",
+            format,
+            "--report",
+            report.to_str().unwrap(),
+            "--boot-check",
+            "--boot-timeout",
+            "300",
+            "--boot-marker",
+            "REHOST-BOOT-OK",
+            "--serial-log",
+            serial.to_str().unwrap(),
+        ],
+    );
+    eprintln!("convert + boot check took {:?}", t.elapsed());
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
+    let r = std::fs::read(&report)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (o.status.code(), r)
 }
 
 #[test]
@@ -57,50 +104,21 @@ fn converted_xen_image_boots_gets_dhcp_and_reports_changes() {
     let img = fixture("xen");
     let before = file_hash(&img);
     let dir = scratch();
-    let out = dir.path().join("xen.qcow2");
-    let report = dir.path().join("report.json");
-    let serial = dir.path().join("serial.log");
-    let t = Instant::now();
-    let o = run_in(
-        dir.path(),
-        &[
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--target",
-            "kvm-virtio",
-            "--format",
-            "qcow2",
-            "--report",
-            report.to_str().unwrap(),
-            "--boot-check",
-            "--boot-timeout",
-            "300",
-            "--boot-marker",
-            "REHOST-BOOT-OK",
-            "--serial-log",
-            serial.to_str().unwrap(),
-        ],
-    );
-    eprintln!("convert + boot check took {:?}", t.elapsed());
-    let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
-    assert_eq!(o.status.code(), Some(0));
+    let (code, r) = convert_and_boot(&img, dir.path(), "xen.qcow2");
+    assert_eq!(code, Some(0));
     assert_eq!(file_hash(&img), before, "the input image was modified");
     assert!(
         leftovers(dir.path()).is_empty(),
         "{:#?}",
         leftovers(dir.path())
     );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["boot_check"]["booted"], true);
     let ip = r["boot_check"]["guest_ipv4"].as_str().unwrap_or("");
     assert!(
         ip.starts_with("10.0.2."),
         "guest address {ip:?} is not from QEMU's user network"
     );
+    let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
     assert!(log.contains("REHOST-BOOT-OK"));
     let ch = changes(&r);
     let has = |kind: &str, file: &str, old: &str, new: &str| {
@@ -165,34 +183,8 @@ fn converted_vmware_image_boots_with_tools_disabled() {
     }
     let img = fixture("vmware");
     let dir = scratch();
-    let out = dir.path().join("vmw.raw");
-    let report = dir.path().join("report.json");
-    let serial = dir.path().join("serial.log");
-    let o = run_in(
-        dir.path(),
-        &[
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--target",
-            "kvm-virtio",
-            "--report",
-            report.to_str().unwrap(),
-            "--boot-check",
-            "--boot-timeout",
-            "300",
-            "--boot-marker",
-            "REHOST-BOOT-OK",
-            "--serial-log",
-            serial.to_str().unwrap(),
-        ],
-    );
-    let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
-    assert_eq!(o.status.code(), Some(0));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let (code, r) = convert_and_boot(&img, dir.path(), "vmw.raw");
+    assert_eq!(code, Some(0));
     assert_eq!(r["boot_check"]["booted"], true);
     assert!(r["boot_check"]["guest_ipv4"]
         .as_str()
@@ -281,40 +273,14 @@ fn converted_lvm_image_boots_with_its_lvm_names_kept() {
     let img = fixture("xen-lvm");
     let before = file_hash(&img);
     let dir = scratch();
-    let out = dir.path().join("lvm.raw");
-    let report = dir.path().join("report.json");
-    let serial = dir.path().join("serial.log");
-    let t = Instant::now();
-    let o = run_in(
-        dir.path(),
-        &[
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-            "--boot-check",
-            "--boot-timeout",
-            "300",
-            "--boot-marker",
-            "REHOST-BOOT-OK",
-            "--serial-log",
-            serial.to_str().unwrap(),
-        ],
-    );
-    eprintln!("convert + boot check took {:?}", t.elapsed());
-    let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
-    assert_eq!(o.status.code(), Some(0));
+    let (code, r) = convert_and_boot(&img, dir.path(), "lvm.raw");
+    assert_eq!(code, Some(0));
     assert_eq!(file_hash(&img), before, "the input image was modified");
     assert!(
         leftovers(dir.path()).is_empty(),
         "{:#?}",
         leftovers(dir.path())
     );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["inspection"]["root_lv"], "vg-sys/root");
     assert_eq!(r["boot_check"]["booted"], true);
     assert!(r["boot_check"]["guest_ipv4"]
@@ -351,41 +317,13 @@ fn converted_dracut_image_boots() {
     // As a RHEL-like guest: dracut, an initramfs built on the Xen host with its drivers only.
     let img = fixture("xen-dracut");
     let dir = scratch();
-    let out = dir.path().join("dracut.qcow2");
-    let report = dir.path().join("report.json");
-    let serial = dir.path().join("serial.log");
-    let t = Instant::now();
-    let o = run_in(
-        dir.path(),
-        &[
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--format",
-            "qcow2",
-            "--report",
-            report.to_str().unwrap(),
-            "--boot-check",
-            "--boot-timeout",
-            "300",
-            "--boot-marker",
-            "REHOST-BOOT-OK",
-            "--serial-log",
-            serial.to_str().unwrap(),
-        ],
-    );
-    eprintln!("convert + boot check took {:?}", t.elapsed());
-    let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
-    assert_eq!(o.status.code(), Some(0));
+    let (code, r) = convert_and_boot(&img, dir.path(), "dracut.qcow2");
+    assert_eq!(code, Some(0));
     assert!(
         leftovers(dir.path()).is_empty(),
         "{:#?}",
         leftovers(dir.path())
     );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["inspection"]["initramfs_tool"], "dracut");
     assert_eq!(r["boot_check"]["booted"], true);
     assert!(r["boot_check"]["guest_ipv4"]
