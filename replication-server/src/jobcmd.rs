@@ -92,6 +92,7 @@ value_enum!(Accel { Auto, Kvm, Tcg });
 pub struct LaunchCmd {
     /// Machine id or hostname.
     machine: String,
+    /// test: a target from a recovery point while replication goes on; cutover: the final one.
     #[arg(long, value_enum)]
     mode: Mode,
     /// Snapshot id or `latest`. Default: the latest point for a test; for a cutover, a final
@@ -110,6 +111,7 @@ pub struct LaunchCmd {
     /// Follow the job's progress log until it ends; exit non-zero if it failed.
     #[arg(long)]
     wait: bool,
+    /// Print the job as JSON (with --wait: once it has ended, after its log).
     #[arg(long)]
     json: bool,
 }

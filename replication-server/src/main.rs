@@ -95,6 +95,7 @@ enum Cmd {
         /// Only this machine's jobs (id or hostname).
         #[arg(long)]
         machine: Option<String>,
+        /// Machine-readable output (format documented in the README).
         #[arg(long)]
         json: bool,
         /// Print the log as it grows until the job ends (exit status 1 if it failed).
