@@ -19,6 +19,27 @@ pub struct Volume {
     pub lv: Option<String>,
 }
 
+#[cfg(test)]
+impl Volume {
+    /// Test data: logical volume `vg/lv` of the boot disk; with `uuid`, an ext4 attached as
+    /// volume 10001, without, one the converter could not attach.
+    pub(crate) fn test_lv(vg_lv: &str, uuid: Option<&str>) -> Self {
+        Volume {
+            disk: 0,
+            part: if uuid.is_some() { 10_001 } else { 0 },
+            kind: if uuid.is_some() {
+                FsKind::Ext4
+            } else {
+                FsKind::Unknown
+            },
+            uuid: uuid.map(String::from),
+            label: None,
+            partuuid: None,
+            lv: Some(vg_lv.into()),
+        }
+    }
+}
+
 /// What a device spec from fstab or the kernel command line refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
@@ -212,24 +233,8 @@ mod tests {
     #[test]
     fn logical_volumes_by_their_lvm_names() {
         let mut v = vols();
-        v.push(Volume {
-            disk: 0,
-            part: 10_001,
-            kind: FsKind::Ext4,
-            uuid: Some("dddd".into()),
-            label: None,
-            partuuid: None,
-            lv: Some("my-vg/root".into()),
-        });
-        v.push(Volume {
-            disk: 0,
-            part: 0,
-            kind: FsKind::Unknown,
-            uuid: None,
-            label: None,
-            partuuid: None,
-            lv: Some("my-vg/striped".into()),
-        });
+        v.push(Volume::test_lv("my-vg/root", Some("dddd")));
+        v.push(Volume::test_lv("my-vg/striped", None));
         let root = Resolution::Lv(Some("dddd".into()));
         assert_eq!(resolve("/dev/mapper/my--vg-root", &v), root);
         assert_eq!(resolve("/dev/my-vg/root", &v), root);

@@ -214,24 +214,8 @@ mod tests {
     #[test]
     fn lvm_names_are_kept() {
         let mut v = vols();
-        v.push(Volume {
-            disk: 0,
-            part: 10_001,
-            kind: FsKind::Ext4,
-            uuid: Some("lv-uuid".into()),
-            label: None,
-            partuuid: None,
-            lv: Some("vg0/root".into()),
-        });
-        v.push(Volume {
-            disk: 0,
-            part: 0,
-            kind: FsKind::Unknown,
-            uuid: None,
-            label: None,
-            partuuid: None,
-            lv: Some("vg0/home".into()),
-        });
+        v.push(Volume::test_lv("vg0/root", Some("lv-uuid")));
+        v.push(Volume::test_lv("vg0/home", None));
         let text = "/dev/mapper/vg0-root / ext4 defaults 0 1\n/dev/vg0/home /home ext4 defaults 0 2\n/dev/vg0/gone /x ext4 defaults 0 2\n";
         let (new, edits) = rewrite(text, &v, "/dev/mapper/vg0-root");
         assert_eq!(edits.len(), 1, "{edits:?}");

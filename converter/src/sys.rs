@@ -80,11 +80,26 @@ pub fn interrupted() -> Option<i32> {
 fn detach_loop(dev: &str) {
     for _ in 0..20 {
         match Command::new("losetup").arg("-d").arg(dev).status() {
-            Ok(s) if s.success() => return,
+            Ok(s) if s.success() => return wait_released(dev),
             _ => std::thread::sleep(std::time::Duration::from_millis(100)),
         }
     }
     tracing::warn!(dev, "could not detach loop device");
+}
+
+/// `losetup -d` of a device someone else still holds open (udev probing a partition node) only
+/// marks it for autoclear; the kernel lets go at the last close. Waits (up to 5 s) for that, so
+/// that nothing is still attached when the converter exits.
+fn wait_released(dev: &str) {
+    let name = dev.trim_start_matches("/dev/");
+    let backing = format!("/sys/block/{name}/loop/backing_file");
+    for _ in 0..100 {
+        if !Path::new(&backing).exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    tracing::warn!(dev, "loop device still attached 5 s after its detach");
 }
 
 fn unmount(target: &Path) {

@@ -62,24 +62,7 @@ fn corrupted_partition_table_is_refused() {
 
 /// Build a raw disk with one ext4 partition populated from `tree` (mkfs.ext4 -d, nothing mounted).
 fn ext4_image(tree: &Path, img: &Path) {
-    let f = std::fs::File::create(img).unwrap();
-    f.set_len(64 << 20).unwrap();
-    drop(f);
-    let sf = Command::new("sfdisk")
-        .arg("-q")
-        .arg(img)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(b"label: dos\nstart=2048, type=83, bootable\n")?;
-            c.wait()
-        })
-        .unwrap();
-    assert!(sf.success());
+    partitioned_image(img, 64, "label: dos\nstart=2048, type=83, bootable\n");
     let st = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-E", "offset=1048576", "-d"])
         .arg(tree)
@@ -304,7 +287,11 @@ fn output_that_is_the_input_is_refused_and_kept() {
         "the refused output (= the input) was removed"
     );
     assert_eq!(file_hash(&src), before);
-    assert!(leftovers(dir.path()).is_empty());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:#?}",
+        leftovers(dir.path())
+    );
 }
 
 /// A 32 MiB MBR disk whose only partition starts with `header` (at byte `at` of the partition).

@@ -3,9 +3,8 @@
 
 mod common;
 use common::*;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn mkfs(img: &Path, tree: &Path, offset_mib: u64, size_mib: u64) {
     let st = Command::new("mkfs.ext4")
@@ -58,24 +57,11 @@ fn separate_boot_partition_is_found() {
     .unwrap();
     std::fs::write(boot.join("vmlinuz-6.1.0-9-amd64"), b"kernel").unwrap();
     let img = dir.path().join("disk.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(80 << 20)
-        .unwrap();
-    let mut sf = Command::new("sfdisk")
-        .arg("-q")
-        .arg(&img)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    sf.stdin
-        .take()
-        .unwrap()
-        .write_all(
-            b"label: dos\nstart=1MiB, size=40MiB, type=83\nstart=41MiB, size=38MiB, type=83\n",
-        )
-        .unwrap();
-    assert!(sf.wait().unwrap().success());
+    partitioned_image(
+        &img,
+        80,
+        "label: dos\nstart=1MiB, size=40MiB, type=83\nstart=41MiB, size=38MiB, type=83\n",
+    );
     mkfs(&img, &root, 1, 40);
     mkfs(&img, &boot, 41, 38);
 
@@ -94,7 +80,11 @@ fn separate_boot_partition_is_found() {
         "{}",
         ins["blockers"]
     );
-    assert!(leftovers(dir.path()).is_empty());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:#?}",
+        leftovers(dir.path())
+    );
 }
 
 #[test]
@@ -133,29 +123,8 @@ fn btrfs_root_is_found() {
         .unwrap();
     assert!(st.success());
     let img = dir.path().join("disk.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(202 << 20)
-        .unwrap();
-    let mut sf = Command::new("sfdisk")
-        .arg("-q")
-        .arg(&img)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    sf.stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\nstart=1MiB, size=200MiB, type=83\n")
-        .unwrap();
-    assert!(sf.wait().unwrap().success());
-    let st = Command::new("dd")
-        .arg(format!("if={}", fs.display()))
-        .arg(format!("of={}", img.display()))
-        .args(["bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    partitioned_image(&img, 202, "label: dos\nstart=1MiB, size=200MiB, type=83\n");
+    place_filesystem(&fs, &img, 1);
 
     let o = run_in(dir.path(), &["inspect", "--json", img.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -170,7 +139,11 @@ fn btrfs_root_is_found() {
         "{}",
         ins["blockers"]
     );
-    assert!(leftovers(dir.path()).is_empty());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:#?}",
+        leftovers(dir.path())
+    );
 }
 
 #[test]
@@ -229,29 +202,12 @@ fn xfs_root_is_found() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let img = dir.path().join("disk.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(302 << 20)
-        .unwrap();
-    let mut sf = Command::new("sfdisk")
-        .arg("-q")
-        .arg(&img)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    sf.stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\nstart=1MiB, size=300MiB, type=83, bootable\n")
-        .unwrap();
-    assert!(sf.wait().unwrap().success());
-    let st = Command::new("dd")
-        .arg(format!("if={}", fs.display()))
-        .arg(format!("of={}", img.display()))
-        .args(["bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    partitioned_image(
+        &img,
+        302,
+        "label: dos\nstart=1MiB, size=300MiB, type=83, bootable\n",
+    );
+    place_filesystem(&fs, &img, 1);
 
     let o = run_in(dir.path(), &["inspect", "--json", img.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -290,5 +246,9 @@ fn xfs_root_is_found() {
         "{show}"
     );
     assert_eq!(o.status.code(), Some(0));
-    assert!(leftovers(dir.path()).is_empty());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:#?}",
+        leftovers(dir.path())
+    );
 }

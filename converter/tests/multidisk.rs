@@ -3,8 +3,7 @@
 
 mod common;
 use common::*;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[test]
 fn second_disk_devices_are_mapped_to_uuids() {
@@ -14,22 +13,7 @@ fn second_disk_devices_are_mapped_to_uuids() {
     let img = fixture("xen");
     let dir = scratch();
     let data = dir.path().join("data.raw");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let mut sf = Command::new("sfdisk")
-        .arg("-q")
-        .arg(&data)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    sf.stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\nstart=1MiB, type=83\n")
-        .unwrap();
-    assert!(sf.wait().unwrap().success());
+    partitioned_image(&data, 64, "label: dos\nstart=1MiB, type=83\n");
     let uuid = "6c0d2c54-1f0b-4b57-9d5e-3b7c1f0e9a11";
     let st = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-U", uuid, "-E", "offset=1048576"])
@@ -85,5 +69,9 @@ fn second_disk_devices_are_mapped_to_uuids() {
         "the data disk must be copied unchanged"
     );
     assert_eq!(file_hash(&data), data_hash);
-    assert!(leftovers(dir.path()).is_empty());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:#?}",
+        leftovers(dir.path())
+    );
 }

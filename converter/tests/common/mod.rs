@@ -139,3 +139,37 @@ pub fn leftovers(dir: &Path) -> Vec<String> {
     v.extend(lo.lines().filter(|l| l.contains(&needle)).map(String::from));
     v
 }
+
+/// A sparse raw image of `mib` MiB at `path`, partitioned by `sfdisk` from `script`.
+pub fn partitioned_image(path: &Path, mib: u64, script: &str) {
+    use std::io::Write;
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    let mut sf = Command::new("sfdisk")
+        .arg("-q")
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sfdisk");
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(sf.wait().unwrap().success(), "sfdisk {}", path.display());
+}
+
+/// Copies the filesystem image `fs` into `img` at `offset_mib` MiB, keeping holes.
+pub fn place_filesystem(fs: &Path, img: &Path, offset_mib: u64) {
+    let st = Command::new("dd")
+        .arg(format!("if={}", fs.display()))
+        .arg(format!("of={}", img.display()))
+        .arg("bs=1M")
+        .arg(format!("seek={offset_mib}"))
+        .args(["conv=notrunc,sparse", "status=none"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "dd {} into {}", fs.display(), img.display());
+}
