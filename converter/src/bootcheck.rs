@@ -103,39 +103,15 @@ pub fn boot(o: &BootOptions) -> Result<BootCheckResult, BootError> {
         .spawn()
         .map_err(BootError::Spawn)?;
     let _guard = ChildGuard::new(child.id());
-    let start = Instant::now();
-    let outcome = loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let log = read_log(&o.serial_log)?;
-        if let Some(m) = o.markers.iter().find(|m| log.contains(m.as_str())) {
-            // Give the marker unit a moment to print the rest (its address lines).
-            if log.contains("REHOST-BOOT-OK")
-                && !log.contains("REHOST-MARKER-END")
-                && start.elapsed() < o.timeout
-            {
-                continue;
-            }
-            break (true, format!("saw {m:?}"));
+    let w = watch(&o.serial_log, &o.markers, o.timeout, &mut || {
+        let status = child.try_wait().ok().flatten()?;
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
         }
-        if let Some(f) = FAILURE_MARKERS.iter().find(|f| log.contains(*f)) {
-            break (false, format!("saw {f:?}"));
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                let _ = e.read_to_string(&mut err);
-            }
-            break (false, format!("qemu exited ({status}) {}", err.trim()));
-        }
-        if start.elapsed() >= o.timeout {
-            break (
-                false,
-                format!("no boot marker within {} s", o.timeout.as_secs()),
-            );
-        }
-    };
-    let seconds = start.elapsed().as_secs_f64();
+        Some(format!("qemu exited ({status}) {}", err.trim()))
+    })?;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -149,19 +125,104 @@ pub fn boot(o: &BootOptions) -> Result<BootCheckResult, BootError> {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let log = read_log(&o.serial_log)?;
     Ok(BootCheckResult {
-        booted: outcome.0,
-        seconds,
-        evidence: outcome.1,
-        guest_ipv4: guest_ipv4(&log),
+        booted: w.booted,
+        seconds: w.seconds,
+        evidence: w.evidence,
+        guest_ipv4: w.guest_ipv4,
         serial_log: o.serial_log.display().to_string(),
+    })
+}
+
+/// What a serial console showed while a guest booted.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// A success marker was seen (else a failure marker, the VM's end, or the timeout).
+    pub booted: bool,
+    /// Which marker was seen, or why the boot counts as failed.
+    pub evidence: String,
+    pub seconds: f64,
+    pub guest_ipv4: Option<String>,
+}
+
+/// Watches the serial console log of a booting guest (however it was started) until it shows one
+/// of `markers` (booted), a known failure ([`FAILURE_MARKERS`]), the VM ends (`exited` returns
+/// why), or `timeout` passes.
+pub fn watch(
+    serial_log: &Path,
+    markers: &[String],
+    timeout: Duration,
+    exited: &mut dyn FnMut() -> Option<String>,
+) -> Result<Watched, BootError> {
+    let start = Instant::now();
+    let (booted, evidence) = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let log = read_log(serial_log)?;
+        if let Some(m) = markers.iter().find(|m| log.contains(m.as_str())) {
+            // Give the marker unit a moment to print the rest (its address lines).
+            if log.contains("REHOST-BOOT-OK")
+                && !log.contains("REHOST-MARKER-END")
+                && start.elapsed() < timeout
+            {
+                continue;
+            }
+            break (true, format!("saw {m:?}"));
+        }
+        if let Some(f) = FAILURE_MARKERS.iter().find(|f| log.contains(*f)) {
+            break (false, format!("saw {f:?}"));
+        }
+        if let Some(why) = exited() {
+            break (false, why);
+        }
+        if start.elapsed() >= timeout {
+            break (
+                false,
+                format!(
+                    "no boot marker ({}) within {} s",
+                    markers.join(", "),
+                    timeout.as_secs()
+                ),
+            );
+        }
+    };
+    let log = read_log(serial_log)?;
+    Ok(Watched {
+        booted,
+        evidence,
+        seconds: start.elapsed().as_secs_f64(),
+        guest_ipv4: guest_ipv4(&log),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_console_shows_markers_failures_and_the_vm_s_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let markers = vec!["login:".to_string()];
+        let t = Duration::from_secs(5);
+        std::fs::write(&log, "Booting\nweb-1 login: ").unwrap();
+        let w = watch(&log, &markers, t, &mut || None).unwrap();
+        assert!(w.booted && w.evidence == "saw \"login:\"", "{w:?}");
+        std::fs::write(
+            &log,
+            "ALERT!  /dev/xvda1 does not exist.  Dropping to a shell!",
+        )
+        .unwrap();
+        let w = watch(&log, &markers, t, &mut || None).unwrap();
+        assert!(
+            !w.booted && w.evidence.contains("Dropping to a shell"),
+            "{w:?}"
+        );
+        std::fs::write(&log, "Booting").unwrap();
+        let w = watch(&log, &markers, t, &mut || Some("qemu exited".into())).unwrap();
+        assert!(!w.booted && w.evidence == "qemu exited", "{w:?}");
+        let w = watch(&log, &markers, Duration::from_secs(1), &mut || None).unwrap();
+        assert_eq!(w.evidence, "no boot marker (login:) within 1 s");
+    }
 
     #[test]
     fn ipv4_from_ip_addr_output() {

@@ -468,8 +468,8 @@ pub(super) async fn launch(
     log.log(
         "boot-check",
         format!(
-            "target booted: saw {:?} after {:.1} s{}",
-            boot.marker,
+            "target booted: {} after {:.1} s{}",
+            boot.evidence,
             boot.seconds,
             boot.guest_ipv4
                 .map(|a| format!("; guest address {a}"))
