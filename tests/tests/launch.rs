@@ -357,6 +357,20 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
         .collect();
     assert_eq!(active, vec![j2["job"]["id"].as_i64().unwrap()]);
 
+    // `test revert` removes the test target and puts the machine back to ready-for-testing.
+    let out = cli(&server, &["test", "revert", "deb-src"]);
+    assert!(out.contains("test reverted, ready-for-testing"), "{out}");
+    assert!(!t2.exists(), "test revert left {}", t2.display());
+    assert_eq!(machine(&server)["lifecycle"], "ready-for-testing");
+    let j2_after = job(&server, j2["job"]["id"].as_i64().unwrap());
+    assert_eq!(j2_after["job"]["active"], false);
+    assert!(j2_after["log"].to_string().contains("test reverted"));
+    let out = server.cli(&["test", "revert", "deb-src"]);
+    assert!(
+        !out.status.success(),
+        "a second revert has nothing to revert"
+    );
+
     // One job at a time; and a server killed mid-job leaves it failed, with its log, and nothing
     // behind: no VM, converter, mount, loop device or file.
     cli(&server, &["launch", "deb-src", "--mode", "test"]);
@@ -399,8 +413,6 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
         !mounts.contains(&t3.display().to_string()),
         "a mount of job 3 survived"
     );
-    // Job 3 had replaced job 2's test target before it was interrupted.
-    assert!(!t2.exists());
     assert_eq!(machine(&server)["lifecycle"], "ready-for-testing");
 
     // A step that fails (here: no boot marker in time) says why and leaves no VM and no files.
@@ -671,4 +683,17 @@ fn a_cutover_without_a_final_point_uses_the_previous_one_and_a_failed_conversion
                 .then_some(())
         },
     );
+
+    // An archived machine's agent is refused from then on, and stops.
+    cli(&server, &["mark", "plain-host", "archived"]);
+    let status = agent.wait(Duration::from_secs(60));
+    assert!(!status.success());
+    assert!(
+        agent
+            .log_text()
+            .contains("is archived: its replication has stopped"),
+        "{}",
+        tail(&agent.log_text(), 20)
+    );
+    assert_eq!(machine(&server)["lifecycle"], "archived");
 }
