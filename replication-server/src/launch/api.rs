@@ -290,17 +290,12 @@ async fn job(
 
 /// Prometheus lines: launch jobs by mode and state.
 pub fn metrics(s: &Shared) -> Result<String, ApiError> {
-    use std::collections::BTreeMap;
     use std::fmt::Write as _;
-    let mut n: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for j in s.catalog.jobs(None, false).map_err(internal)? {
-        *n.entry((j.mode, j.state)).or_default() += 1;
-    }
     let mut out = String::from("# TYPE rehost_launch_jobs gauge\n");
-    for ((mode, state), c) in n {
+    for (mode, state, n) in s.catalog.job_counts().map_err(internal)? {
         let _ = writeln!(
             out,
-            "rehost_launch_jobs{{mode=\"{mode}\",state=\"{state}\"}} {c}"
+            "rehost_launch_jobs{{mode=\"{mode}\",state=\"{state}\"}} {n}"
         );
     }
     Ok(out)

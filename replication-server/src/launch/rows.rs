@@ -402,6 +402,17 @@ impl Catalog {
         })
     }
 
+    /// How many jobs there are of each (mode, state).
+    pub fn job_counts(&self) -> Result<Vec<(String, String, u64)>, CatalogError> {
+        self.with(|c| {
+            c.prepare(
+                "SELECT mode, state, COUNT(*) FROM jobs GROUP BY mode, state ORDER BY mode, state",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect()
+        })
+    }
+
     pub fn job_log(&self, job: i64, after_seq: i64) -> Result<Vec<LogLine>, CatalogError> {
         self.with(|c| {
             c.prepare(
@@ -475,6 +486,13 @@ mod tests {
         let path: Vec<_> = t.iter().map(|t| t.to.as_str()).collect();
         assert_eq!(path, ["ready-for-testing", "testing", "ready-for-testing"]);
         assert_eq!(cat.jobs(Some(&m), false).unwrap().len(), 2);
+        assert_eq!(
+            cat.job_counts().unwrap(),
+            [
+                ("test".to_string(), "failed".to_string(), 1),
+                ("test".to_string(), "succeeded".to_string(), 1)
+            ]
+        );
         assert!(cat.jobs(None, true).unwrap().is_empty());
     }
 }
