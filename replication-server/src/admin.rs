@@ -1,15 +1,17 @@
-//! The admin API: HTTP/JSON on loopback (default 127.0.0.1:1501). Every `/v1` route except
-//! `/v1/health` needs `Authorization: Bearer <admin credential>` (the `admin.token` file in the
-//! data dir). `/metrics` serves Prometheus text.
+//! The admin API: HTTP/JSON, plain on loopback (default 127.0.0.1:1501) and HTTPS on any other
+//! address ([`crate::admin_tls`]). Every `/v1` route except `/v1/health` (which says only `ok`)
+//! needs `Authorization: Bearer <admin credential>` (the `admin.token` file in the data dir).
+//! `/metrics` serves Prometheus text to the admin credential or the read-only metrics token
+//! (`metrics.token`), or to anyone when the server runs with `--metrics-public`; the metrics
+//! token opens nothing else (403).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use rehost_proto::msg::DiskState;
 use rehost_proto::token::InstallToken;
 use serde::{Deserialize, Serialize};
@@ -29,14 +31,52 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-pub(crate) fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers
+/// Who sent a request, by its bearer credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Caller {
+    Admin,
+    /// The read-only metrics token: `/metrics` only.
+    Metrics,
+    /// No credential, or one that is neither.
+    Unknown,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if blake3::hash(t.as_bytes()) == blake3::hash(s.admin_token.as_bytes()) => Ok(()),
-        _ => Err(ApiError(
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Compares hashes, so the time taken says nothing about how much of a guess was right.
+fn same(given: &str, secret: &str) -> bool {
+    blake3::hash(given.as_bytes()) == blake3::hash(secret.as_bytes())
+}
+
+pub(crate) fn caller(s: &Shared, headers: &HeaderMap) -> Caller {
+    let Some(t) = bearer(headers) else {
+        return Caller::Unknown;
+    };
+    if same(t, &s.admin_token) {
+        return Caller::Admin;
+    }
+    // Read at each use: `rehost-server metrics-token --rotate` takes effect at once.
+    match crate::pki::current_metrics_token(&s.data_dir) {
+        Some(m) if same(t, &m) => Caller::Metrics,
+        _ => Caller::Unknown,
+    }
+}
+
+pub(crate) fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    match caller(s, headers) {
+        Caller::Admin => Ok(()),
+        Caller::Metrics => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "the metrics token only reads /metrics; this needs the admin credential".into(),
+        )),
+        Caller::Unknown => Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin credential".into(),
         )),
@@ -64,7 +104,15 @@ pub(crate) async fn resolve(
     .await
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// Whether `/metrics` answers without a credential (`serve --metrics-public`).
+#[derive(Clone, Copy, Debug)]
+struct MetricsAccess {
+    public: bool,
+}
+
+/// The admin API's routes. `/v1/health` answers `{"ok": true}` and nothing else to anyone: it
+/// tells a load balancer or a script that the server is up, without machine data.
+pub fn router(shared: Arc<Shared>, metrics_public: bool) -> Router {
     Router::new()
         .route(
             "/v1/health",
@@ -78,6 +126,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::snapshot::api::routes())
         .merge(crate::launch::api::routes())
+        .layer(Extension(MetricsAccess {
+            public: metrics_public,
+        }))
         .with_state(shared)
 }
 
@@ -345,52 +396,89 @@ async fn revoke_token(
     Ok(Json(serde_json::json!({ "revoked": id })))
 }
 
-async fn metrics(State(s): State<Arc<Shared>>) -> Result<String, ApiError> {
-    let s2 = s.clone();
-    let view = blocking(move || machines_view(&s2)).await?;
-    let mut out = String::new();
-    let connected = view.machines.iter().filter(|m| m.connected).count();
-    let _ = writeln!(
-        out,
-        "# TYPE rehost_agents_connected gauge\nrehost_agents_connected {connected}"
-    );
-    for (name, kind) in [
-        ("rehost_disk_size_bytes", "gauge"),
-        ("rehost_disk_replicated_bytes", "gauge"),
-        ("rehost_disk_backlog_bytes", "gauge"),
-        ("rehost_disk_lag_seconds", "gauge"),
-    ] {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for m in &view.machines {
-            for d in &m.disks {
-                let v = match name {
-                    "rehost_disk_size_bytes" => Some(d.size_bytes),
-                    "rehost_disk_replicated_bytes" => Some(d.replicated_bytes),
-                    "rehost_disk_backlog_bytes" => Some(d.backlog_bytes),
-                    _ => d.lag_seconds,
-                };
-                if let Some(v) = v {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{machine=\"{}\",device=\"{}\",state=\"{}\"}} {v}",
-                        m.machine_id,
-                        d.device.replace('"', "'"),
-                        d.state
-                    );
-                }
-            }
+async fn metrics(
+    State(s): State<Arc<Shared>>,
+    Extension(access): Extension<MetricsAccess>,
+    h: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !access.public {
+        let s2 = s.clone();
+        let who = blocking(move || Ok(caller(&s2, &h))).await?;
+        if who == Caller::Unknown {
+            let mut r = ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong credential: /metrics needs the metrics token (`rehost-server \
+                 metrics-token`) or the admin credential as `Authorization: Bearer`"
+                    .into(),
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return Ok(r);
         }
     }
-    let _ = writeln!(out, "# TYPE rehost_machine_lifecycle gauge");
+    let s2 = s.clone();
+    let view = blocking(move || machines_view(&s2)).await?;
+    let s2 = s.clone();
+    let text = [
+        replication_metrics(&view),
+        blocking(move || crate::snapshot::api::metrics(&s2)).await?,
+        blocking(move || crate::launch::api::metrics(&s)).await?,
+    ]
+    .concat();
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+/// Connected agents, per-disk replication gauges and machine lifecycles.
+fn replication_metrics(view: &MachinesView) -> String {
+    use crate::metrics::set;
+    let mut page = crate::metrics::Page::default();
+    let connected = page.gauges("rehost_agents_connected", "Agents connected now");
+    let size = page.gauges("rehost_disk_size_bytes", "Size of a source disk");
+    let replicated = page.gauges(
+        "rehost_disk_replicated_bytes",
+        "Bytes of a source disk durable in its staging volume",
+    );
+    let backlog = page.gauges(
+        "rehost_disk_backlog_bytes",
+        "Bytes of a source disk still to replicate",
+    );
+    let lag = page.gauges(
+        "rehost_disk_lag_seconds",
+        "Seconds a launch now would be behind the source",
+    );
+    let lifecycle = page.gauges(
+        "rehost_machine_lifecycle",
+        "A machine's lifecycle state (1 for the current one)",
+    );
+    let n = view.machines.iter().filter(|m| m.connected).count();
+    set(&connected, Vec::new(), n as u64);
     for m in &view.machines {
-        let _ = writeln!(
-            out,
-            "rehost_machine_lifecycle{{machine=\"{}\",lifecycle=\"{}\"}} 1",
-            m.machine_id, m.lifecycle
+        for d in &m.disks {
+            let labels = || {
+                vec![
+                    ("machine", m.machine_id.clone()),
+                    ("device", d.device.clone()),
+                    ("state", d.state.clone()),
+                ]
+            };
+            set(&size, labels(), d.size_bytes);
+            set(&replicated, labels(), d.replicated_bytes);
+            set(&backlog, labels(), d.backlog_bytes);
+            if let Some(l) = d.lag_seconds {
+                set(&lag, labels(), l);
+            }
+        }
+        set(
+            &lifecycle,
+            vec![
+                ("machine", m.machine_id.clone()),
+                ("lifecycle", m.lifecycle.clone()),
+            ],
+            1,
         );
     }
-    let s2 = s.clone();
-    out.push_str(&blocking(move || crate::snapshot::api::metrics(&s2)).await?);
-    out.push_str(&blocking(move || crate::launch::api::metrics(&s)).await?);
-    Ok(out)
+    page.text()
 }

@@ -7,6 +7,8 @@
 //! - [`writer`]: the per-connection durability thread (verify, pwrite, group commit, ack);
 //! - [`live`]: what connected agents report;
 //! - [`admin`]: the admin HTTP/JSON API the operator commands use, and Prometheus metrics;
+//! - [`admin_tls`]: where the admin API listens: plain HTTP on loopback, HTTPS elsewhere;
+//! - [`metrics`]: the Prometheus text encoder the metrics page is written with;
 //! - [`client`]: the operator commands' side of the admin API;
 //! - [`store`]: the content-addressed snapshot store and its garbage collection;
 //! - [`snapshot`]: recovery points (take, export, verify) and their admin API;
@@ -16,11 +18,13 @@
 //! [`run`] takes its listeners and a shutdown signal, so tests can bind port 0.
 
 pub mod admin;
+pub mod admin_tls;
 pub mod catalog;
 pub mod client;
 pub mod failpoint;
 pub mod launch;
 pub mod live;
+pub mod metrics;
 pub mod pki;
 pub mod retention;
 pub mod session;
@@ -201,6 +205,7 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
         .with_context(|| format!("create data dir {}", data_dir.display()))?;
     let pki = pki::load_or_create(data_dir).context("load server certificates")?;
     let admin_token = pki::admin_token(data_dir).context("load admin credential")?;
+    pki::metrics_token(data_dir, false).context("load the metrics token")?;
     let catalog =
         catalog::Catalog::open(&data_dir.join("catalog.sqlite")).context("open catalog")?;
     let store = store::Store::open(&data_dir.join("store")).context("open snapshot store")?;
@@ -228,20 +233,16 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
 pub async fn run(
     shared: Arc<Shared>,
     listener: TcpListener,
-    admin: TcpListener,
+    admin: admin_tls::Endpoint,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin_task = {
         let mut stop = stop_rx.clone();
-        let app = admin::router(shared.clone());
-        tokio::spawn(async move {
-            axum::serve(admin, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                })
-                .await
-        })
+        let stop = async move {
+            let _ = stop.changed().await;
+        };
+        tokio::spawn(admin.serve(shared.clone(), stop))
     };
     tokio::pin!(shutdown);
     let mut sessions = tokio::task::JoinSet::new();

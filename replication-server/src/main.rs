@@ -24,7 +24,10 @@ struct Cli {
     )]
     data_dir: PathBuf,
     /// Address of the running server's admin API (operator commands connect here; `serve`
-    /// listens here unless --admin-listen says otherwise).
+    /// listens here unless --admin-listen says otherwise). A loopback address is plain HTTP;
+    /// any other is HTTPS, checked against the server CA (the data dir's ca.crt, or
+    /// --admin-ca). `https://HOST:PORT` asks for HTTPS on loopback too (e.g. a server that
+    /// listens on 0.0.0.0).
     #[arg(
         long,
         global = true,
@@ -32,6 +35,10 @@ struct Cli {
         env = "REHOST_ADMIN"
     )]
     admin: String,
+    /// CA certificate (PEM) that the admin API's HTTPS certificate must chain to (default: ca.crt
+    /// in --data-dir). For operator commands run away from the server's data dir.
+    #[arg(long, global = true, env = "REHOST_ADMIN_CA")]
+    admin_ca: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -43,9 +50,22 @@ enum Cmd {
         /// Where agents connect (TLS 1.3).
         #[arg(long, default_value = "0.0.0.0:1500")]
         listen: String,
-        /// Where the admin API listens (default: the --admin address). Keep it on loopback.
+        /// Where the admin API listens (default: the --admin address). On a loopback address it
+        /// serves plain HTTP; on any other (0.0.0.0 included) only HTTPS, with a certificate
+        /// issued at start by the server CA for that address (every local address for
+        /// 0.0.0.0), the host name and each --admin-cert-san. Plain HTTP is never served off
+        /// loopback.
         #[arg(long)]
         admin_listen: Option<String>,
+        /// An extra name (DNS name or IP address) for the admin API's HTTPS certificate, e.g. the
+        /// name operators or Prometheus use to reach it. Repeatable.
+        #[arg(long = "admin-cert-san", value_name = "NAME")]
+        admin_cert_san: Vec<String>,
+        /// Serve /metrics without a credential. This shows machine ids, device paths, disk
+        /// sizes and replication states to anyone who can reach the admin address. Without it,
+        /// /metrics needs the metrics token (see `metrics-token`) or the admin credential.
+        #[arg(long)]
+        metrics_public: bool,
         /// Seconds between rounds of the recovery point scheduler (due points, expiry, GC);
         /// 0 turns scheduled points off.
         #[arg(long, default_value_t = 30)]
@@ -54,6 +74,15 @@ enum Cmd {
     /// Install tokens: create, list, revoke.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Print the read-only metrics token (metrics.token in the data dir, 0600; created if
+    /// missing). Prometheus sends it as `Authorization: Bearer` (`authorization: {credentials_file:
+    /// ...}` or `bearer_token_file`); it opens /metrics and nothing else. Works with or without a
+    /// running server, as the user that runs `serve`.
+    MetricsToken {
+        /// Replace the token with a new one; the old one stops working at once.
+        #[arg(long)]
+        rotate: bool,
+    },
     /// Machines and the replication state of each disk.
     Machines {
         /// Machine-readable output (format documented in the README).
@@ -210,18 +239,40 @@ fn main() {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
+    if let Some(ca) = &cli.admin_ca {
+        rehost_server::client::set_admin_ca(ca.clone());
+    }
     let client = || AdminClient::new(&cli.admin, &cli.data_dir);
     match &cli.cmd {
         Cmd::Serve {
             listen,
             admin_listen,
+            admin_cert_san,
+            metrics_public,
             snapshot_tick,
         } => serve(
             &cli,
             listen,
             admin_listen.as_deref().unwrap_or(&cli.admin),
+            &rehost_server::admin_tls::AdminOptions {
+                metrics_public: *metrics_public,
+                cert_sans: admin_cert_san.clone(),
+            },
             *snapshot_tick,
         ),
+        Cmd::MetricsToken { rotate } => {
+            if !cli.data_dir.is_dir() {
+                anyhow::bail!(
+                    "data dir {} does not exist (start `rehost-server serve` once, or point \
+                     --data-dir at its data dir)",
+                    cli.data_dir.display()
+                );
+            }
+            let t = rehost_server::pki::metrics_token(&cli.data_dir, *rotate)
+                .context("read or create the metrics token")?;
+            println!("{t}");
+            Ok(())
+        }
         Cmd::Snapshot(cmd) => snapcmd::run(cmd, &cli.admin, &cli.data_dir),
         Cmd::Snapshots { machine, json } => {
             snapcmd::list(&cli.admin, &cli.data_dir, machine, *json)
@@ -376,7 +427,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn serve(cli: &Cli, listen: &str, admin_listen: &str, snapshot_tick: u64) -> anyhow::Result<()> {
+fn serve(
+    cli: &Cli,
+    listen: &str,
+    admin_listen: &str,
+    admin_opts: &rehost_server::admin_tls::AdminOptions,
+    snapshot_tick: u64,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -389,6 +446,18 @@ fn serve(cli: &Cli, listen: &str, admin_listen: &str, snapshot_tick: u64) -> any
         let admin = tokio::net::TcpListener::bind(admin_listen)
             .await
             .with_context(|| format!("listen for the admin API on {admin_listen}"))?;
+        let admin = rehost_server::admin_tls::Endpoint::new(admin, &shared, admin_opts)?;
+        if admin.transport() == rehost_server::admin_tls::Transport::Tls {
+            tracing::info!(
+                admin = %admin.local_addr()?,
+                names = ?admin.cert_names(),
+                "the admin API is on a non-loopback address: serving HTTPS only, with a \
+                 certificate from the server CA for these names"
+            );
+        }
+        if admin_opts.metrics_public {
+            tracing::warn!("--metrics-public: /metrics shows machine ids and device paths to anyone who can reach the admin address");
+        }
         tracing::info!(
             listen = %listener.local_addr()?,
             admin = %admin.local_addr()?,

@@ -41,6 +41,10 @@ const CA_KEY: &str = "ca.key";
 const SERVER_CERT: &str = "server.crt";
 const SERVER_KEY: &str = "server.key";
 pub const ADMIN_TOKEN: &str = "admin.token";
+/// The read-only credential of `/metrics` (for Prometheus' `bearer_token_file`).
+pub const METRICS_TOKEN: &str = "metrics.token";
+/// The CA certificate file: what the agents pin and the operator commands trust for HTTPS.
+pub const CA_CERT_FILE: &str = CA_CERT;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     move |source| PkiError::Io {
@@ -49,8 +53,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     }
 }
 
-fn create(dir: &Path) -> Result<(), PkiError> {
-    let ca_key = KeyPair::generate()?;
+/// The CA's parameters: what it was created with, and what it issues certificates as.
+fn ca_params() -> Result<CertificateParams, PkiError> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name
@@ -62,6 +66,12 @@ fn create(dir: &Path) -> Result<(), PkiError> {
     ];
     ca.not_before = rcgen::date_time_ymd(2024, 1, 1);
     ca.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    Ok(ca)
+}
+
+fn create(dir: &Path) -> Result<(), PkiError> {
+    let ca_key = KeyPair::generate()?;
+    let ca = ca_params()?;
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca, &ca_key);
 
@@ -118,12 +128,64 @@ pub fn load_or_create(dir: &Path) -> Result<Pki, PkiError> {
 
 /// The admin credential (hex), created on first start, 0600.
 pub fn admin_token(dir: &Path) -> Result<String, PkiError> {
-    let p = dir.join(ADMIN_TOKEN);
-    if !p.exists() {
+    secret_file(dir, ADMIN_TOKEN, false)
+}
+
+/// The metrics token (hex), created when missing (or replaced when `rotate`), 0600.
+pub fn metrics_token(dir: &Path, rotate: bool) -> Result<String, PkiError> {
+    secret_file(dir, METRICS_TOKEN, rotate)
+}
+
+/// The metrics token as it is now on disk; None when there is none (or it cannot be read).
+/// Read at each use, so a rotation takes effect without a restart.
+pub fn current_metrics_token(dir: &Path) -> Option<String> {
+    let t = read_capped(&dir.join(METRICS_TOKEN), 4096).ok()?;
+    let t = String::from_utf8_lossy(&t).trim().to_string();
+    (!t.is_empty()).then_some(t)
+}
+
+fn secret_file(dir: &Path, name: &str, replace: bool) -> Result<String, PkiError> {
+    let p = dir.join(name);
+    if replace || !p.exists() {
         let mut b = [0u8; 32];
         rehost_proto::random_bytes(&mut b);
         write_atomic(&p, hex::encode(b).as_bytes(), 0o600).map_err(io(&p))?;
     }
     let t = read_capped(&p, 4096).map_err(io(&p))?;
     Ok(String::from_utf8_lossy(&t).trim().to_string())
+}
+
+/// A TLS configuration for the admin API: a new key and a certificate for `names` (IP addresses
+/// or host names) issued by the CA in `dir`. Kept in memory only; clients trust the CA.
+pub fn admin_tls(dir: &Path, names: &[String]) -> Result<rustls::ServerConfig, PkiError> {
+    let read = |name: &str| -> Result<String, PkiError> {
+        let p = dir.join(name);
+        let b = read_capped(&p, 1 << 20).map_err(io(&p))?;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    };
+    let ca_key = KeyPair::from_pem(&read(CA_KEY)?)?;
+    let issuer = rcgen::Issuer::new(ca_params()?, &ca_key);
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(names.to_vec())?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "rehost admin API");
+    leaf.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    leaf.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf.signed_by(&key, &issuer)?;
+    let ca_der = CertificateDer::from_pem_slice(read(CA_CERT)?.as_bytes()).map_err(|source| {
+        PkiError::Pem {
+            path: dir.join(CA_CERT),
+            source,
+        }
+    })?;
+    let key_der = PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| PkiError::Tls(rustls::Error::General(format!("admin key: {e}"))))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone(), ca_der], key_der)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
 }

@@ -290,13 +290,10 @@ async fn job(
 
 /// Prometheus lines: launch jobs by mode and state.
 pub fn metrics(s: &Shared) -> Result<String, ApiError> {
-    use std::fmt::Write as _;
-    let mut out = String::from("# TYPE rehost_launch_jobs gauge\n");
+    let mut page = crate::metrics::Page::default();
+    let jobs = page.gauges("rehost_launch_jobs", "Launch jobs by mode and state");
     for (mode, state, n) in s.catalog.job_counts().map_err(internal)? {
-        let _ = writeln!(
-            out,
-            "rehost_launch_jobs{{mode=\"{mode}\",state=\"{state}\"}} {n}"
-        );
+        crate::metrics::set(&jobs, vec![("mode", mode), ("state", state)], n);
     }
-    Ok(out)
+    Ok(page.text())
 }

@@ -259,7 +259,6 @@ async fn set_retention(
 /// Prometheus lines: complete recovery points per machine and the age of the newest.
 pub fn metrics(s: &Shared) -> Result<String, ApiError> {
     use std::collections::BTreeMap;
-    use std::fmt::Write as _;
     let mut per: BTreeMap<String, (u64, i64)> = BTreeMap::new();
     for p in s.catalog.snapshots_in(&["complete"]).map_err(internal)? {
         let e = per.entry(p.machine_id).or_default();
@@ -267,17 +266,18 @@ pub fn metrics(s: &Shared) -> Result<String, ApiError> {
         e.1 = e.1.max(p.completed_at.unwrap_or(p.created_at));
     }
     let now = crate::catalog::now();
-    let mut out = String::from("# TYPE rehost_recovery_points gauge\n");
-    for (m, (n, _)) in &per {
-        let _ = writeln!(out, "rehost_recovery_points{{machine=\"{m}\"}} {n}");
+    let mut page = crate::metrics::Page::default();
+    let points = page.gauges(
+        "rehost_recovery_points",
+        "Complete recovery points of a machine",
+    );
+    let age = page.gauges(
+        "rehost_recovery_point_age_seconds",
+        "Seconds since a machine's newest complete recovery point",
+    );
+    for (m, (n, t)) in &per {
+        crate::metrics::set(&points, vec![("machine", m.clone())], *n);
+        crate::metrics::set(&age, vec![("machine", m.clone())], (now - t).max(0) as u64);
     }
-    out.push_str("# TYPE rehost_recovery_point_age_seconds gauge\n");
-    for (m, (_, t)) in &per {
-        let _ = writeln!(
-            out,
-            "rehost_recovery_point_age_seconds{{machine=\"{m}\"}} {}",
-            (now - t).max(0)
-        );
-    }
-    Ok(out)
+    Ok(page.text())
 }
