@@ -160,10 +160,15 @@ impl Server {
         stop(&mut self.child, nix::sys::signal::Signal::SIGKILL);
     }
 
-    /// The Prometheus text of the admin API's `/metrics`.
+    /// The Prometheus text of the admin API's `/metrics`, read with the metrics token.
     pub fn metrics(&self) -> String {
+        let token = std::fs::read_to_string(self.data.join("metrics.token")).expect("metrics token");
         let mut c = std::net::TcpStream::connect(&self.admin).expect("connect to the admin API");
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: rehost\r\nConnection: close\r\n\r\n")
+        let req = format!(
+            "GET /metrics HTTP/1.1\r\nHost: rehost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            token.trim()
+        );
+        c.write_all(req.as_bytes())
             .expect("send the metrics request");
         let mut text = String::new();
         c.read_to_string(&mut text).expect("read the metrics");
