@@ -482,3 +482,69 @@ fn replication_metrics(view: &MachinesView) -> String {
     }
     page.text()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A label value in a sample line, unescaped as Prometheus reads it.
+    fn label(line: &str, key: &str) -> String {
+        let start = line.find(&format!("{key}=\"")).unwrap() + key.len() + 2;
+        let (mut out, mut chars) = (String::new(), line[start..].chars());
+        loop {
+            match chars.next().unwrap() {
+                '"' => return out,
+                '\\' => match chars.next().unwrap() {
+                    'n' => out.push('\n'),
+                    c => out.push(c),
+                },
+                c => out.push(c),
+            }
+        }
+    }
+
+    #[test]
+    fn device_labels_round_trip_through_the_page() {
+        let device = "/dev/evil\\\"\nsecond line\\".to_string();
+        let view = MachinesView {
+            machines: vec![MachineView {
+                machine_id: "m-1".into(),
+                hostname: "h".into(),
+                lifecycle: "replicating".into(),
+                connected: true,
+                agent_address: None,
+                agent_version: None,
+                registered_at: 0,
+                last_seen: None,
+                revoked: false,
+                disks: vec![DiskView {
+                    disk_id: 1,
+                    device: device.clone(),
+                    size_bytes: 4096,
+                    state: "continuous".into(),
+                    progress_percent: 100.0,
+                    replicated_bytes: 4096,
+                    backlog_bytes: 0,
+                    lag_seconds: Some(3),
+                    sync_complete: true,
+                }],
+            }],
+        };
+        let text = replication_metrics(&view);
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        // agents, 4 disk gauges, lifecycle: the newline split no line.
+        assert_eq!(samples.len(), 6, "{text}");
+        for l in samples.iter().filter(|l| l.starts_with("rehost_disk_")) {
+            assert_eq!(label(l, "device"), device, "{l}");
+        }
+        assert!(text.contains("rehost_agents_connected 1\n"), "{text}");
+        assert!(
+            text.contains("rehost_disk_lag_seconds{machine=\"m-1\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("rehost_machine_lifecycle{machine=\"m-1\",lifecycle=\"replicating\"} 1"),
+            "{text}"
+        );
+    }
+}

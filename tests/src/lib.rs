@@ -162,7 +162,8 @@ impl Server {
 
     /// The Prometheus text of the admin API's `/metrics`, read with the metrics token.
     pub fn metrics(&self) -> String {
-        let token = std::fs::read_to_string(self.data.join("metrics.token")).expect("metrics token");
+        let token =
+            std::fs::read_to_string(self.data.join("metrics.token")).expect("metrics token");
         let mut c = std::net::TcpStream::connect(&self.admin).expect("connect to the admin API");
         let req = format!(
             "GET /metrics HTTP/1.1\r\nHost: rehost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",

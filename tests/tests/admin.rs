@@ -181,7 +181,11 @@ fn metrics_need_a_credential_and_escape_labels() {
             .lines()
             .find(|l| l.starts_with(&format!("{name}{{")))
             .unwrap_or_else(|| panic!("no {name} sample in\n{page}"));
-        assert_eq!(label(line, "device").as_deref(), Some(device.as_str()), "{line}");
+        assert_eq!(
+            label(line, "device").as_deref(),
+            Some(device.as_str()),
+            "{line}"
+        );
         assert_eq!(label(line, "machine").as_deref(), Some(machine.as_str()));
     }
     assert!(
@@ -200,7 +204,10 @@ fn metrics_need_a_credential_and_escape_labels() {
         http(&server.admin, "GET", "/metrics", Some(&metrics_token)).0,
         401
     );
-    assert_eq!(http(&server.admin, "GET", "/metrics", Some(&rotated)).0, 200);
+    assert_eq!(
+        http(&server.admin, "GET", "/metrics", Some(&rotated)).0,
+        200
+    );
     assert_eq!(stdout_ok(&server, &["metrics-token"]), rotated);
 }
 
@@ -271,7 +278,10 @@ fn metrics_public_opens_only_metrics() {
     assert!(s.log().contains("--metrics-public"), "{}", s.log());
     let (status, page) = http(&admin, "GET", "/metrics", None);
     assert_eq!(status, 200, "{page}");
-    assert!(page.contains("# TYPE rehost_agents_connected gauge"), "{page}");
+    assert!(
+        page.contains("# TYPE rehost_agents_connected gauge"),
+        "{page}"
+    );
     promtool_accepts(&page);
     assert_eq!(http(&admin, "GET", "/v1/machines", None).0, 401);
     assert_eq!(http(&admin, "GET", "/v1/tokens", None).0, 401);
@@ -313,7 +323,10 @@ fn non_loopback_admin_serves_only_https() {
     assert!(addr.ip().is_unspecified(), "{addr}");
     let port = addr.port();
     let names = cert_names(&s.log());
-    assert!(names.contains(&"rehost-admin.example".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"rehost-admin.example".to_string()),
+        "{names:?}"
+    );
     assert!(names.contains(&"127.0.0.1".to_string()), "{names:?}");
 
     let cli = |admin: &str, extra: &[&str]| {
@@ -344,7 +357,10 @@ fn non_loopback_admin_serves_only_https() {
 
     // HTTPS, checked against the server CA from the data dir: on loopback by asking for it, and
     // on a non-loopback address of this machine by default.
-    let out = cli(&format!("https://127.0.0.1:{port}"), &["machines", "--json"]);
+    let out = cli(
+        &format!("https://127.0.0.1:{port}"),
+        &["machines", "--json"],
+    );
     assert!(
         out.status.success(),
         "machines over HTTPS: {}",
@@ -390,5 +406,8 @@ fn non_loopback_admin_serves_only_https() {
     // An address the certificate does not name is refused (127.0.0.2 reaches the 0.0.0.0
     // listener, but only 127.0.0.1 and the interface addresses are in the certificate).
     let out = cli(&format!("https://127.0.0.2:{port}"), &["machines"]);
-    assert!(!out.status.success(), "a name outside the certificate was accepted");
+    assert!(
+        !out.status.success(),
+        "a name outside the certificate was accepted"
+    );
 }
