@@ -411,3 +411,42 @@ fn non_loopback_admin_serves_only_https() {
         "a name outside the certificate was accepted"
     );
 }
+
+#[test]
+fn non_loopback_admin_never_falls_back_to_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    {
+        let mut s = Serve::start(
+            &data,
+            &dir.path().join("first.log"),
+            &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        );
+        s.admin_addr();
+    }
+    // Without the CA key no HTTPS certificate can be issued: the server refuses to start on a
+    // non-loopback admin address rather than serve plain HTTP there.
+    std::fs::remove_file(data.join("ca.key")).unwrap();
+    let out = Command::new(bin("rehost-server"))
+        .args(["--data-dir".as_ref(), data.as_os_str()])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .expect("run rehost-server");
+    assert!(!out.status.success(), "started without HTTPS");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only over HTTPS"), "{err}");
+    // On loopback it still starts (plain HTTP needs no certificate).
+    let mut s = Serve::start(
+        &data,
+        &dir.path().join("loopback.log"),
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+    );
+    let admin = s.admin_addr().to_string();
+    assert_eq!(http(&admin, "GET", "/v1/health", None).0, 200);
+}
