@@ -450,3 +450,98 @@ fn non_loopback_admin_never_falls_back_to_plain_http() {
     let admin = s.admin_addr().to_string();
     assert_eq!(http(&admin, "GET", "/v1/health", None).0, 200);
 }
+
+/// Prometheus itself (Debian's, from scripts/install-deps.sh) scrapes the HTTPS admin API with the
+/// configuration the README gives: the server CA as `ca_file`, the metrics token as
+/// `credentials_file`; a job without the token is refused (401).
+#[test]
+fn prometheus_scrapes_https_metrics_with_the_token() {
+    if Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "prometheus is missing in CI: scripts/install-deps.sh installs it"
+        );
+        eprintln!("SKIP: prometheus not installed (scripts/install-deps.sh)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let mut s = Serve::start(
+        &data,
+        &dir.path().join("server.log"),
+        &["--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"],
+    );
+    let port = s.admin_addr().port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{ scrape_interval: 1s }}\n\
+             scrape_configs:\n\
+             - job_name: with_token\n  scheme: https\n\
+             \x20 authorization: {{ credentials_file: {token} }}\n\
+             \x20 tls_config: {{ ca_file: {ca} }}\n\
+             \x20 static_configs: [ {{ targets: [\"127.0.0.1:{port}\"] }} ]\n\
+             - job_name: without_token\n  scheme: https\n\
+             \x20 tls_config: {{ ca_file: {ca} }}\n\
+             \x20 static_configs: [ {{ targets: [\"127.0.0.1:{port}\"] }} ]\n",
+            token = data.join("metrics.token").display(),
+            ca = data.join("ca.crt").display(),
+        ),
+    )
+    .unwrap();
+    let web = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let mut prom = Serve {
+        child: Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus"),
+        log: dir.path().join("prometheus.log"),
+    };
+    let health = wait_until("both scrapes", LIMIT, || {
+        if let Ok(Some(st)) = prom.child.try_wait() {
+            panic!("prometheus exited ({st}):\n{}", prom.log());
+        }
+        // Not listening yet: try again (http() below expects a listener).
+        std::net::TcpStream::connect(&web).ok()?;
+        let (status, body) = http(&web, "GET", "/api/v1/targets", None);
+        if status != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let mut out = std::collections::BTreeMap::new();
+        for t in v["data"]["activeTargets"].as_array()? {
+            let h = t["health"].as_str()?;
+            if h == "unknown" {
+                return None;
+            }
+            out.insert(
+                t["labels"]["job"].as_str()?.to_string(),
+                (h.to_string(), t["lastError"].as_str()?.to_string()),
+            );
+        }
+        (out.len() == 2).then_some(out)
+    });
+    assert_eq!(health["with_token"].0, "up", "{health:?}");
+    assert_eq!(health["without_token"].0, "down", "{health:?}");
+    assert!(health["without_token"].1.contains("401"), "{health:?}");
+    let (_, q) = http(
+        &web,
+        "GET",
+        "/api/v1/query?query=rehost_agents_connected",
+        None,
+    );
+    assert!(q.contains("\"job\":\"with_token\""), "{q}");
+}
