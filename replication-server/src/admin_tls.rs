@@ -44,6 +44,8 @@ pub struct AdminOptions {
     pub metrics_public: bool,
     /// Extra names (host names or IP addresses) for the HTTPS certificate.
     pub cert_sans: Vec<String>,
+    /// HTTPS on a loopback address too (the address was given as `https://`).
+    pub force_tls: bool,
 }
 
 /// The admin API's listener with its transport decided.
@@ -59,7 +61,11 @@ impl Endpoint {
     /// stops the start: a non-loopback admin address never falls back to plain HTTP).
     pub fn new(tcp: TcpListener, shared: &Shared, opts: &AdminOptions) -> anyhow::Result<Self> {
         let local = tcp.local_addr().context("admin listener address")?;
-        let (tls, names) = match transport_for(&local) {
+        let transport = match transport_for(&local) {
+            Transport::Plain if !opts.force_tls => Transport::Plain,
+            _ => Transport::Tls,
+        };
+        let (tls, names) = match transport {
             Transport::Plain => (None, Vec::new()),
             Transport::Tls => {
                 let names = cert_names(local.ip(), &opts.cert_sans);

@@ -51,7 +51,8 @@ enum Cmd {
         #[arg(long, default_value = "0.0.0.0:1500")]
         listen: String,
         /// Where the admin API listens (default: the --admin address). On a loopback address it
-        /// serves plain HTTP; on any other (0.0.0.0 included) only HTTPS, with a certificate
+        /// serves plain HTTP (HTTPS if given as https://HOST:PORT); on any other (0.0.0.0
+        /// included) only HTTPS, with a certificate
         /// issued at start by the server CA for that address (every local address for
         /// 0.0.0.0), the host name and each --admin-cert-san. Plain HTTP is never served off
         /// loopback.
@@ -253,10 +254,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => serve(
             &cli,
             listen,
-            admin_listen.as_deref().unwrap_or(&cli.admin),
+            // `https://HOST:PORT` serves HTTPS even on loopback; the scheme is not bound.
+            admin_address(admin_listen.as_deref().unwrap_or(&cli.admin)),
             &rehost_server::admin_tls::AdminOptions {
                 metrics_public: *metrics_public,
                 cert_sans: admin_cert_san.clone(),
+                force_tls: admin_listen
+                    .as_deref()
+                    .unwrap_or(&cli.admin)
+                    .to_ascii_lowercase()
+                    .starts_with("https://"),
             },
             *snapshot_tick,
         ),
@@ -427,6 +434,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The address to bind from `HOST:PORT` or `SCHEME://HOST:PORT`.
+fn admin_address(a: &str) -> &str {
+    a.split_once("://")
+        .map_or(a, |(_, rest)| rest.trim_end_matches('/'))
+}
+
 fn serve(
     cli: &Cli,
     listen: &str,
@@ -451,7 +464,7 @@ fn serve(
             tracing::info!(
                 admin = %admin.local_addr()?,
                 names = ?admin.cert_names(),
-                "the admin API is on a non-loopback address: serving HTTPS only, with a \
+                "admin API: serving HTTPS only (plain HTTP is for loopback addresses), with a \
                  certificate from the server CA for these names"
             );
         }

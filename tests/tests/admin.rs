@@ -451,6 +451,43 @@ fn non_loopback_admin_never_falls_back_to_plain_http() {
     assert_eq!(http(&admin, "GET", "/v1/health", None).0, 200);
 }
 
+#[test]
+fn https_on_loopback_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let mut s = Serve::start(
+        &data,
+        &dir.path().join("server.log"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "https://127.0.0.1:0",
+        ],
+    );
+    let addr = s.admin_addr();
+    assert!(cert_names(&s.log()).contains(&"127.0.0.1".to_string()));
+    let out = Command::new(bin("rehost-server"))
+        .args(["--data-dir".as_ref(), data.as_os_str()])
+        .args(["--admin", &format!("https://{addr}"), "token", "list"])
+        .output()
+        .expect("run rehost-server");
+    assert!(
+        out.status.success(),
+        "token list over HTTPS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(bin("rehost-server"))
+        .args(["--data-dir".as_ref(), data.as_os_str()])
+        .args(["--admin", &addr.to_string(), "token", "list"])
+        .output()
+        .expect("run rehost-server");
+    assert!(
+        !out.status.success(),
+        "plain HTTP answered an HTTPS listener"
+    );
+}
+
 /// Prometheus itself (Debian's, from scripts/install-deps.sh) scrapes the HTTPS admin API with the
 /// configuration the README gives: the server CA as `ca_file`, the metrics token as
 /// `credentials_file`; a job without the token is refused (401).
