@@ -112,7 +112,7 @@ pub fn boot(o: &BootOptions) -> Result<BootCheckResult, BootError> {
         o.serial_log.display()
     ));
     let mut waiting = |elapsed: Duration, last: &str| {
-        crate::progress::step(&waiting_line(&o.markers, elapsed, o.timeout, last));
+        crate::progress::note(&waiting_line(&o.markers, elapsed, o.timeout, last));
     };
     let w = watch_reporting(
         &o.serial_log,

@@ -237,7 +237,7 @@ fn qcow2_to_raw(input: &Path, raw: &Path) -> Result<(), InputError> {
     if terminal {
         eprintln!();
     }
-    crate::progress::step(&format!(
+    crate::progress::note(&format!(
         "qcow2 input converted in {:.1} s",
         started.elapsed().as_secs_f64()
     ));
