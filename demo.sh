@@ -16,6 +16,8 @@ PORT=${REHOST_DEMO_PORT:-1500}
 ADMIN_PORT=${REHOST_DEMO_ADMIN_PORT:-1501}
 
 step() { printf '\n== %s\n' "$*"; }
+# add_partitions / remove_partitions: partx with retries (see the file for why).
+source scripts/partitions.sh
 
 [ "$(id -u)" = 0 ] || { echo "demo.sh needs root (loop devices, mount, tracefs, the converter)" >&2; exit 1; }
 scripts/install-deps.sh
@@ -36,7 +38,7 @@ cleanup() {
   wait 2>/dev/null
   for pf in "$W"/targets/*/*/qemu.pid; do [ -f "$pf" ] && kill "$(cat "$pf")" 2>/dev/null; done
   mountpoint -q "$W/mnt" && umount "$W/mnt"
-  if [ -n "$LOOP" ]; then partx -d "$LOOP" 2>/dev/null; losetup -d "$LOOP"; fi
+  if [ -n "$LOOP" ]; then remove_partitions "$LOOP"; losetup -d "$LOOP"; fi
   for t in /sys/kernel/tracing/instances/rehost-*; do
     [ -d "$t" ] || continue
     echo 0 > "$t/events/block/block_rq_complete/enable" 2>/dev/null; rmdir "$t" 2>/dev/null
@@ -47,7 +49,7 @@ cleanup
 rm -rf "$W" && mkdir -p "$W/mnt"
 cp --sparse=always "$FIXTURE" "$W/source.img"
 LOOP=$(losetup -f --show "$W/source.img")
-partx -a "$LOOP"
+add_partitions "$LOOP"
 mount "${LOOP}p1" "$W/mnt"
 echo "source disk: $LOOP ($(du -h --apparent-size "$W/source.img" | cut -f1), root filesystem mounted on $W/mnt)"
 grep -v '^#' "$W/mnt/etc/fstab" | sed 's/^/  fstab: /'

@@ -103,15 +103,32 @@ pub fn boot(o: &BootOptions) -> Result<BootCheckResult, BootError> {
         .spawn()
         .map_err(BootError::Spawn)?;
     let _guard = ChildGuard::new(child.id());
-    let w = watch(&o.serial_log, &o.markers, o.timeout, &mut || {
-        let status = child.try_wait().ok().flatten()?;
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut err);
-        }
-        Some(format!("qemu exited ({status}) {}", err.trim()))
-    })?;
+    crate::progress::step(&format!(
+        "boot check: booting {} under QEMU ({}), waiting up to {} s for {}; console in {}",
+        o.image.display(),
+        o.accel,
+        o.timeout.as_secs(),
+        o.markers.join(" or "),
+        o.serial_log.display()
+    ));
+    let mut waiting = |elapsed: Duration, last: &str| {
+        crate::progress::note(&waiting_line(&o.markers, elapsed, o.timeout, last));
+    };
+    let w = watch_reporting(
+        &o.serial_log,
+        &o.markers,
+        o.timeout,
+        &mut waiting,
+        &mut || {
+            let status = child.try_wait().ok().flatten()?;
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            Some(format!("qemu exited ({status}) {}", err.trim()))
+        },
+    )?;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -154,10 +171,87 @@ pub fn watch(
     timeout: Duration,
     exited: &mut dyn FnMut() -> Option<String>,
 ) -> Result<Watched, BootError> {
+    watch_reporting(serial_log, markers, timeout, &mut |_, _| {}, exited)
+}
+
+/// How often [`watch_reporting`] says that it is still waiting.
+pub const WAITING_EVERY: Duration = Duration::from_secs(10);
+
+/// "still waiting for login: or REHOST-BOOT-OK (30 s of 120 s); console: <last line>".
+pub fn waiting_line(
+    markers: &[String],
+    elapsed: Duration,
+    timeout: Duration,
+    last: &str,
+) -> String {
+    format!(
+        "still waiting for {} ({} s of {} s); console: {}",
+        markers.join(" or "),
+        elapsed.as_secs(),
+        timeout.as_secs(),
+        if last.is_empty() {
+            "(nothing yet)"
+        } else {
+            last
+        }
+    )
+}
+
+/// The last line of a serial console log with text in it, without control characters (escape
+/// sequences, carriage returns), at most 120 characters.
+pub fn last_console_line(log: &str) -> String {
+    let line = log
+        .split(['\n', '\r'])
+        .rev()
+        .map(|l| {
+            // Drop ANSI CSI sequences (ESC [ ... final byte), then any other control character.
+            let mut out = String::new();
+            let mut chars = l.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '\x1b' {
+                    if chars.peek() == Some(&'[') {
+                        chars.next();
+                        for d in chars.by_ref() {
+                            if ('@'..='~').contains(&d) {
+                                break;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                if !c.is_control() {
+                    out.push(c);
+                }
+            }
+            out.trim().to_string()
+        })
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    if line.chars().count() > 120 {
+        format!("{}…", line.chars().take(120).collect::<String>())
+    } else {
+        line
+    }
+}
+
+/// [`watch`], calling `waiting(elapsed, last console line)` every [`WAITING_EVERY`] while no
+/// marker has shown up.
+pub fn watch_reporting(
+    serial_log: &Path,
+    markers: &[String],
+    timeout: Duration,
+    waiting: &mut dyn FnMut(Duration, &str),
+    exited: &mut dyn FnMut() -> Option<String>,
+) -> Result<Watched, BootError> {
     let start = Instant::now();
+    let mut next_report = WAITING_EVERY;
     let (booted, evidence) = loop {
         std::thread::sleep(Duration::from_millis(250));
         let log = read_log(serial_log)?;
+        if start.elapsed() >= next_report && start.elapsed() < timeout {
+            waiting(start.elapsed(), &last_console_line(&log));
+            next_report += WAITING_EVERY;
+        }
         if let Some(m) = markers.iter().find(|m| log.contains(m.as_str())) {
             // Give the marker unit a moment to print the rest (its address lines).
             if log.contains("REHOST-BOOT-OK")
@@ -222,6 +316,41 @@ mod tests {
         assert!(!w.booted && w.evidence == "qemu exited", "{w:?}");
         let w = watch(&log, &markers, Duration::from_secs(1), &mut || None).unwrap();
         assert_eq!(w.evidence, "no boot marker (login:) within 1 s");
+    }
+
+    #[test]
+    fn waiting_shows_the_console_s_last_line() {
+        assert_eq!(
+            last_console_line("Booting\r\n\x1b[0;32m  OK  \x1b[0m Started udev.\r\n\r\n"),
+            "OK   Started udev."
+        );
+        assert_eq!(last_console_line(""), "");
+        assert_eq!(last_console_line(&"x".repeat(300)).chars().count(), 121);
+        let m = vec!["REHOST-BOOT-OK".to_string()];
+        assert_eq!(
+            waiting_line(
+                &m,
+                Duration::from_secs(30),
+                Duration::from_secs(120),
+                "GRUB"
+            ),
+            "still waiting for REHOST-BOOT-OK (30 s of 120 s); console: GRUB"
+        );
+        // Reported every WAITING_EVERY while nothing shows up.
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        std::fs::write(&log, "Loading Linux 6.1.0 ...\n").unwrap();
+        let mut seen = Vec::new();
+        let w = watch_reporting(
+            &log,
+            &m,
+            WAITING_EVERY + Duration::from_secs(2),
+            &mut |t, l| seen.push((t.as_secs(), l.to_string())),
+            &mut || None,
+        )
+        .unwrap();
+        assert!(!w.booted);
+        assert_eq!(seen, vec![(10, "Loading Linux 6.1.0 ...".to_string())]);
     }
 
     #[test]

@@ -8,8 +8,10 @@ use crate::fstab;
 use crate::grub::{self, CmdlinePolicy};
 use crate::guestfs::{GuestError, GuestRoot};
 use crate::image::{self, ImageError};
+use crate::input::{self, InputError};
 use crate::inspect::{self, InspectError, Inspection};
 use crate::network;
+use crate::progress;
 use crate::report::{Change, Report};
 use crate::sys::{self, SysError};
 use nix::mount::MsFlags;
@@ -53,6 +55,8 @@ pub struct ConvertOptions {
 pub enum ConvertError {
     #[error("inspect the input")]
     Inspect(#[from] InspectError),
+    #[error("read the input")]
+    Input(#[from] InputError),
     #[error("the image cannot be made bootable on KVM/virtio: {}", .0.join("; "))]
     NotConvertible(Vec<String>),
     #[error("prepare the output image")]
@@ -403,6 +407,10 @@ fn rebuild_initramfs(s: &mut inspect::GuestSession, ins: &Inspection) -> Result<
             .env("LC_ALL", "C")
             .env("TMPDIR", "/tmp");
             tracing::info!(?args, "running in the guest chroot");
+            progress::step(&format!(
+                "regenerating initramfs with {} in chroot",
+                args.join(" ")
+            ));
             let (ok, out) = sys::run(&mut cmd, &args[0])?;
             if !ok {
                 return Err(ConvertError::Rebuild {
@@ -421,12 +429,13 @@ fn rebuild_initramfs(s: &mut inspect::GuestSession, ins: &Inspection) -> Result<
 /// that the caller can remove them when a step fails.
 fn produce(
     o: &ConvertOptions,
+    sources: &[PathBuf],
     ins: &Inspection,
     raws: &mut Vec<PathBuf>,
     outputs: &mut Vec<PathBuf>,
 ) -> Result<(Vec<Change>, Vec<String>), ConvertError> {
     // 2. Copy every input to its output (raw; a qcow2 output is made from a temporary raw copy).
-    for (i, input) in o.inputs.iter().enumerate() {
+    for (i, input) in sources.iter().enumerate() {
         let out = output_path(&o.output, i);
         let raw = match o.format {
             Format::Raw => out.clone(),
@@ -434,23 +443,31 @@ fn produce(
         };
         tracing::info!(input = %input.display(), output = %raw.display(), "sparse copy");
         // Never write over (or, on failure, remove) an input.
-        for inp in &o.inputs {
+        for inp in o.inputs.iter().chain(sources) {
             image::check_distinct(inp, &out)?;
             image::check_distinct(inp, &raw)?;
         }
         outputs.push(out);
         raws.push(raw.clone());
+        progress::step(&format!(
+            "copying {} to {} (sparse)",
+            o.inputs[i].display(),
+            raw.display()
+        ));
         image::sparse_copy(input, &raw)?;
     }
     // 3. Open the copy read-write and change it.
     let disks = ins.disks.clone();
     let (changes, warnings) = {
+        progress::step("mounting the copy read-write");
         let (mut s, _, _) = inspect::open_guest(raws, &disks, &o.work_parent, false)?;
         inspect::mount_boot(&mut s, raws, &disks, &ins.volumes(), false)?;
+        progress::step("changing fstab, GRUB, network and initramfs configuration");
         let (mut changes, rebuild) = plan_changes(&s.root, ins, true)?;
         let mut warnings = ins.warnings.clone();
         if rebuild {
             rebuild_initramfs(&mut s, ins)?;
+            progress::step("checking the drivers in the rebuilt initramfs");
             let after = inspect::inspect_guest(
                 &s.root,
                 disks.clone(),
@@ -500,6 +517,7 @@ fn produce(
     // 4. qcow2 output.
     if o.format == Format::Qcow2 {
         for (raw, out) in raws.iter().zip(outputs.iter()) {
+            progress::step(&format!("writing the qcow2 output {}", out.display()));
             image::raw_to_qcow2(raw, out)?;
             let _ = std::fs::remove_file(raw);
         }
@@ -511,9 +529,19 @@ fn produce(
 /// `report.boot_check`); errors are returned for everything else.
 pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
     let started = Instant::now();
+    // 0. Inputs in qcow2 are read through temporary raw copies next to the output (where the
+    //    output's space is); other formats are refused by name.
+    let temp_dir = match o.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let prepared = input::prepare(&o.inputs, &temp_dir)?;
     // 1. Inspect the input itself, read-only: refuse early, before writing anything.
-    let ins = match inspect::inspect_images(&o.inputs, &o.work_parent) {
-        Ok(ins) => ins,
+    let ins = match inspect::inspect_images(&prepared.raws, &o.work_parent) {
+        Ok(mut ins) => {
+            input::name_disks(&mut ins, &o.inputs, &prepared);
+            ins
+        }
         Err(e) if e.is_not_convertible() => {
             return Err(ConvertError::NotConvertible(vec![e.to_string()]))
         }
@@ -524,7 +552,7 @@ pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
     }
     let mut raws = Vec::new();
     let mut outputs = Vec::new();
-    let (changes, warnings) = match produce(o, &ins, &mut raws, &mut outputs) {
+    let (changes, warnings) = match produce(o, &prepared.raws, &ins, &mut raws, &mut outputs) {
         Ok(x) => x,
         Err(e) => {
             // A half-converted output must not be mistaken for a good one.
@@ -534,6 +562,7 @@ pub fn convert(o: &ConvertOptions) -> Result<Report, ConvertError> {
             return Err(e);
         }
     };
+    drop(prepared);
     let mut report = Report {
         inputs: o.inputs.iter().map(|p| p.display().to_string()).collect(),
         outputs: outputs.iter().map(|p| p.display().to_string()).collect(),

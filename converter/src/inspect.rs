@@ -57,6 +57,8 @@ impl InspectError {
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskInfo {
     pub path: String,
+    /// The input's format ("raw", or "qcow2" read through a temporary raw copy).
+    pub format: &'static str,
     pub size: u64,
     pub table: PartitionTable,
     /// Partitions, then the logical volumes that can be attached (numbered from [`LV_NUMBER_BASE`] + 1).
@@ -214,10 +216,15 @@ impl Inspection {
         let mut s = String::new();
         for (i, d) in self.disks.iter().enumerate() {
             s.push_str(&format!(
-                "disk {i}: {} ({} MiB, {:?})\n",
+                "disk {i}: {} ({} MiB, {:?}{})\n",
                 d.path,
                 d.size >> 20,
-                d.table.scheme
+                d.table.scheme,
+                if d.format == "raw" {
+                    String::new()
+                } else {
+                    format!(", {} input", d.format)
+                }
             ));
             for p in &d.filesystems {
                 let what = match &p.lv {
@@ -309,6 +316,7 @@ pub fn probe_disk(path: &Path) -> Result<DiskInfo, InspectError> {
     filesystems.extend(lv_fs);
     Ok(DiskInfo {
         path: path.display().to_string(),
+        format: "raw",
         size: disk.size(),
         table,
         filesystems,
@@ -844,13 +852,16 @@ pub fn inspect_guest(
 
 /// Probe all disks, open the guest read-only, inspect it, and release everything.
 pub fn inspect_images(images: &[PathBuf], work_parent: &Path) -> Result<Inspection, InspectError> {
+    crate::progress::step("inspecting partitions, filesystems and LVM metadata");
     let disks = images
         .iter()
         .map(|p| probe_disk(p))
         .collect::<Result<Vec<_>, _>>()?;
+    crate::progress::step("looking for the root filesystem (mounted read-only)");
     let (mut session, root, subvol) = open_guest(images, &disks, work_parent, true)?;
     let volumes = volumes_of(&disks);
     let boot = mount_boot(&mut session, images, &disks, &volumes, true)?;
+    crate::progress::step("reading the OS release, kernels, initramfs and bootloader");
     inspect_guest(&session.root, disks, root, subvol, boot)
 }
 

@@ -10,6 +10,8 @@
 //! - [`initramfs`]: which modules an initramfs carries (newc cpio parser, host decompressors).
 //! - [`inspect`]: the guest session (loop devices + mounts) and the inspection.
 //! - [`convert`]: the conversion pipeline; [`report`]: the JSON report and human summary.
+//! - [`input`]: input formats (raw; qcow2 through a temporary raw copy; others refused by name).
+//! - [`progress`]: a line on stderr per step as it starts.
 //! - [`image`]: sparse copy and qcow2 output; [`bootcheck`]: QEMU boot proof on the serial console.
 //! - [`manifest`]: content manifest of an image, the definition of "same output".
 //! - [`sys`]: loop/mount/child guards, the cleanup registry and the SIGINT/SIGTERM handler.
@@ -23,10 +25,12 @@ pub mod grub;
 pub mod guestfs;
 pub mod image;
 pub mod initramfs;
+pub mod input;
 pub mod inspect;
 pub mod lvm;
 pub mod manifest;
 pub mod network;
 pub mod partition;
+pub mod progress;
 pub mod report;
 pub mod sys;

@@ -2,31 +2,41 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use rehost_converter::{bootcheck, convert, inspect, manifest, sys};
+use rehost_converter::{bootcheck, convert, input, inspect, manifest, progress, sys};
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Make a replicated Linux disk image boot on KVM/virtio, and prove it by booting it.
 ///
-/// Exit codes: 0 success; 1 error; 2 usage; 3 the image cannot be made bootable; 4 boot check failed.
+/// Inputs are raw disk images (or block devices) or qcow2 images (read through a temporary raw
+/// copy made with qemu-img); other formats (VMDK, VHDX, VHD, VDI, ...) are refused by name.
+/// Each step is announced on stderr as it starts; results go to stdout.
+///
+/// Exit codes: 0 success; 1 error; 2 usage, or an input in a format the converter does not read;
+/// 3 the image cannot be made bootable; 4 boot check failed.
 #[derive(Parser, Debug)]
 #[command(name = "rehost-converter", version)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-    /// Parent of the converter's private work directory (mount points live only there).
+    /// Parent of the converter's private work directory (mount points live only there; default:
+    /// $TMPDIR or /tmp). `inspect` and `manifest` also put the temporary raw copy of a qcow2
+    /// input here (it needs space for the image's data).
     #[arg(long, global = true, env = "REHOST_CONVERTER_WORKDIR")]
     work_dir: Option<PathBuf>,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy)]
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum OutFormat {
+    /// Raw disk image.
     Raw,
+    /// qcow2 image (a convert output is made from the raw result with qemu-img).
     Qcow2,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
 enum Target {
+    /// KVM with virtio disk and network devices (the only target).
     KvmVirtio,
 }
 
@@ -35,16 +45,17 @@ enum Cmd {
     /// Show partitions, filesystems, OS, kernels, bootloader, and what a conversion would change.
     /// Read-only: the image is attached read-only and mounted without journal replay.
     Inspect {
-        /// Raw disk images; the first is the boot disk.
-        #[arg(required = true)]
+        /// Disk images (raw or qcow2) of one machine; the first is the boot disk.
+        #[arg(required = true, value_name = "IMAGE")]
         images: Vec<PathBuf>,
-        /// Print JSON instead of a summary.
+        /// Print JSON (the inspection and the planned changes) instead of a summary.
         #[arg(long)]
         json: bool,
     },
-    /// Convert raw images into a new image that boots on KVM with virtio. Inputs are never modified.
+    /// Convert disk images into new images that boot on KVM with virtio. Inputs are never modified.
     Convert {
-        /// Raw input image (repeat for more disks; the first is the boot disk).
+        /// Input disk image, raw or qcow2 (repeat for more disks; the first is the boot disk). A
+        /// qcow2 input is first converted to a temporary raw image in the output's directory.
         #[arg(long = "input", required = true)]
         inputs: Vec<PathBuf>,
         /// Output image for the boot disk; further disks get `-diskN` added to the name.
@@ -53,41 +64,52 @@ enum Cmd {
         /// Target platform.
         #[arg(long, value_enum, default_value = "kvm-virtio")]
         target: Target,
-        /// Output format.
+        /// Format of the output images.
         #[arg(long, value_enum, default_value = "raw")]
         format: OutFormat,
         /// Write the JSON report (every change with file, old and new text) here.
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Boot the result under QEMU and fail unless it reaches a login prompt or marker.
+        /// Boot the result under QEMU and fail (exit 4) unless it reaches a boot marker.
         #[arg(long)]
         boot_check: bool,
+        /// With --boot-check: where to keep the serial console log (default: the output's name
+        /// with the extension `.serial.log`).
+        #[arg(long)]
+        serial_log: Option<PathBuf>,
         #[command(flatten)]
         boot: BootArgs,
     },
-    /// Boot an image under QEMU (virtio disk and NIC, the image is not written) and wait for a marker.
+    /// Boot an image under QEMU (virtio disk and NIC, the image is not written) and wait for a
+    /// marker; prints the result as JSON.
     BootCheck {
+        /// The disk image to boot (raw or qcow2).
         image: PathBuf,
-        #[arg(long, value_enum, default_value = "raw")]
-        format: OutFormat,
+        /// The image's format (default: told from its first bytes).
+        #[arg(long, value_enum)]
+        format: Option<OutFormat>,
+        /// Where to keep the serial console log (default: the image's name with the extension
+        /// `.serial.log`).
+        #[arg(long)]
+        serial_log: Option<PathBuf>,
         #[command(flatten)]
         boot: BootArgs,
     },
-    /// Print the content manifest of a raw image (what "same output" compares; timestamps excluded).
-    Manifest { image: PathBuf },
+    /// Print the content manifest of an image (what "same output" compares; timestamps excluded).
+    Manifest {
+        /// The disk image (raw or qcow2).
+        image: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
 struct BootArgs {
-    /// Seconds to wait for the marker.
+    /// Seconds to wait for a boot marker (the wait is reported on stderr every 10 s).
     #[arg(long, default_value_t = 180)]
     boot_timeout: u64,
-    /// Serial console text that means "booted" (repeatable).
+    /// Serial console text that means "booted" (repeatable; any one of them counts).
     #[arg(long = "boot-marker", default_values_t = vec!["login:".to_string(), "REHOST-BOOT-OK".to_string()])]
     boot_markers: Vec<String>,
-    /// Where to keep the serial console log (default: next to the output).
-    #[arg(long)]
-    serial_log: Option<PathBuf>,
     /// QEMU accelerator (tcg works everywhere; kvm where nested virtualisation boots Linux).
     #[arg(long, default_value = "tcg")]
     accel: String,
@@ -103,9 +125,24 @@ fn fmt_of(f: OutFormat) -> convert::Format {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let work = cli.work_dir.unwrap_or_else(std::env::temp_dir);
     match cli.cmd {
-        Cmd::Inspect { images, json } => {
+        Cmd::Inspect {
+            images: given,
+            json,
+        } => {
+            let prepared = match input::prepare(&given, &work) {
+                Ok(p) => p,
+                Err(e) if e.is_refused() => {
+                    eprintln!("rehost-converter: {e}");
+                    return Ok(2);
+                }
+                Err(e) => return Err(e).context("inspect"),
+            };
+            let images = prepared.raws.clone();
             let ins = match inspect::inspect_images(&images, &work) {
-                Ok(ins) => ins,
+                Ok(mut ins) => {
+                    input::name_disks(&mut ins, &given, &prepared);
+                    ins
+                }
                 Err(e) if e.is_not_convertible() => {
                     eprintln!(
                         "rehost-converter: the image cannot be made bootable on KVM/virtio: {e}"
@@ -117,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             // Plan the changes on a read-only session (nothing is written with apply == false);
             // an image that cannot be converted gets its blockers, not a plan.
             let plan = if ins.blockers.is_empty() {
+                progress::step("planning the changes (nothing is written)");
                 let disks = ins.disks.clone();
                 let (mut s, _, _) =
                     inspect::open_guest(&images, &disks, &work, true).context("open guest")?;
@@ -145,6 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             format,
             report,
             boot_check,
+            serial_log,
             boot,
         } => {
             let opts = convert::ConvertOptions {
@@ -155,7 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 boot_check,
                 boot_timeout: Duration::from_secs(boot.boot_timeout),
                 boot_markers: boot.boot_markers,
-                serial_log: boot.serial_log,
+                serial_log,
                 accel: boot.accel,
             };
             let r = match convert::convert(&opts) {
@@ -163,6 +202,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Err(e @ convert::ConvertError::NotConvertible(_)) => {
                     eprintln!("rehost-converter: {e}");
                     return Ok(3);
+                }
+                Err(convert::ConvertError::Input(e)) if e.is_refused() => {
+                    eprintln!("rehost-converter: {e}");
+                    return Ok(2);
                 }
                 Err(e) => return Err(e).context("convert"),
             };
@@ -185,14 +228,34 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::BootCheck {
             image,
             format,
+            serial_log,
             boot,
         } => {
-            let serial_log = boot
-                .serial_log
-                .unwrap_or_else(|| image.with_extension("serial.log"));
+            let detected = match input::detect(&image) {
+                Ok(k) => k,
+                Err(e) if e.is_refused() => {
+                    eprintln!("rehost-converter: {e}");
+                    return Ok(2);
+                }
+                Err(e) => return Err(e).context("boot-check"),
+            };
+            let format = match format {
+                None => detected.name(),
+                Some(f) if fmt_of(f).name() == detected.name() => detected.name(),
+                Some(f) => {
+                    eprintln!(
+                        "rehost-converter: --format {} given, but {} is a {} image",
+                        fmt_of(f).name(),
+                        image.display(),
+                        detected.name()
+                    );
+                    return Ok(2);
+                }
+            };
+            let serial_log = serial_log.unwrap_or_else(|| image.with_extension("serial.log"));
             let b = bootcheck::boot(&bootcheck::BootOptions {
                 image,
-                format: fmt_of(format).name().into(),
+                format: format.into(),
                 timeout: Duration::from_secs(boot.boot_timeout),
                 markers: boot.boot_markers,
                 serial_log,
@@ -203,7 +266,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(if b.booted { 0 } else { 4 })
         }
         Cmd::Manifest { image } => {
-            for l in manifest::manifest(&image, &work)? {
+            let prepared = match input::prepare(std::slice::from_ref(&image), &work) {
+                Ok(p) => p,
+                Err(e) if e.is_refused() => {
+                    eprintln!("rehost-converter: {e}");
+                    return Ok(2);
+                }
+                Err(e) => return Err(e).context("manifest"),
+            };
+            for l in manifest::manifest(&prepared.raws[0], &work)? {
                 println!("{l}");
             }
             Ok(0)
@@ -239,4 +310,41 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_argument_of_every_subcommand_is_described() {
+        let cli = Cli::command();
+        let mut undescribed = Vec::new();
+        for sub in cli.get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no about", sub.get_name());
+            for a in sub.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    undescribed.push(format!("{} {id}", sub.get_name()));
+                }
+            }
+        }
+        for a in cli.get_arguments() {
+            if a.get_help().is_none() && !["help", "version"].contains(&a.get_id().as_str()) {
+                undescribed.push(a.get_id().to_string());
+            }
+        }
+        assert!(undescribed.is_empty(), "no description: {undescribed:?}");
+        // boot-check has no output: its --serial-log help must not speak of one.
+        let bc = cli.find_subcommand("boot-check").unwrap();
+        let log = bc
+            .get_arguments()
+            .find(|a| a.get_id() == "serial_log")
+            .unwrap();
+        assert!(!log.get_help().unwrap().to_string().contains("output"));
+    }
 }

@@ -42,6 +42,7 @@ enum Res {
     Mount(PathBuf),
     Child(u32),
     Dir(PathBuf),
+    File(PathBuf),
 }
 
 static REGISTRY: Mutex<Vec<(u64, Res)>> = Mutex::new(Vec::new());
@@ -140,6 +141,9 @@ pub fn release_all() {
             // Only empty directories are removed: never recurse into what might still be a mount.
             Res::Dir(d) => {
                 let _ = std::fs::remove_dir(&d);
+            }
+            Res::File(f) => {
+                let _ = std::fs::remove_file(&f);
             }
             Res::Child(_) => {}
         }
@@ -296,6 +300,29 @@ impl Drop for WorkDir {
                 // that could not be released: leave it rather than delete through it.
                 tracing::warn!(dir = %d.display(), error = %e, "work directory not removed");
             }
+        }
+    }
+}
+
+/// A temporary file of the converter's (a raw copy of a qcow2 input), removed on drop and on a signal.
+#[derive(Debug)]
+pub struct TempFile {
+    pub path: PathBuf,
+    id: u64,
+}
+
+impl TempFile {
+    /// Track `path` (which need not exist yet) for removal.
+    pub fn new(path: PathBuf) -> Self {
+        let id = register(Res::File(path.clone()));
+        Self { path, id }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if unregister(self.id) {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }

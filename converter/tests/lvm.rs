@@ -14,40 +14,41 @@ const LVM_TOOLS: &[&str] = &[
     "sfdisk",
     "mkfs.ext4",
     "losetup",
-    "partx",
     "pvcreate",
     "vgcreate",
     "lvcreate",
 ];
 const KVER: &str = "6.1.0-9-amd64";
 
-/// A loop device with partition nodes (partx), detached on drop even when the test fails.
+/// A loop device over one partition of an image (offset and size limit, as the converter attaches
+/// partitions), detached on drop even when the test fails. No partition nodes: `partx -a` (BLKPG)
+/// fails with EBUSY on a recycled loop number whose stale partitions someone left behind.
 struct Loop(String);
 
 impl Loop {
-    fn attach(img: &Path) -> Self {
+    fn attach(img: &Path, offset: u64, size: u64) -> Self {
         let o = Command::new("losetup")
-            .args(["--find", "--show"])
+            .args(["--find", "--show", "--offset"])
+            .arg(offset.to_string())
+            .arg("--sizelimit")
+            .arg(size.to_string())
             .arg(img)
             .output()
             .unwrap();
-        assert!(o.status.success());
-        let dev = String::from_utf8(o.stdout).unwrap().trim().to_string();
-        let l = Loop(dev);
-        assert!(Command::new("partx")
-            .args(["-a", &l.0])
-            .status()
-            .unwrap()
-            .success());
-        l
+        assert!(
+            o.status.success(),
+            "losetup {}: {}",
+            img.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Loop(String::from_utf8(o.stdout).unwrap().trim().to_string())
     }
 }
 
 impl Drop for Loop {
     fn drop(&mut self) {
-        let _ = Command::new("partx").args(["-d", &self.0]).status();
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
-        // The kernel detaches at the last close (udev may still be probing): wait for it, so
+        // The kernel detaches at the last close (a prober may still hold it): wait for it, so
         // that the converter's leftovers check below sees only what the converter left.
         let backing = format!(
             "/sys/block/{}/loop/backing_file",
@@ -181,11 +182,11 @@ fn lvm_image(dir: &Path, split_root: bool) -> PathBuf {
     );
     mkfs_at(&img, &boot, 1 << 20, 32 << 20);
 
-    // LVM metadata on p2, written through a loop device with partition nodes.
+    // LVM metadata on p2 (33 MiB to the end), written through a loop device over the partition.
     let conf = dir.join("lvm-conf");
     let (pe_start, extent, first_pe, extents) = {
-        let lo = Loop::attach(&img);
-        let pv = format!("{}p2", lo.0);
+        let lo = Loop::attach(&img, 33 << 20, (200 - 33) << 20);
+        let pv = lo.0.clone();
         std::fs::create_dir_all(&conf).unwrap();
         std::fs::write(
             conf.join("lvm.conf"),
@@ -253,7 +254,7 @@ fn lvm_image(dir: &Path, split_root: bool) -> PathBuf {
             "vg_extent_size",
             "vg-sys",
         ]);
-        // "/dev/loop0p2:0-19" (first segment of root).
+        // "/dev/loop3:0-19" (first segment of root).
         let ranges = lvm(
             &conf,
             &["lvs", "--noheadings", "-o", "seg_pe_ranges", "vg-sys/root"],

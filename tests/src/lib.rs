@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
+pub mod partitions;
+
 /// Path of a workspace binary: target/<profile>/NAME, next to target/<profile>/deps/<test>.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

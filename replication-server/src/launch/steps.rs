@@ -247,10 +247,23 @@ pub(super) async fn convert(
             .map_err(|e| format!("start {}: {e}", converter_path().display()))?;
         let _ = s.catalog.set_job_child(id, Some(child.id()));
         let stderr = child.stderr.take();
+        let step_log = l.clone();
         let err_reader = std::thread::spawn(move || {
+            // The converter announces each step on stderr ("rehost-converter: copying ……"): those
+            // lines go to the job log as they come; the rest is the error, if any.
             let mut e = String::new();
-            if let Some(mut r) = stderr {
-                let _ = std::io::Read::read_to_string(&mut r, &mut e);
+            if let Some(r) = stderr {
+                for line in
+                    std::io::BufRead::lines(std::io::BufReader::new(r)).map_while(Result::ok)
+                {
+                    match line.strip_prefix("rehost-converter: ") {
+                        Some(step) if step.ends_with('…') => step_log.line("convert", step),
+                        _ => {
+                            e.push_str(&line);
+                            e.push('\n');
+                        }
+                    }
+                }
             }
             e
         });

@@ -82,7 +82,7 @@ impl Source {
             dev,
             mnt: dir.join("mnt"),
         };
-        run_ok(Command::new("partx").arg("-a").arg(&src.dev));
+        partitions::add_partitions(&src.dev);
         std::fs::create_dir_all(&src.mnt).unwrap();
         run_ok(
             Command::new("mount")
@@ -177,8 +177,16 @@ impl Drop for Source {
         for pid in processes_mentioning(&self.dir.join("targets").display().to_string()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        let _ = Command::new("partx").arg("-d").arg(&self.dev).status();
+        // Not lazy: a lazily unmounted filesystem keeps its partition open, and `partx -d` of a
+        // busy partition fails, leaving it to the next user of this loop number.
+        if Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .map_or(true, |s| !s.success())
+        {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        partitions::remove_partitions(&self.dev);
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
