@@ -48,6 +48,10 @@ pub enum SnapshotCmd {
         output: PathBuf,
         #[arg(long, value_enum, default_value_t = Format::Raw)]
         format: Format,
+        /// Permission bits of the image (octal). The default, 0600, keeps the disk's data from
+        /// other local users; e.g. 0640 lets the file's group read it.
+        #[arg(long, default_value = "0600", value_parser = parse_mode)]
+        mode: u32,
     },
     /// Delete a snapshot; GC reclaims the space only it used.
     Delete { machine: String, snapshot: String },
@@ -86,6 +90,13 @@ pub enum RetentionCmd {
 pub enum Format {
     Raw,
     Qcow2,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{s}` is not a file mode like 0600 or 0640"))
 }
 
 fn time(t: i64) -> String {
@@ -191,6 +202,7 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             disk,
             output,
             format,
+            mode,
         } => {
             let (catalog, store) = open_local(data_dir)?;
             let s = find(&catalog, machine, snapshot)?;
@@ -227,7 +239,12 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     PathBuf::from(p)
                 }
             };
-            let out = std::fs::File::create(&raw_path)
+            // The raw file of a qcow2 export is ours alone; the image gets the asked mode.
+            let raw_mode = match format {
+                Format::Raw => *mode,
+                Format::Qcow2 => 0o600,
+            };
+            let out = rehost_server::private::create_with_mode(&raw_path, raw_mode)
                 .with_context(|| format!("create {}", raw_path.display()))?;
             let start = Instant::now();
             let mut last = Instant::now();
@@ -259,6 +276,10 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             };
             drop(out);
             if let Format::Qcow2 = format {
+                // Made first with its mode, so the image is never readable by others meanwhile
+                // (qemu-img writes into the existing file).
+                rehost_server::private::create_with_mode(output, *mode)
+                    .with_context(|| format!("create {}", output.display()))?;
                 let st = std::process::Command::new("qemu-img")
                     .args(["convert", "-f", "raw", "-O", "qcow2"])
                     .arg(&raw_path)
@@ -266,7 +287,11 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     .status();
                 let _ = std::fs::remove_file(&raw_path);
                 match st {
-                    Ok(st) if st.success() => {}
+                    Ok(st) if st.success() => {
+                        use std::os::unix::fs::PermissionsExt as _;
+                        std::fs::set_permissions(output, std::fs::Permissions::from_mode(*mode))
+                            .with_context(|| format!("set the mode of {}", output.display()))?;
+                    }
                     Ok(st) => bail!("qemu-img convert to qcow2 failed: {st}"),
                     Err(e) => {
                         return Err(e).context("run qemu-img (install qemu-utils for qcow2 output)")

@@ -89,7 +89,7 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         for k in Kind::ALL {
             let d = dir.join(k.dir());
-            std::fs::create_dir_all(&d).map_err(io_err("create store directory", &d))?;
+            crate::private::create_dir_all(&d).map_err(io_err("create store directory", &d))?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -111,7 +111,7 @@ impl Store {
 
     fn lock(&self, name: &str, arg: FlockArg) -> Result<StoreLock, StoreError> {
         let p = self.dir.join(name);
-        let f = std::fs::OpenOptions::new()
+        let f = crate::private::options()
             .read(true)
             .write(true)
             .create(true)
@@ -241,7 +241,7 @@ impl Store {
     ) -> Result<(PathBuf, PathBuf), StoreError> {
         let path = self.path(kind, id);
         let parent = path.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(parent).map_err(io_err("create store directory", parent))?;
+        crate::private::create_dir_all(parent).map_err(io_err("create store directory", parent))?;
         let mut partial = path.clone().into_os_string();
         partial.push(format!(
             ".{}.{}.partial",
@@ -249,7 +249,9 @@ impl Store {
             PARTIAL_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let partial = PathBuf::from(partial);
-        std::fs::write(&partial, file).map_err(io_err("write store object", &partial))?;
+        crate::private::create(&partial)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, file))
+            .map_err(io_err("write store object", &partial))?;
         Ok((partial, path))
     }
 
