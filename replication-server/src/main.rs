@@ -50,6 +50,11 @@ enum Cmd {
         /// 0 turns scheduled points off.
         #[arg(long, default_value_t = 30)]
         snapshot_tick: u64,
+        /// How often to scrub the snapshot store (re-read every chunk complete recovery points
+        /// use, quarantine damaged ones, restore them from the volumes where they still hold
+        /// the data; result in /metrics), e.g. 12h or 7d; 0 turns it off.
+        #[arg(long, default_value = "24h", value_parser = rehost_server::snapshot::scrub::parse_interval)]
+        scrub_interval: std::time::Duration,
     },
     /// Install tokens: create, list, revoke.
     #[command(subcommand)]
@@ -216,11 +221,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             listen,
             admin_listen,
             snapshot_tick,
+            scrub_interval,
         } => serve(
             &cli,
             listen,
             admin_listen.as_deref().unwrap_or(&cli.admin),
             *snapshot_tick,
+            *scrub_interval,
         ),
         Cmd::Snapshot(cmd) => snapcmd::run(cmd, &cli.admin, &cli.data_dir),
         Cmd::Snapshots { machine, json } => {
@@ -376,7 +383,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn serve(cli: &Cli, listen: &str, admin_listen: &str, snapshot_tick: u64) -> anyhow::Result<()> {
+fn serve(
+    cli: &Cli,
+    listen: &str,
+    admin_listen: &str,
+    snapshot_tick: u64,
+    scrub_interval: std::time::Duration,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -398,6 +411,10 @@ fn serve(cli: &Cli, listen: &str, admin_listen: &str, snapshot_tick: u64) -> any
         if snapshot_tick > 0 {
             let tick = std::time::Duration::from_secs(snapshot_tick);
             tokio::spawn(rehost_server::retention::scheduler(shared.clone(), tick));
+        }
+        if !scrub_interval.is_zero() {
+            let scrub = rehost_server::snapshot::scrub::scheduler(shared.clone(), scrub_interval);
+            tokio::spawn(scrub);
         }
         let shutdown = async {
             let mut term =

@@ -12,7 +12,8 @@ use clap::{Subcommand, ValueEnum};
 use rehost_server::catalog::Catalog;
 use rehost_server::client::AdminClient;
 use rehost_server::snapshot::api::{select, RetentionView, SnapshotList};
-use rehost_server::snapshot::export::{export_raw, verify};
+use rehost_server::snapshot::export::export_raw;
+use rehost_server::snapshot::scrub::verify;
 use rehost_server::snapshot::SnapshotInfo;
 use rehost_server::store::gc::GcStats;
 use rehost_server::store::Store;
@@ -56,10 +57,16 @@ pub enum SnapshotCmd {
     /// Delete a snapshot; GC reclaims the space only it used.
     Delete { machine: String, snapshot: String },
     /// Re-read and re-hash every chunk and page of a snapshot; name what is damaged and which
-    /// snapshots and byte ranges it affects. Exits non-zero on damage.
+    /// snapshots and byte ranges it affects, and quarantine damaged chunks (the next snapshot
+    /// stores them again from the volume where it still has them). Exits non-zero on damage.
     Verify {
         machine: String,
         snapshot: String,
+        /// Also restore damaged chunks now from the volume blocks the snapshots used, where the
+        /// block still has that data (its blake3 is checked), and name the snapshots that stay
+        /// damaged. Exits zero when everything was restored.
+        #[arg(long)]
+        repair: bool,
         #[arg(long)]
         json: bool,
     },
@@ -312,14 +319,17 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
         SnapshotCmd::Verify {
             machine,
             snapshot,
+            repair,
             json,
         } => {
             let (catalog, store) = open_local(data_dir)?;
             let s = find(&catalog, machine, snapshot)?;
-            let report = verify(&store, &catalog, &s)
+            let (report, fix) = verify(&store, &catalog, data_dir, &s, *repair)
                 .with_context(|| format!("verify snapshot {}", s.id))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                v["repair"] = serde_json::to_value(&fix)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
                     "snapshot {} of {}: {} disk(s), {} pages, {} chunk references, {} of chunk data checked",
@@ -330,6 +340,12 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     report.chunks,
                     human_bytes(report.bytes)
                 );
+                for r in &fix.repaired {
+                    println!(
+                        "REPAIRED chunk {} from {} of {} at byte {}",
+                        r.chunk, r.device, r.machine_id, r.offset
+                    );
+                }
                 for d in &report.damaged {
                     println!("DAMAGED {} {} ({}): {}", d.kind, d.id, d.path, d.problem);
                     for a in &d.affected {
@@ -338,6 +354,24 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                             a.snapshot, a.machine_id, a.device, a.start, a.end
                         );
                     }
+                }
+                for q in &fix.quarantined {
+                    println!(
+                        "QUARANTINED chunk {q} (moved to {})",
+                        store.quarantine_dir().display()
+                    );
+                }
+                if *repair {
+                    for sd in &fix.still_damaged {
+                        println!(
+                            "STAYS DAMAGED snapshot {} of {}: no volume holds {} any more",
+                            sd.snapshot,
+                            sd.machine_id,
+                            sd.objects.join(", ")
+                        );
+                    }
+                } else if !report.damaged.is_empty() {
+                    println!("(`snapshot verify --repair` restores what the volumes still hold)");
                 }
             }
             if !report.damaged.is_empty() {

@@ -256,7 +256,8 @@ async fn set_retention(
     .await
 }
 
-/// Prometheus lines: complete recovery points per machine and the age of the newest.
+/// Prometheus lines: complete recovery points per machine and the age of the newest; the last
+/// scrub and the quarantine.
 pub fn metrics(s: &Shared) -> Result<String, ApiError> {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
@@ -279,5 +280,6 @@ pub fn metrics(s: &Shared) -> Result<String, ApiError> {
             (now - t).max(0)
         );
     }
+    super::scrub::metrics(&s.store, &mut out);
     Ok(out)
 }

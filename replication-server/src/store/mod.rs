@@ -6,6 +6,8 @@
 //! store/roots/ab/…          one disk of one snapshot: geometry and page ids
 //! store/store.lock          flock: shared while objects are written or read, exclusive to sweep
 //! store/gc.lock             flock: one garbage collection at a time
+//! store/quarantine/abcdef…  a chunk found damaged (or a marker for a missing one)
+//! store/scrub.json          the result of the last scrub (see `snapshot::scrub`)
 //! ```
 //!
 //! Every file uses the container of [`object`] (magic, version, lengths, id, body, checksum). New
@@ -14,10 +16,12 @@
 //! existing object (an object is never rewritten), and `syncfs` again. So a final name always
 //! holds a complete, durable object; a crash leaves only `.partial` files, which GC removes.
 //!
-//! - [`object`]: the file container; [`tree`]: pages and roots; [`gc`]: mark and sweep.
+//! - [`object`]: the file container; [`tree`]: pages and roots; [`gc`]: mark and sweep;
+//!   [`quarantine`]: damaged chunks set aside until the volume gives them back.
 
 pub mod gc;
 pub mod object;
+pub mod quarantine;
 pub mod tree;
 
 use std::collections::HashSet;
