@@ -200,6 +200,9 @@ pub struct ScrubResult {
     pub damaged_objects: u64,
     pub damaged_chunks: u64,
     pub repaired_chunks: u64,
+    /// Chunks repaired by every scrub so far.
+    #[serde(default)]
+    pub repaired_total: u64,
     /// Complete snapshots that still lack data after the repair.
     pub damaged_snapshots: Vec<i64>,
 }
@@ -235,6 +238,7 @@ pub fn scrub(
             .filter(|d| d.kind == Kind::Chunk.to_string())
             .count() as u64,
         repaired_chunks: fix.repaired.len() as u64,
+        repaired_total: last(store).map_or(0, |l| l.repaired_total) + fix.repaired.len() as u64,
         damaged_snapshots: fix.still_damaged.iter().map(|s| s.snapshot).collect(),
     };
     let p = store.dir().join(RESULT_FILE);
@@ -319,6 +323,11 @@ pub fn metrics(store: &Store, out: &mut String) {
         ] {
             let _ = writeln!(out, "# TYPE {name} gauge\n{name} {v}");
         }
+        let _ = writeln!(
+            out,
+            "# TYPE rehost_scrub_repaired_chunks_total counter\nrehost_scrub_repaired_chunks_total {}",
+            r.repaired_total
+        );
     }
     if let Ok(q) = store.quarantined_missing() {
         let _ = writeln!(
