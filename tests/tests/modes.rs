@@ -134,6 +134,7 @@ fn data_dir_is_private_whatever_the_umask_and_a_too_open_one_is_fixed_at_start()
     }
 
     // A data dir left too open (an older server, a copy): fixed at start, one warning.
+    // SAFETY: as above.
     unsafe { libc::umask(0o022) };
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path());
