@@ -253,3 +253,67 @@ fn a_damaged_chunk_is_quarantined_rewritten_repaired_and_scrubbed() {
         "{text}"
     );
 }
+
+#[test]
+fn a_verify_killed_while_quarantining_leaves_every_chunk_either_in_place_or_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    ok(&server, &["retention", "set", "off"]);
+    let token = server.token();
+    let img = dir.path().join("k.img");
+    let image = random_bytes(44, 2 << 20);
+    std::fs::write(&img, &image).unwrap();
+    let block = |b: usize| image[b * BS..(b + 1) * BS].to_vec();
+    let mut agent = Agent::new(dir.path(), "k");
+    assert!(agent
+        .install(&server, &token, &[&img], "killed")
+        .status
+        .success());
+    agent.run(&["--scan-interval", "1"]);
+    let (m, _) = wait_replicated(&server, &img, LIMIT);
+    let s1 = snapshot(&server, &m)["id"].to_string();
+    let bad = [flip(&server, &block(2)), flip(&server, &block(3))];
+
+    // The verify aborts right after quarantining the first damaged chunk.
+    let out = Command::new(bin("rehost-server"))
+        .args(["--data-dir".as_ref(), server.data.as_os_str()])
+        .args(["--admin", &server.admin, "snapshot", "verify", &m, &s1])
+        .env("REHOST_FAILPOINT", "quarantine-mid-way")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failpoint quarantine-mid-way"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let q = server.data.join("store/quarantine");
+    let moved: Vec<bool> = bad.iter().map(|id| q.join(id).exists()).collect();
+    assert_eq!(moved.iter().filter(|m| **m).count(), 1, "{moved:?}");
+    for (id, moved) in bad.iter().zip(&moved) {
+        let p = server.data.join("store/chunks").join(&id[..2]).join(id);
+        assert_eq!(
+            p.exists(),
+            !moved,
+            "chunk {id} is at exactly one of its two names"
+        );
+    }
+    // No partial leftovers in the quarantine; the next verify finishes the job.
+    let names: Vec<String> = std::fs::read_dir(&q)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| bad.contains(n)), "{names:?}");
+    let (good, text) = verify(&server, &m, &s1, false);
+    assert!(!good, "{text}");
+    for id in &bad {
+        assert!(q.join(id).exists(), "{id} quarantined: {text}");
+    }
+    // The next point stores both again and every point is whole.
+    let s2 = snapshot(&server, &m);
+    assert!(s2["bytes_added"].as_u64().unwrap() >= 2 * BS as u64, "{s2}");
+    for s in [s1.clone(), s2["id"].to_string()] {
+        let (good, text) = verify(&server, &m, &s, false);
+        assert!(good, "snapshot {s}: {text}");
+    }
+}

@@ -119,6 +119,9 @@ impl Store {
                 tracing::warn!(chunk = %hex::encode(id), action = ?what, "chunk quarantined");
             }
             out.push((*id, what));
+            if out.len() == 1 && ids.len() > 1 {
+                crate::failpoint::hit("quarantine-mid-way");
+            }
         }
         for d in synced_dirs {
             File::open(&d)
