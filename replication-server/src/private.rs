@@ -92,10 +92,14 @@ pub struct TreeCheck {
     pub failed: Vec<(PathBuf, String)>,
 }
 
-/// Walks `root` (not following symlinks) and makes every too-open directory 0700 and every
-/// too-open regular file 0600. Sockets, symlinks and devices are left alone.
+/// Walks `root` (not following symlinks, not crossing into other filesystems: a converter's
+/// guest filesystem a crash left mounted under a target dir is not ours to change) and makes
+/// every too-open directory 0700 and every too-open regular file 0600. Sockets, symlinks and
+/// devices are left alone.
 pub fn check_tree(root: &Path) -> io::Result<TreeCheck> {
+    use std::os::unix::fs::MetadataExt as _;
     let mut out = TreeCheck::default();
+    let dev = std::fs::symlink_metadata(root)?.dev();
     let mut stack = vec![root.to_path_buf()];
     let mut first = true;
     while let Some(p) = stack.pop() {
@@ -107,7 +111,7 @@ pub fn check_tree(root: &Path) -> io::Result<TreeCheck> {
         };
         first = false;
         let ft = meta.file_type();
-        if !(ft.is_dir() || ft.is_file()) {
+        if !(ft.is_dir() || ft.is_file()) || meta.dev() != dev {
             continue;
         }
         out.checked += 1;
@@ -207,6 +211,46 @@ mod tests {
         );
         assert!(c.example.is_some());
         assert_eq!(check_tree(&root).unwrap().fixed, 0);
+    }
+
+    /// Needs root (a tmpfs mount); skips without it, fails under `CI=true`.
+    #[test]
+    fn does_not_cross_into_a_filesystem_mounted_inside() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "needs root and CI=true"
+            );
+            eprintln!("SKIPPED: mounting a tmpfs needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let mnt = t.path().join("targets/m/job-1-test/work/mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &mnt,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m,mode=0755"),
+        )
+        .unwrap();
+        std::fs::write(mnt.join("guest-file"), b"x").unwrap();
+        std::fs::set_permissions(
+            mnt.join("guest-file"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let c = check_tree(t.path());
+        let guest = (mode(&mnt), mode(&mnt.join("guest-file")));
+        nix::mount::umount(&mnt).unwrap();
+        c.unwrap();
+        assert_eq!(
+            guest,
+            (0o755, 0o644),
+            "the mounted filesystem is left alone"
+        );
+        assert_eq!(mode(&t.path().join("targets")), 0o700);
     }
 
     #[test]
