@@ -60,13 +60,16 @@ pub enum SnapshotCmd {
     /// snapshots and byte ranges it affects, and quarantine damaged chunks (the next snapshot
     /// stores them again from the volume where it still has them). Exits non-zero on damage.
     Verify {
+        /// Machine id or hostname.
         machine: String,
+        /// Snapshot id, or `latest`.
         snapshot: String,
         /// Also restore damaged chunks now from the volume blocks the snapshots used, where the
         /// block still has that data (its blake3 is checked), and name the snapshots that stay
         /// damaged. Exits zero when everything was restored.
         #[arg(long)]
         repair: bool,
+        /// Machine-readable output: the report, with what repair did under `repair`.
         #[arg(long)]
         json: bool,
     },
