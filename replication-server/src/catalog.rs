@@ -148,6 +148,15 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Self, CatalogError> {
+        // Created 0600 before SQLite opens it: its -wal and -shm files take the same mode. (A
+        // failure here shows as SQLite's own error just below.)
+        if !path.exists() {
+            let _ = crate::private::options()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path);
+        }
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;

@@ -3,7 +3,8 @@
 //! the point called NAME. In release builds without the feature [`hit`] compiles to nothing.
 //!
 //! Points: `snapshot-after-chunks` (a snapshot's objects are durable, the catalog still says
-//! `creating`), `gc-mid-sweep` (GC removed some unreferenced objects, not all).
+//! `creating`), `gc-mid-sweep` (GC removed some unreferenced objects, not all),
+//! `quarantine-mid-way` (the first of several damaged chunks is quarantined, the others not).
 
 #[cfg(any(feature = "failpoints", debug_assertions))]
 pub fn hit(name: &str) {

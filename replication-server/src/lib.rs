@@ -1,6 +1,7 @@
 //! `rehost-server`: the staging side of replication.
 //!
 //! - [`pki`]: CA, TLS certificate and admin credential in the data dir;
+//! - [`private`]: file modes of the data dir (0700 / 0600), checked and fixed at start;
 //! - [`catalog`]: tokens, machines, disks in SQLite;
 //! - [`volume`]: sparse staging volumes and their per-block hash index;
 //! - [`session`]: one agent connection (handshake, checks, stream);
@@ -26,6 +27,7 @@ pub mod launch;
 pub mod live;
 pub mod metrics;
 pub mod pki;
+pub mod private;
 pub mod retention;
 pub mod session;
 pub mod snapshot;
@@ -201,8 +203,10 @@ impl Shared {
 
 /// Opens (or initialises) the data dir: PKI, admin credential, catalog.
 pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
-    std::fs::create_dir_all(data_dir)
+    private::create_dir_all(data_dir)
         .with_context(|| format!("create data dir {}", data_dir.display()))?;
+    private::check_data_dir(data_dir)
+        .with_context(|| format!("check the file modes of data dir {}", data_dir.display()))?;
     let pki = pki::load_or_create(data_dir).context("load server certificates")?;
     let admin_token = pki::admin_token(data_dir).context("load admin credential")?;
     pki::metrics_token(data_dir, false).context("load the metrics token")?;

@@ -71,6 +71,11 @@ enum Cmd {
         /// 0 turns scheduled points off.
         #[arg(long, default_value_t = 30)]
         snapshot_tick: u64,
+        /// How often to scrub the snapshot store (re-read every chunk complete recovery points
+        /// use, quarantine damaged ones, restore them from the volumes where they still hold
+        /// the data; result in /metrics), e.g. 12h or 7d; 0 turns it off.
+        #[arg(long, default_value = "24h", value_parser = rehost_server::snapshot::scrub::parse_interval)]
+        scrub_interval: std::time::Duration,
     },
     /// Install tokens: create, list, revoke.
     #[command(subcommand)]
@@ -251,6 +256,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             admin_cert_san,
             metrics_public,
             snapshot_tick,
+            scrub_interval,
         } => serve(
             &cli,
             listen,
@@ -266,6 +272,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     .starts_with("https://"),
             },
             *snapshot_tick,
+            *scrub_interval,
         ),
         Cmd::MetricsToken { rotate } => {
             if !cli.data_dir.is_dir() {
@@ -446,6 +453,7 @@ fn serve(
     admin_listen: &str,
     admin_opts: &rehost_server::admin_tls::AdminOptions,
     snapshot_tick: u64,
+    scrub_interval: std::time::Duration,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -480,6 +488,10 @@ fn serve(
         if snapshot_tick > 0 {
             let tick = std::time::Duration::from_secs(snapshot_tick);
             tokio::spawn(rehost_server::retention::scheduler(shared.clone(), tick));
+        }
+        if !scrub_interval.is_zero() {
+            let scrub = rehost_server::snapshot::scrub::scheduler(shared.clone(), scrub_interval);
+            tokio::spawn(scrub);
         }
         let shutdown = async {
             let mut term =

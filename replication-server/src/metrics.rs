@@ -5,6 +5,7 @@
 //! a [`Page`] of gauge families and returns its text; the scrape is their concatenation.
 
 use prometheus_client::encoding::text::encode_registry;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -30,6 +31,13 @@ impl Page {
         let family = Gauges::default();
         self.registry.register(name, help, family.clone());
         family
+    }
+
+    /// Registers a counter `name` (written with the `_total` suffix) holding `value`.
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) {
+        let c = Counter::<u64>::default();
+        c.inc_by(value);
+        self.registry.register(name, help, c);
     }
 
     /// The Prometheus text of this part (no end marker: parts are concatenated).

@@ -1,6 +1,6 @@
 //! The server's trust material in the data dir: a CA, a TLS certificate for
 //! [`rehost_proto::SERVER_NAME`] issued by it, and the admin credential the operator commands use.
-//! Created on first start, loaded afterwards. Keys are written 0600.
+//! Created on first start, loaded afterwards. Every file is written 0600 (see [`crate::private`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -88,8 +88,8 @@ fn create(dir: &Path) -> Result<(), PkiError> {
     for (name, data, mode) in [
         (CA_KEY, ca_key.serialize_pem(), 0o600),
         (SERVER_KEY, key.serialize_pem(), 0o600),
-        (SERVER_CERT, leaf_cert.pem(), 0o644),
-        (CA_CERT, ca_cert.pem(), 0o644),
+        (SERVER_CERT, leaf_cert.pem(), 0o600),
+        (CA_CERT, ca_cert.pem(), 0o600),
     ] {
         let p = dir.join(name);
         write_atomic(&p, data.as_bytes(), mode).map_err(io(&p))?;

@@ -36,7 +36,7 @@ pub struct Policy {
     pub rules: Vec<Rule>,
 }
 
-fn parse_secs(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_secs(s: &str) -> Result<u64, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
         .parse()

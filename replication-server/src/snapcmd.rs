@@ -12,7 +12,8 @@ use clap::{Subcommand, ValueEnum};
 use rehost_server::catalog::Catalog;
 use rehost_server::client::AdminClient;
 use rehost_server::snapshot::api::{select, RetentionView, SnapshotList};
-use rehost_server::snapshot::export::{export_raw, verify};
+use rehost_server::snapshot::export::export_raw;
+use rehost_server::snapshot::scrub::verify;
 use rehost_server::snapshot::SnapshotInfo;
 use rehost_server::store::gc::GcStats;
 use rehost_server::store::Store;
@@ -48,14 +49,27 @@ pub enum SnapshotCmd {
         output: PathBuf,
         #[arg(long, value_enum, default_value_t = Format::Raw)]
         format: Format,
+        /// Permission bits of the image (octal). The default, 0600, keeps the disk's data from
+        /// other local users; e.g. 0640 lets the file's group read it.
+        #[arg(long, default_value = "0600", value_parser = parse_mode)]
+        mode: u32,
     },
     /// Delete a snapshot; GC reclaims the space only it used.
     Delete { machine: String, snapshot: String },
     /// Re-read and re-hash every chunk and page of a snapshot; name what is damaged and which
-    /// snapshots and byte ranges it affects. Exits non-zero on damage.
+    /// snapshots and byte ranges it affects, and quarantine damaged chunks (the next snapshot
+    /// stores them again from the volume where it still has them). Exits non-zero on damage.
     Verify {
+        /// Machine id or hostname.
         machine: String,
+        /// Snapshot id, or `latest`.
         snapshot: String,
+        /// Also restore damaged chunks now from the volume blocks the snapshots used, where the
+        /// block still has that data (its blake3 is checked), and name the snapshots that stay
+        /// damaged. Exits zero when everything was restored.
+        #[arg(long)]
+        repair: bool,
+        /// Machine-readable output: the report, with what repair did under `repair`.
         #[arg(long)]
         json: bool,
     },
@@ -86,6 +100,13 @@ pub enum RetentionCmd {
 pub enum Format {
     Raw,
     Qcow2,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{s}` is not a file mode like 0600 or 0640"))
 }
 
 fn time(t: i64) -> String {
@@ -191,6 +212,7 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             disk,
             output,
             format,
+            mode,
         } => {
             let (catalog, store) = open_local(data_dir)?;
             let s = find(&catalog, machine, snapshot)?;
@@ -227,7 +249,12 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     PathBuf::from(p)
                 }
             };
-            let out = std::fs::File::create(&raw_path)
+            // The raw file of a qcow2 export is ours alone; the image gets the asked mode.
+            let raw_mode = match format {
+                Format::Raw => *mode,
+                Format::Qcow2 => 0o600,
+            };
+            let out = rehost_server::private::create_with_mode(&raw_path, raw_mode)
                 .with_context(|| format!("create {}", raw_path.display()))?;
             let start = Instant::now();
             let mut last = Instant::now();
@@ -259,6 +286,10 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             };
             drop(out);
             if let Format::Qcow2 = format {
+                // Made first with its mode, so the image is never readable by others meanwhile
+                // (qemu-img writes into the existing file).
+                rehost_server::private::create_with_mode(output, *mode)
+                    .with_context(|| format!("create {}", output.display()))?;
                 let st = std::process::Command::new("qemu-img")
                     .args(["convert", "-f", "raw", "-O", "qcow2"])
                     .arg(&raw_path)
@@ -266,7 +297,11 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     .status();
                 let _ = std::fs::remove_file(&raw_path);
                 match st {
-                    Ok(st) if st.success() => {}
+                    Ok(st) if st.success() => {
+                        use std::os::unix::fs::PermissionsExt as _;
+                        std::fs::set_permissions(output, std::fs::Permissions::from_mode(*mode))
+                            .with_context(|| format!("set the mode of {}", output.display()))?;
+                    }
                     Ok(st) => bail!("qemu-img convert to qcow2 failed: {st}"),
                     Err(e) => {
                         return Err(e).context("run qemu-img (install qemu-utils for qcow2 output)")
@@ -287,14 +322,17 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
         SnapshotCmd::Verify {
             machine,
             snapshot,
+            repair,
             json,
         } => {
             let (catalog, store) = open_local(data_dir)?;
             let s = find(&catalog, machine, snapshot)?;
-            let report = verify(&store, &catalog, &s)
+            let (report, fix) = verify(&store, &catalog, data_dir, &s, *repair)
                 .with_context(|| format!("verify snapshot {}", s.id))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                v["repair"] = serde_json::to_value(&fix)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
                     "snapshot {} of {}: {} disk(s), {} pages, {} chunk references, {} of chunk data checked",
@@ -305,6 +343,12 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     report.chunks,
                     human_bytes(report.bytes)
                 );
+                for r in &fix.repaired {
+                    println!(
+                        "REPAIRED chunk {} from {} of {} at byte {}",
+                        r.chunk, r.device, r.machine_id, r.offset
+                    );
+                }
                 for d in &report.damaged {
                     println!("DAMAGED {} {} ({}): {}", d.kind, d.id, d.path, d.problem);
                     for a in &d.affected {
@@ -313,6 +357,24 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                             a.snapshot, a.machine_id, a.device, a.start, a.end
                         );
                     }
+                }
+                for q in &fix.quarantined {
+                    println!(
+                        "QUARANTINED chunk {q} (moved to {})",
+                        store.quarantine_dir().display()
+                    );
+                }
+                if *repair {
+                    for sd in &fix.still_damaged {
+                        println!(
+                            "STAYS DAMAGED snapshot {} of {}: no volume holds {} any more",
+                            sd.snapshot,
+                            sd.machine_id,
+                            sd.objects.join(", ")
+                        );
+                    }
+                } else if !report.damaged.is_empty() {
+                    println!("(`snapshot verify --repair` restores what the volumes still hold)");
                 }
             }
             if !report.damaged.is_empty() {

@@ -7,7 +7,7 @@
 //! blake3), written crash-safely when the agent announces the stop and removed when it is handed
 //! back, so a generation vouches for exactly one restart.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -124,8 +124,8 @@ impl Volume {
             let path = path.to_path_buf();
             move |source| VolumeError::Io { op, path, source }
         };
-        std::fs::create_dir_all(dir).map_err(err("create directory", dir))?;
-        let data = OpenOptions::new()
+        crate::private::create_dir_all(dir).map_err(err("create directory", dir))?;
+        let data = crate::private::options()
             .read(true)
             .write(true)
             .create(true)
@@ -140,7 +140,7 @@ impl Volume {
         {
             data.set_len(size).map_err(err("size volume", &data_path))?;
         }
-        let index = OpenOptions::new()
+        let index = crate::private::options()
             .read(true)
             .write(true)
             .create(true)

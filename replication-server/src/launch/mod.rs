@@ -540,7 +540,32 @@ async fn steps(
         blocking(move || s.catalog.set_job_target(id, &d).map_err(|e| e.to_string())).await?;
     }
     made.dir = Some(dir.clone());
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    crate::private::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    if bp.launch == blueprint::LaunchMethod::Libvirt {
+        // libvirt's QEMU runs as its own user: it must be able to reach the images (the images
+        // themselves stay 0600; libvirt hands them to that user when it starts the domain).
+        let top = if parent.starts_with(&shared.data_dir) {
+            shared.data_dir.clone()
+        } else {
+            parent.clone()
+        };
+        let opened = crate::private::allow_search(&dir, &top)
+            .map_err(|e| format!("let libvirt's QEMU reach {}: {e}", dir.display()))?;
+        if !opened.is_empty() {
+            log.log(
+                "export",
+                format!(
+                    "made {} searchable (x, no read) for libvirt's QEMU user",
+                    opened
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+            .await;
+        }
+    }
     let sources = steps::export(shared, log, &point, &dir).await?;
 
     // convert

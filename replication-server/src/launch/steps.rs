@@ -149,7 +149,7 @@ pub(super) async fn export(
                 .root_id()
                 .ok_or_else(|| format!("damaged root id of {} in the catalog", d.device))?;
             let path = dir.join(format!("source-disk{}.raw", d.disk_id));
-            let file = std::fs::File::create(&path)
+            let file = crate::private::create(&path)
                 .map_err(|e| format!("create {}: {e}", path.display()))?;
             l.line(
                 "export",
@@ -229,6 +229,8 @@ pub(super) async fn convert(
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // The converted images hold the source's data: private to this user.
+            libc::umask(0o077);
             Ok(())
         });
     }
@@ -370,7 +372,12 @@ pub(super) async fn launch(
         let (code, vars) = blueprint::find_ovmf()
             .ok_or("UEFI boot needs the OVMF firmware in /usr/share/OVMF (apt-get install ovmf)")?;
         let own = dir.join("OVMF_VARS.fd");
-        std::fs::copy(&vars, &own).map_err(|e| format!("copy {}: {e}", vars.display()))?;
+        std::fs::copy(&vars, &own)
+            .and_then(|_| {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o600))
+            })
+            .map_err(|e| format!("copy {}: {e}", vars.display()))?;
         Some((code, own))
     } else {
         None
@@ -395,10 +402,13 @@ pub(super) async fn launch(
     std::fs::write(&script, blueprint::qemu_script(&args))
         .and_then(|()| {
             use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))
         })
         .map_err(|e| format!("write {}: {e}", script.display()))?;
-    std::fs::write(&xml, blueprint::libvirt_xml(bp, &t))
+    crate::private::create(&xml)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, blueprint::libvirt_xml(bp, &t).as_bytes())
+        })
         .map_err(|e| format!("write {}: {e}", xml.display()))?;
     match bp.launch {
         LaunchMethod::None => {

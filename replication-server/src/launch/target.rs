@@ -221,7 +221,9 @@ pub fn start_libvirt(dir: &Path, xml: &Path, name: &str) -> Result<(), TargetErr
             )))
         }
     };
-    std::fs::write(dir.join(DOMAIN_FILE), name).map_err(io("record the domain name"))?;
+    crate::private::create(&dir.join(DOMAIN_FILE))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, name.as_bytes()))
+        .map_err(io("record the domain name"))?;
     run(&["define", &xml.display().to_string()])?;
     run(&["start", name])
 }

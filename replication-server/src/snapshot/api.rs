@@ -256,7 +256,8 @@ async fn set_retention(
     .await
 }
 
-/// Prometheus lines: complete recovery points per machine and the age of the newest.
+/// Prometheus lines: complete recovery points per machine and the age of the newest; the last
+/// scrub and the quarantine.
 pub fn metrics(s: &Shared) -> Result<String, ApiError> {
     use std::collections::BTreeMap;
     let mut per: BTreeMap<String, (u64, i64)> = BTreeMap::new();
@@ -279,5 +280,6 @@ pub fn metrics(s: &Shared) -> Result<String, ApiError> {
         crate::metrics::set(&points, vec![("machine", m.clone())], *n);
         crate::metrics::set(&age, vec![("machine", m.clone())], (now - t).max(0) as u64);
     }
+    super::scrub::metrics(&s.store, &mut page);
     Ok(page.text())
 }

@@ -3,7 +3,7 @@
 //! object of a snapshot and, for each damaged one, names every snapshot and byte range that uses
 //! it. Both run with the store's shared lock held (GC waits).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -99,6 +99,11 @@ pub struct Affected {
     pub device: String,
     pub start: u64,
     pub end: u64,
+    #[serde(default)]
+    pub disk_id: u64,
+    /// The disk's block size in that snapshot (the range is whole blocks of it).
+    #[serde(default)]
+    pub block_size: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -111,16 +116,36 @@ pub struct VerifyReport {
     pub damaged: Vec<Damaged>,
 }
 
-fn problem(e: &StoreError) -> String {
+fn problem(store: &Store, e: &StoreError) -> String {
     match e {
         StoreError::Damaged { source, .. } => source.to_string(),
-        StoreError::Missing { .. } => "missing".into(),
+        StoreError::Missing { kind, id, .. } => {
+            let quarantined = *kind == Kind::Chunk
+                && hex::decode(id)
+                    .ok()
+                    .and_then(|v| <Hash>::try_from(v).ok())
+                    .is_some_and(|h| store.quarantine_path(&h).exists());
+            if quarantined {
+                "quarantined (found damaged earlier; not restored from a volume yet)".into()
+            } else {
+                "missing".into()
+            }
+        }
         StoreError::Tree { source, .. } => source.to_string(),
         other => other.to_string(),
     }
 }
 
+/// What checking several snapshots found; each object is read once.
+#[derive(Debug, Default)]
+pub struct Checked {
+    ok: HashSet<Hash>,
+    /// Damaged object (kind as u8, id) -> problem.
+    pub bad: BTreeMap<(u8, Hash), String>,
+}
+
 /// Re-reads every object of `snap` (root, pages, chunks), checking every checksum and hash.
+/// Damaged chunks are reported, not quarantined: see [`crate::snapshot::scrub::verify`].
 pub fn verify(
     store: &Store,
     catalog: &Catalog,
@@ -132,9 +157,21 @@ pub fn verify(
         disks: snap.disks.len(),
         ..Default::default()
     };
-    // Damaged object -> (kind, problem); checked chunks are not re-read when shared.
-    let mut bad: BTreeMap<(u8, Hash), String> = BTreeMap::new();
-    let mut ok: std::collections::HashSet<Hash> = std::collections::HashSet::new();
+    let mut c = Checked::default();
+    check(store, snap, &mut report, &mut c)?;
+    report.damaged = damaged_list(store, catalog, &c.bad)?;
+    Ok(report)
+}
+
+/// Checks the objects of `snap` not checked yet in `c`; counts into `report`. The caller holds
+/// the shared lock.
+pub fn check(
+    store: &Store,
+    snap: &SnapshotInfo,
+    report: &mut VerifyReport,
+    c: &mut Checked,
+) -> Result<(), SnapshotError> {
+    let (bad, ok) = (&mut c.bad, &mut c.ok);
     for d in &snap.disks {
         let root_id = d.root_id().ok_or_else(|| {
             SnapshotError::Internal(format!("bad root id in catalog: {}", d.root))
@@ -142,7 +179,7 @@ pub fn verify(
         let root = match store.read_root(&root_id) {
             Ok(r) => r,
             Err(e) => {
-                bad.insert((Kind::Root as u8, root_id), problem(&e));
+                bad.insert((Kind::Root as u8, root_id), problem(store, &e));
                 continue;
             }
         };
@@ -151,7 +188,7 @@ pub fn verify(
             let entries = match store.read_page(page, root.page_len(p)) {
                 Ok(e) => e,
                 Err(e) => {
-                    bad.insert((Kind::Page as u8, *page), problem(&e));
+                    bad.insert((Kind::Page as u8, *page), problem(store, &e));
                     continue;
                 }
             };
@@ -178,31 +215,42 @@ pub fn verify(
                         return Err(StoreError::Io { op, path, source }.into());
                     }
                     Err(e) => {
-                        bad.insert((Kind::Chunk as u8, *id), problem(&e));
+                        bad.insert((Kind::Chunk as u8, *id), problem(store, &e));
                     }
                 }
             }
         }
     }
+    Ok(())
+}
+
+/// The damaged objects of `bad`, each with every complete snapshot range that uses it. The
+/// caller holds the shared lock.
+pub fn damaged_list(
+    store: &Store,
+    catalog: &Catalog,
+    bad: &BTreeMap<(u8, Hash), String>,
+) -> Result<Vec<Damaged>, SnapshotError> {
     if bad.is_empty() {
-        return Ok(report);
+        return Ok(Vec::new());
     }
-    let affected = affected_ranges(store, catalog, &bad)?;
+    let affected = affected_ranges(store, catalog, bad)?;
+    let mut out = Vec::new();
     for ((k, id), problem) in bad {
         let kind = match k {
             1 => Kind::Chunk,
             2 => Kind::Page,
             _ => Kind::Root,
         };
-        report.damaged.push(Damaged {
+        out.push(Damaged {
             kind: kind.to_string(),
             id: hex::encode(id),
-            path: store.path(kind, &id).display().to_string(),
-            problem,
-            affected: affected.get(&(k, id)).cloned().unwrap_or_default(),
+            path: store.path(kind, id).display().to_string(),
+            problem: problem.clone(),
+            affected: affected.get(&(*k, *id)).cloned().unwrap_or_default(),
         });
     }
-    Ok(report)
+    Ok(out)
 }
 
 /// For each damaged object, the byte ranges of every complete snapshot that depend on it.
@@ -215,7 +263,7 @@ fn affected_ranges(
     let mut add = |key: (u8, Hash), a: Affected| {
         let v = out.entry(key).or_default();
         match v.last_mut() {
-            Some(l) if l.snapshot == a.snapshot && l.device == a.device && l.end == a.start => {
+            Some(l) if l.snapshot == a.snapshot && l.disk_id == a.disk_id && l.end == a.start => {
                 l.end = a.end
             }
             _ => v.push(a),
@@ -224,15 +272,17 @@ fn affected_ranges(
     for s in catalog.snapshots_in(&["complete"])? {
         for d in &s.disks {
             let Some(root_id) = d.root_id() else { continue };
-            let range = |start: u64, end: u64| Affected {
+            let range = |start: u64, end: u64, block_size: u32| Affected {
                 snapshot: s.id,
                 machine_id: s.machine_id.clone(),
                 device: d.device.clone(),
                 start,
                 end,
+                disk_id: d.disk_id,
+                block_size,
             };
             if bad.contains_key(&(Kind::Root as u8, root_id)) {
-                add((Kind::Root as u8, root_id), range(0, d.size_bytes));
+                add((Kind::Root as u8, root_id), range(0, d.size_bytes, 0));
                 continue;
             }
             let Ok(root) = store.read_root(&root_id) else {
@@ -243,7 +293,10 @@ fn affected_ranges(
                 let first = p as u64 * u64::from(root.page_entries);
                 if bad.contains_key(&(Kind::Page as u8, *page)) {
                     let end = ((first + u64::from(root.page_len(p))) * bs).min(root.disk_size);
-                    add((Kind::Page as u8, *page), range(first * bs, end));
+                    add(
+                        (Kind::Page as u8, *page),
+                        range(first * bs, end, root.block_size),
+                    );
                     continue;
                 }
                 let Ok(entries) = store.read_page(page, root.page_len(p)) else {
@@ -254,7 +307,7 @@ fn affected_ranges(
                         let b = first + i as u64;
                         add(
                             (Kind::Chunk as u8, *id),
-                            range(b * bs, b * bs + root.block_len(b)),
+                            range(b * bs, b * bs + root.block_len(b), root.block_size),
                         );
                     }
                 }

@@ -20,13 +20,15 @@
 //! objects, which GC removes. See [`crate::store::gc`] for why GC never removes what a complete
 //! or in-progress snapshot needs.
 //!
-//! - [`rows`]: catalog rows; [`export`]: export and verify; [`api`]: admin API routes.
+//! - [`rows`]: catalog rows; [`export`]: export and verify; [`scrub`]: quarantine and repair
+//!   of damaged chunks, the scheduled scrub; [`api`]: admin API routes.
 
 pub mod api;
 pub mod export;
 pub mod rows;
+pub mod scrub;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -98,6 +100,8 @@ pub fn take_snapshot(
     let store = &shared.store;
     // Declared before the batch so that an abandoned batch cleans up while the lock is held.
     let _lock = store.shared_lock()?;
+    // Stable while the shared lock is held: quarantining takes the exclusive one.
+    let quarantined = store.quarantined_missing()?;
     let id = shared
         .catalog
         .begin_snapshot(machine, consistency.as_str(), reason)?;
@@ -107,13 +111,22 @@ pub fn take_snapshot(
         let mut changed = 0u64;
         for (disk, volume) in disks {
             let prev = shared.catalog.latest_root(*disk)?;
-            let (root, n) = snapshot_disk(store, &mut batch, *disk, volume, prev.as_ref(), false)?;
+            let (root, n) = snapshot_disk(
+                store,
+                &mut batch,
+                *disk,
+                volume,
+                prev.as_ref(),
+                &quarantined,
+                false,
+            )?;
             roots.push((*disk, volume.size, root));
             changed += n;
         }
         let stored_ms = start.elapsed().as_millis() as u64;
         batch.commit()?;
         crate::failpoint::hit("snapshot-after-chunks");
+        release_rewritten(store, &quarantined, machine);
         let ms = start.elapsed().as_millis() as u64;
         shared
             .catalog
@@ -145,6 +158,21 @@ pub fn take_snapshot(
     }
 }
 
+/// Forgets the quarantine entries of chunks a snapshot just stored again (logged).
+fn release_rewritten(store: &Store, quarantined: &HashSet<Hash>, machine: &MachineId) {
+    if quarantined.is_empty() {
+        return;
+    }
+    let ids: Vec<Hash> = quarantined.iter().copied().collect();
+    match store.release(&ids) {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(%machine, chunks = n, "quarantined chunks stored again from the volume")
+        }
+        Err(e) => tracing::warn!(%machine, error = %e, "release quarantined chunks"),
+    }
+}
+
 /// Pages handled together: their changed blocks are read, hashed and compressed in parallel.
 const WINDOW_PAGES: u64 = 64;
 
@@ -163,14 +191,17 @@ type WindowPage = (Option<(Hash, Vec<Hash>)>, Vec<Hash>);
 type Produced = Result<(Hash, Option<(PathBuf, PathBuf, u64)>), SnapshotError>;
 
 /// Stores one disk's changed blocks and its pages and root; returns the root id and how many
-/// blocks differed from the previous snapshot. With `prepare` (see [`prepare`]) it only stores
-/// the chunks of whatever the changed blocks hold now, and no pages or root.
+/// blocks differed from the previous snapshot. A block whose chunk is `quarantined` (damaged or
+/// missing, see [`crate::store::quarantine`]) is stored again from the volume even when it did
+/// not change. With `prepare` (see [`prepare`]) it only stores the chunks of whatever the
+/// changed blocks hold now, and no pages or root.
 fn snapshot_disk(
     store: &Store,
     batch: &mut Batch<'_>,
     disk: DiskId,
     volume: &Volume,
     prev: Option<&Hash>,
+    quarantined: &HashSet<Hash>,
     prepare: bool,
 ) -> Result<(Hash, u64), SnapshotError> {
     let bs = u64::from(volume.block_size);
@@ -217,10 +248,13 @@ fn snapshot_disk(
                     || (len < bs && *h == rehost_proto::zero_hash(len as usize));
                 let want = if zero { ZERO } else { *h };
                 entries.push(want);
-                if old.as_ref().is_some_and(|(_, e)| e[i] == want) {
+                let same = old.as_ref().is_some_and(|(_, e)| e[i] == want);
+                if same && !quarantined.contains(&want) {
                     continue;
                 }
-                changed += 1;
+                if !same {
+                    changed += 1;
+                }
                 if want == ZERO || batch.contains(Kind::Chunk, &want) {
                     continue;
                 }
@@ -381,6 +415,7 @@ pub fn prepare(shared: &Shared, machine: &MachineId) -> Result<u64, SnapshotErro
         return Ok(0);
     }
     let _lock = shared.store.shared_lock()?;
+    let quarantined = shared.store.quarantined_missing()?;
     let mut batch = shared.store.batch();
     let dir = shared.volume_dir(machine);
     for d in &disks {
@@ -392,10 +427,12 @@ pub fn prepare(shared: &Shared, machine: &MachineId) -> Result<u64, SnapshotErro
             DiskId(d.id),
             &volume,
             prev.as_ref(),
+            &quarantined,
             true,
         )?;
     }
     batch.commit()?;
+    release_rewritten(&shared.store, &quarantined, machine);
     Ok(batch.bytes)
 }
 

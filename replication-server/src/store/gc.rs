@@ -22,6 +22,9 @@
 //! shared flock while an exclusive one is only waiting, so a GC queued behind a long export never
 //! holds up snapshot creation.
 //!
+//! Quarantined chunks (see [`super::quarantine`]) are not under `chunks/`, so the sweep never
+//! sees them; their entries are dropped once no marked snapshot uses them or they are back.
+//!
 //! Marking a damaged page or root of a complete snapshot stops GC with an error rather than
 //! guessing what it referenced.
 
@@ -54,6 +57,9 @@ pub struct GcStats {
     pub removed_objects: u64,
     pub removed_bytes: u64,
     pub removed_partials: u64,
+    /// Quarantine entries dropped: their chunk is back, or no snapshot uses it any more.
+    #[serde(default)]
+    pub released_quarantine: u64,
     pub duration_ms: u64,
 }
 
@@ -178,6 +184,9 @@ pub fn collect(store: &Store, catalog: &Catalog) -> Result<GcStats, GcError> {
                 }
             }
         }
+        // A quarantine entry records a chunk some snapshot lacks; it goes with the last of them.
+        live.mark(store, catalog, true)?;
+        stats.released_quarantine = store.prune_quarantine(&live.chunks)?;
     }
     stats.snapshots = live.marked.len();
     stats.live_objects = live.chunks.len() + live.pages.len() + live.roots.len();

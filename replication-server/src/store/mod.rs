@@ -6,6 +6,8 @@
 //! store/roots/ab/…          one disk of one snapshot: geometry and page ids
 //! store/store.lock          flock: shared while objects are written or read, exclusive to sweep
 //! store/gc.lock             flock: one garbage collection at a time
+//! store/quarantine/abcdef…  a chunk found damaged (or a marker for a missing one)
+//! store/scrub.json          the result of the last scrub (see `snapshot::scrub`)
 //! ```
 //!
 //! Every file uses the container of [`object`] (magic, version, lengths, id, body, checksum). New
@@ -14,10 +16,12 @@
 //! existing object (an object is never rewritten), and `syncfs` again. So a final name always
 //! holds a complete, durable object; a crash leaves only `.partial` files, which GC removes.
 //!
-//! - [`object`]: the file container; [`tree`]: pages and roots; [`gc`]: mark and sweep.
+//! - [`object`]: the file container; [`tree`]: pages and roots; [`gc`]: mark and sweep;
+//!   [`quarantine`]: damaged chunks set aside until the volume gives them back.
 
 pub mod gc;
 pub mod object;
+pub mod quarantine;
 pub mod tree;
 
 use std::collections::HashSet;
@@ -89,7 +93,7 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         for k in Kind::ALL {
             let d = dir.join(k.dir());
-            std::fs::create_dir_all(&d).map_err(io_err("create store directory", &d))?;
+            crate::private::create_dir_all(&d).map_err(io_err("create store directory", &d))?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -111,7 +115,7 @@ impl Store {
 
     fn lock(&self, name: &str, arg: FlockArg) -> Result<StoreLock, StoreError> {
         let p = self.dir.join(name);
-        let f = std::fs::OpenOptions::new()
+        let f = crate::private::options()
             .read(true)
             .write(true)
             .create(true)
@@ -241,7 +245,7 @@ impl Store {
     ) -> Result<(PathBuf, PathBuf), StoreError> {
         let path = self.path(kind, id);
         let parent = path.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(parent).map_err(io_err("create store directory", parent))?;
+        crate::private::create_dir_all(parent).map_err(io_err("create store directory", parent))?;
         let mut partial = path.clone().into_os_string();
         partial.push(format!(
             ".{}.{}.partial",
@@ -249,7 +253,9 @@ impl Store {
             PARTIAL_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let partial = PathBuf::from(partial);
-        std::fs::write(&partial, file).map_err(io_err("write store object", &partial))?;
+        crate::private::create(&partial)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, file))
+            .map_err(io_err("write store object", &partial))?;
         Ok((partial, path))
     }
 
