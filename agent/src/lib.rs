@@ -5,6 +5,7 @@
 //! - [`state`]: the persisted agent state (credential 0600) and the status file;
 //! - [`tls`]: TLS 1.3 client that trusts only the CA pinned by the token;
 //! - [`conn`]: handshake, send window, acknowledgements;
+//! - [`watchdog`]: keepalive pings and stall detection for a connection (TCP keepalive too);
 //! - [`pipeline`]: read → zero-detect → blake3 → zstd on worker threads, in disk order;
 //! - [`replicate`]: the daemon: initial sync, resume, rescan, continuous replication, reconnect;
 //! - [`tracker`]: change tracking (kernel block tracepoints through tracefs, or periodic scans);
@@ -23,3 +24,4 @@ pub mod source;
 pub mod state;
 pub mod tls;
 pub mod tracker;
+pub mod watchdog;
