@@ -39,6 +39,8 @@ pub enum ConnError {
     Closed,
     #[error("connection stalled: {0}")]
     Stalled(String),
+    #[error("{0} is not a rehost replication port: it answers in HTTP (is it the admin port? the replication port defaults to {port})", port = rehost_proto::DEFAULT_PORT)]
+    NotReplicationPort(String),
 }
 
 impl ConnError {
@@ -52,7 +54,7 @@ impl ConnError {
                     | ErrorCode::Forbidden
                     | ErrorCode::Version,
                 ..
-            }
+            } | ConnError::NotReplicationPort(_)
         )
     }
 }
@@ -73,13 +75,43 @@ pub async fn connect_with(server: &str, pin: [u8; 32], t: &Timeouts) -> Result<T
     let _ = tcp.set_nodelay(true);
     crate::watchdog::tune_socket(&tcp, t);
     let connector = tokio_rustls::TlsConnector::from(crate::tls::client_config(pin));
-    tokio::time::timeout(
+    let tls = tokio::time::timeout(
         CONNECT_TIMEOUT,
         connector.connect(crate::tls::server_name(), tcp),
     )
     .await
-    .map_err(|_| ConnError::Timeout(format!("TLS handshake with {server}")))?
-    .map_err(|e| ConnError::Tls(server.into(), e))
+    .map_err(|_| ConnError::Timeout(format!("TLS handshake with {server}")))?;
+    match tls {
+        Ok(t) => Ok(t),
+        // A plain HTTP server answers a ClientHello with an HTTP error, which TLS reads as a
+        // corrupt record: ask it plainly to tell the operator what the port really is.
+        Err(e) if answers_http(server).await => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            Err(ConnError::NotReplicationPort(server.into()))
+        }
+        Err(e) => Err(ConnError::Tls(server.into(), e)),
+    }
+}
+
+/// Whether `server` answers a plain `HEAD /` with an HTTP status line.
+async fn answers_http(server: &str) -> bool {
+    use tokio::io::AsyncReadExt;
+    let probe = async {
+        let mut tcp = TcpStream::connect(server).await.ok()?;
+        tcp.write_all(b"HEAD / HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut head = [0u8; 5];
+        tcp.read_exact(&mut head).await.ok()?;
+        Some(&head == b"HTTP/")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), probe).await,
+        Ok(Some(true))
+    )
+}
+
+/// A frame length that spells `HTTP`: the peer is an HTTP server behind TLS, not a rehost one.
+fn http_reply(e: &FrameError) -> bool {
+    matches!(e, FrameError::TooLarge(len) if (*len as u32).to_be_bytes() == *b"HTTP")
 }
 
 /// Sends `hello`, returns the server's `Welcome` (or its refusal).
@@ -87,7 +119,20 @@ pub async fn handshake(tls: &mut Tls, hello: Hello) -> Result<Welcome, ConnError
     rehost_proto::frame::write_message(tls, Message::Hello(hello)).await?;
     let reply = tokio::time::timeout(CONNECT_TIMEOUT, read_message(tls))
         .await
-        .map_err(|_| ConnError::Timeout("welcome from the server".into()))??;
+        .map_err(|_| ConnError::Timeout("welcome from the server".into()))?
+        .map_err(|e| {
+            if http_reply(&e) {
+                let peer = tls
+                    .get_ref()
+                    .0
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| "the server".into());
+                ConnError::NotReplicationPort(peer)
+            } else {
+                ConnError::from(e)
+            }
+        })?;
     match reply {
         Some(Message::Welcome(w)) => Ok(w),
         Some(Message::Error { code, message }) => Err(ConnError::Refused { code, message }),
@@ -320,11 +365,14 @@ impl Conn {
     pub async fn close(self) {
         self.watchdog.abort();
         let _ = self.watchdog.await;
-        drop(self.out);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.outbound).await;
+        // The inbound task holds a sender too (for source action results): end it first, so
+        // the outbound queue closes once drained and the outbound task sends close_notify.
         if let Some(h) = self.inbound {
             h.abort();
+            let _ = h.await;
         }
+        drop(self.out);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.outbound).await;
     }
 
     /// Resolves when the inbound side ends (server closed or sent an error).

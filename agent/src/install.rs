@@ -174,6 +174,8 @@ pub async fn install(
     let welcome = crate::conn::handshake(&mut tls, hello)
         .await
         .context("register with the replication server")?;
+    // End the TLS session properly (close_notify), so the server sees a clean close.
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
     let secret = welcome
         .machine_secret
         .context("the server registered us but sent no machine credential")?;

@@ -7,6 +7,7 @@
 //! - [`conn`]: handshake, send window, acknowledgements;
 //! - [`watchdog`]: keepalive pings and stall detection for a connection (TCP keepalive too);
 //! - [`pipeline`]: read → zero-detect → blake3 → zstd on worker threads, in disk order;
+//! - [`progress`]: progress lines (percent, rate, time left) during an initial sync or rescan;
 //! - [`replicate`]: the daemon: initial sync, resume, rescan, continuous replication, reconnect;
 //! - [`tracker`]: change tracking (kernel block tracepoints through tracefs, or periodic scans);
 //! - [`freeze`]: filesystem freezes for consistency points, with a thaw guard process;
@@ -19,6 +20,7 @@ pub mod disks;
 pub mod freeze;
 pub mod install;
 pub mod pipeline;
+pub mod progress;
 pub mod replicate;
 pub mod source;
 pub mod state;

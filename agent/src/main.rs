@@ -74,6 +74,10 @@ enum Cmd {
         /// which the connection counts as stalled: the agent shows `stalled` and reconnects.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         stall_timeout: u64,
+        /// Seconds between progress lines (percent, rate, time left) during an initial sync or
+        /// rescan (default: 5 on a terminal, 20 otherwise).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        progress_interval: Option<u64>,
     },
     /// Internal: thaws MOUNTS unless the agent says so on stdin within --max-ms (started by the
     /// agent around each filesystem freeze, so no freeze outlives a killed agent).
@@ -154,6 +158,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             max_mbps,
             keepalive,
             stall_timeout,
+            progress_interval,
         } => {
             let state = AgentState::load(&state_dir)?;
             let workers = workers.unwrap_or_else(|| {
@@ -169,6 +174,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     keepalive: Duration::from_secs(keepalive),
                     stall: Duration::from_secs(stall_timeout),
                 },
+                progress_every: progress_interval
+                    .map(Duration::from_secs)
+                    .unwrap_or_else(rehost_agent::progress::interval),
             };
             runtime()?.block_on(async {
                 let (tx, rx) = tokio::sync::watch::channel(false);

@@ -47,6 +47,8 @@ pub struct Options {
     pub max_mbps: Option<u64>,
     /// Keepalive and stall detection on each connection.
     pub timeouts: crate::watchdog::Timeouts,
+    /// Between progress lines during an initial sync or rescan.
+    pub progress_every: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +219,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
     let ticker = tokio::spawn(status_ticker(agent.clone()));
+    let progress = tokio::spawn(crate::progress::report(agent.clone(), opts.progress_every));
     let mut backoff = Duration::from_secs(1);
     let mut tracked = std::collections::HashMap::new();
     let result = loop {
@@ -269,6 +272,7 @@ pub async fn run(
         }
     };
     ticker.abort();
+    progress.abort();
     {
         let mut s = agent.status();
         s.running = false;

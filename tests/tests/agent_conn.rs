@@ -207,8 +207,11 @@ fn a_relay_that_stops_forwarding_mid_sync_is_reported_stalled_and_the_agent_reco
     // Traffic flows again: the agent's next connection gets through and the sync finishes.
     relay.thaw();
     wait_replicated(&server, &img, LIMIT);
-    let st = agent.status();
-    assert!(st["stall"].is_null(), "no stall once replicating: {st}");
+    // The status file is rewritten every second.
+    let st = wait_until("the stall to clear once replicating", LIMIT, || {
+        let st = agent.status();
+        (st["stall"].is_null() && st["connection"] == "connected").then_some(st)
+    });
     assert_eq!(st["last_stall"]["reconnected"], true, "{st}");
     assert!(
         relay.connections.load(Ordering::SeqCst) >= 3,
@@ -219,4 +222,45 @@ fn a_relay_that_stops_forwarding_mid_sync_is_reported_stalled_and_the_agent_reco
         log.contains("connection stalled: no acknowledgement from the server"),
         "the agent log says why it reconnected:\n{log}"
     );
+}
+
+#[test]
+fn an_agent_pointed_at_the_admin_port_says_it_is_not_a_replication_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let token = server.token();
+    let img = dir.path().join("source.img");
+    std::fs::write(&img, random_bytes(3, 1 << 20)).unwrap();
+    let want = "is not a rehost replication port: it answers in HTTP (is it the admin port? the replication port defaults to 1500)";
+
+    let agent = Agent::new(dir.path(), "a");
+    let out = install_via(&agent, &server.admin, &token, &img);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "install against the admin port must fail"
+    );
+    assert!(
+        stderr.contains(want),
+        "install says what the port is: {stderr}"
+    );
+
+    // A daemon whose state names the admin port stops with the same words.
+    let out = install_via(&agent, &server.addr, &token, &img);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = agent.state.join("agent.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["server"] = server.admin.clone().into();
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let mut agent = agent;
+    agent.run(&[]);
+    let st = agent.wait(Duration::from_secs(60));
+    assert!(!st.success(), "a wrong port is not retried forever");
+    let log = agent.log_text();
+    assert!(log.contains(want), "{log}");
 }
