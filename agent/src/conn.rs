@@ -388,7 +388,7 @@ async fn outbound<W: AsyncWrite + Unpin>(
 ) {
     let mut buf = bytes::BytesMut::with_capacity(1 << 20);
     let stalled = async move {
-        let _ = dead.wait_for(Option::is_some).await;
+        stall_reason(&mut dead).await;
     };
     tokio::pin!(stalled);
     loop {
@@ -418,6 +418,20 @@ async fn outbound<W: AsyncWrite + Unpin>(
     let _ = tokio::time::timeout(CONNECT_TIMEOUT, wr.shutdown()).await;
 }
 
+/// Resolves with the reason once the watchdog calls the connection dead; never if the watchdog
+/// ends without doing so (the connection is being closed).
+async fn stall_reason(dead: &mut watch::Receiver<Option<String>>) -> String {
+    let reason = dead
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .map(|r| r.clone().unwrap_or_default());
+    match reason {
+        Some(r) => r,
+        None => std::future::pending().await,
+    }
+}
+
 /// Where the inbound task delivers what the server sends.
 struct Inbound {
     acked: watch::Sender<u64>,
@@ -441,14 +455,13 @@ async fn inbound<R: AsyncRead + Unpin>(
         out,
         live,
     } = to;
+    let stalled = stall_reason(&mut dead);
+    tokio::pin!(stalled);
     loop {
         // Not cancel safe, which does not matter: a stalled connection is given up whole.
         let m = tokio::select! {
             m = read_message(&mut rd) => m?,
-            r = dead.wait_for(Option::is_some) => {
-                let reason = r.ok().and_then(|r| r.clone()).unwrap_or_default();
-                return Err(ConnError::Stalled(reason));
-            }
+            reason = &mut stalled => return Err(ConnError::Stalled(reason)),
         };
         let advanced = matches!(&m, Some(Message::Ack { seq }) if *seq > *acked.borrow());
         live.frame(advanced);

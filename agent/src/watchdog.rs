@@ -2,8 +2,9 @@
 //!
 //! A peer that stops reading without closing (a stuck proxy, a dead link with no reset) leaves
 //! TCP writes blocked forever, so the agent watches what it hears back:
-//! - every `keepalive` it sends a `Ping`; a server that echoes pings (this one does) proves it
-//!   is alive even when nothing is in flight. A server that has never echoed is not expected to;
+//! - on connecting and then every `keepalive` it sends a `Ping`; a server that echoes pings (this
+//!   one does) proves it is alive even when nothing is in flight. A server that has never echoed
+//!   (in this agent process) is not expected to;
 //! - a **dead** connection is one from which nothing at all has been heard for `stall` while
 //!   something was expected: frames sent and not acknowledged, or a ping not echoed. The
 //!   connection is then torn down (the agent reconnects with backoff and resends what was not
@@ -15,7 +16,7 @@
 //! Beside it, the socket has TCP keepalive and `TCP_USER_TIMEOUT`, so the kernel also gives up on
 //! a peer that acknowledges nothing at the TCP level (see [`tune_socket`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,10 @@ pub fn tune_socket(tcp: &tokio::net::TcpStream, t: &Timeouts) {
     }
 }
 
+/// A server of this agent process has echoed a ping: later connections expect echoes from the
+/// start, so one that stalls before its first echo is noticed too.
+static SERVER_ECHOES: AtomicBool = AtomicBool::new(false);
+
 /// What the inbound side has heard, shared with the watchdog.
 #[derive(Debug)]
 struct Heard {
@@ -88,7 +93,7 @@ impl Liveness {
             heard: Mutex::new(Heard {
                 any: now,
                 ack: now,
-                echoes: false,
+                echoes: SERVER_ECHOES.load(Ordering::Relaxed),
                 ping: None,
             }),
             sent_seq: AtomicU64::new(0),
@@ -112,7 +117,11 @@ impl Liveness {
     /// The server echoed ping `nonce`.
     pub fn echo(&self, nonce: u64) {
         let mut h = self.heard();
+        if !h.echoes {
+            tracing::debug!(nonce, "the server echoes keepalive pings");
+        }
         h.echoes = true;
+        SERVER_ECHOES.store(true, Ordering::Relaxed);
         if h.ping.is_some_and(|(n, _)| n == nonce) {
             h.ping = None;
         }
@@ -141,7 +150,10 @@ pub async fn watch(
         (t.keepalive.min(t.stall) / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_ping = Instant::now();
+    // The first ping goes out at once.
+    let mut last_ping = Instant::now()
+        .checked_sub(t.keepalive)
+        .unwrap_or_else(Instant::now);
     // Since when frames have been outstanding (reset whenever nothing is).
     let mut outstanding_since: Option<Instant> = None;
     let mut nonce = 0u64;
@@ -189,16 +201,20 @@ pub async fn watch(
                 ));
             }
         }
+        tracing::trace!(in_flight, echoes, ?ping, since_heard = ?(now - any), "watchdog");
         if let Some(reason) = dead_for {
             let _ = dead.send(Some(reason));
             return;
         }
         if ping.is_none() && now - last_ping >= t.keepalive {
             nonce += 1;
+            // Recorded before it is sent, so an echo cannot arrive before it is expected.
+            live.heard().ping = Some((nonce, now));
             // A full queue means the link is busy, and the ack timeout watches it.
             if out.try_send(Message::Ping { nonce }).is_ok() {
-                live.heard().ping = Some((nonce, now));
                 last_ping = now;
+            } else {
+                live.heard().ping = None;
             }
         }
     }

@@ -73,6 +73,12 @@ impl Relay {
         self.armed.store(true, Ordering::SeqCst);
     }
 
+    /// Stops forwarding now.
+    fn freeze(&self) {
+        *self.frozen_at.lock().unwrap() = Some(Instant::now());
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
     fn thaw(&self) {
         self.armed.store(false, Ordering::SeqCst);
         self.frozen.store(false, Ordering::SeqCst);
@@ -222,6 +228,39 @@ fn a_relay_that_stops_forwarding_mid_sync_is_reported_stalled_and_the_agent_reco
         log.contains("connection stalled: no acknowledgement from the server"),
         "the agent log says why it reconnected:\n{log}"
     );
+
+    // Idle (nothing in flight until the next scan pass): the unanswered keepalive tells.
+    relay.freeze();
+    let start = Instant::now();
+    let st = loop {
+        let st = agent.status();
+        if st["disks"][0]["state"] == "stalled" {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no idle stall reported: {st}\nagent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let idle_after = relay.frozen_at.lock().unwrap().expect("frozen").elapsed();
+    assert!(
+        st["stall"]
+            .as_str()
+            .is_some_and(|r| r.contains("no answer to keepalives from the server")),
+        "{st}"
+    );
+    eprintln!(
+        "idle stall reported {idle_after:?} after the relay froze: {}",
+        st["stall"]
+    );
+    relay.thaw();
+    wait_until("the agent to reconnect after the idle stall", LIMIT, || {
+        let st = agent.status();
+        (st["stall"].is_null() && st["connection"] == "connected").then_some(())
+    });
+    wait_replicated(&server, &img, LIMIT);
 }
 
 #[test]
