@@ -3,6 +3,7 @@
 //! turns `Ack`s into a watermark and routes `IndexChunk`s, and a send window so that at most
 //! [`WINDOW`] frames are unacknowledged.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rehost_proto::frame::{encode, read_message};
@@ -13,6 +14,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
+
+use crate::watchdog::{Liveness, Timeouts};
 
 /// Unacknowledged sequenced frames allowed in flight (about 32 MiB of 64 KiB blocks).
 pub const WINDOW: u64 = 512;
@@ -34,6 +37,10 @@ pub enum ConnError {
     Protocol(String),
     #[error("connection closed by the server")]
     Closed,
+    #[error("connection stalled: {0}")]
+    Stalled(String),
+    #[error("{0} is not a rehost replication port: it answers in HTTP (is it the admin port? the replication port defaults to {port})", port = rehost_proto::DEFAULT_PORT)]
+    NotReplicationPort(String),
 }
 
 impl ConnError {
@@ -47,28 +54,64 @@ impl ConnError {
                     | ErrorCode::Forbidden
                     | ErrorCode::Version,
                 ..
-            }
+            } | ConnError::NotReplicationPort(_)
         )
     }
 }
 
 type Tls = TlsStream<TcpStream>;
 
-/// TCP + TLS 1.3 to `server`, trusting only the pinned CA.
+/// TCP + TLS 1.3 to `server`, trusting only the pinned CA, with the default keepalive.
 pub async fn connect(server: &str, pin: [u8; 32]) -> Result<Tls, ConnError> {
+    connect_with(server, pin, &Timeouts::default()).await
+}
+
+/// [`connect`] with the socket's keepalive and user timeout set from `t`.
+pub async fn connect_with(server: &str, pin: [u8; 32], t: &Timeouts) -> Result<Tls, ConnError> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server))
         .await
         .map_err(|_| ConnError::Timeout(format!("connect to {server}")))?
         .map_err(|e| ConnError::Connect(server.into(), e))?;
     let _ = tcp.set_nodelay(true);
+    crate::watchdog::tune_socket(&tcp, t);
     let connector = tokio_rustls::TlsConnector::from(crate::tls::client_config(pin));
-    tokio::time::timeout(
+    let tls = tokio::time::timeout(
         CONNECT_TIMEOUT,
         connector.connect(crate::tls::server_name(), tcp),
     )
     .await
-    .map_err(|_| ConnError::Timeout(format!("TLS handshake with {server}")))?
-    .map_err(|e| ConnError::Tls(server.into(), e))
+    .map_err(|_| ConnError::Timeout(format!("TLS handshake with {server}")))?;
+    match tls {
+        Ok(t) => Ok(t),
+        // A plain HTTP server answers a ClientHello with an HTTP error, which TLS reads as a
+        // corrupt record: ask it plainly to tell the operator what the port really is.
+        Err(e) if answers_http(server).await => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            Err(ConnError::NotReplicationPort(server.into()))
+        }
+        Err(e) => Err(ConnError::Tls(server.into(), e)),
+    }
+}
+
+/// Whether `server` answers a plain `HEAD /` with an HTTP status line.
+async fn answers_http(server: &str) -> bool {
+    use tokio::io::AsyncReadExt;
+    let probe = async {
+        let mut tcp = TcpStream::connect(server).await.ok()?;
+        tcp.write_all(b"HEAD / HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut head = [0u8; 5];
+        tcp.read_exact(&mut head).await.ok()?;
+        Some(&head == b"HTTP/")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), probe).await,
+        Ok(Some(true))
+    )
+}
+
+/// A frame length that spells `HTTP`: the peer is an HTTP server behind TLS, not a rehost one.
+fn http_reply(e: &FrameError) -> bool {
+    matches!(e, FrameError::TooLarge(len) if (*len as u32).to_be_bytes() == *b"HTTP")
 }
 
 /// Sends `hello`, returns the server's `Welcome` (or its refusal).
@@ -76,7 +119,20 @@ pub async fn handshake(tls: &mut Tls, hello: Hello) -> Result<Welcome, ConnError
     rehost_proto::frame::write_message(tls, Message::Hello(hello)).await?;
     let reply = tokio::time::timeout(CONNECT_TIMEOUT, read_message(tls))
         .await
-        .map_err(|_| ConnError::Timeout("welcome from the server".into()))??;
+        .map_err(|_| ConnError::Timeout("welcome from the server".into()))?
+        .map_err(|e| {
+            if http_reply(&e) {
+                let peer = tls
+                    .get_ref()
+                    .0
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| "the server".into());
+                ConnError::NotReplicationPort(peer)
+            } else {
+                ConnError::from(e)
+            }
+        })?;
     match reply {
         Some(Message::Welcome(w)) => Ok(w),
         Some(Message::Error { code, message }) => Err(ConnError::Refused { code, message }),
@@ -103,6 +159,8 @@ pub struct Conn {
     points: mpsc::Receiver<(u64, u32)>,
     inbound: Option<JoinHandle<Result<(), ConnError>>>,
     outbound: JoinHandle<()>,
+    watchdog: JoinHandle<()>,
+    live: Arc<Liveness>,
     seq: u64,
     throttle: Throttle,
 }
@@ -143,22 +201,36 @@ impl Throttle {
 
 impl Conn {
     /// `max_mbps`: bandwidth cap for block payloads in megabits per second.
-    pub fn start(tls: Tls, max_mbps: Option<u64>) -> Self {
+    /// `timeouts`: keepalive and stall detection (see [`crate::watchdog`]).
+    pub fn start(tls: Tls, max_mbps: Option<u64>, timeouts: Timeouts) -> Self {
         let (rd, wr) = tokio::io::split(tls);
         let (out_tx, out_rx) = mpsc::channel(64);
         let (ack_tx, ack_rx) = watch::channel(0u64);
         let (idx_tx, idx_rx) = mpsc::channel(4);
         let (pt_tx, pt_rx) = mpsc::channel(16);
         let (set_tx, set_rx) = watch::channel(0u64);
+        let (dead_tx, dead_rx) = watch::channel(None::<String>);
+        let live = Liveness::new();
         let inbound = tokio::spawn(inbound(
             BufReader::new(rd),
-            ack_tx,
-            idx_tx,
-            pt_tx,
-            set_tx,
-            out_tx.clone(),
+            Inbound {
+                acked: ack_tx,
+                index: idx_tx,
+                points: pt_tx,
+                settings: set_tx,
+                out: out_tx.clone(),
+                live: live.clone(),
+            },
+            dead_rx.clone(),
         ));
-        let outbound = tokio::spawn(outbound(wr, out_rx));
+        let outbound = tokio::spawn(outbound(wr, out_rx, dead_rx));
+        let watchdog = tokio::spawn(crate::watchdog::watch(
+            live.clone(),
+            timeouts,
+            ack_rx.clone(),
+            out_tx.clone(),
+            dead_tx,
+        ));
         let throttle = Throttle {
             local_mbps: max_mbps,
             server_mbps: set_rx,
@@ -171,6 +243,8 @@ impl Conn {
             points: pt_rx,
             inbound: Some(inbound),
             outbound,
+            watchdog,
+            live,
             seq: 0,
             throttle,
         }
@@ -178,6 +252,11 @@ impl Conn {
 
     pub fn sender(&self) -> mpsc::Sender<Message> {
         self.out.clone()
+    }
+
+    /// The connection's liveness, for status: whether the server counts as slow.
+    pub fn liveness(&self) -> Arc<Liveness> {
+        self.live.clone()
     }
 
     /// The bandwidth cap in force (Mbps), if any.
@@ -229,8 +308,20 @@ impl Conn {
     }
 
     pub async fn send(&mut self, m: Message) -> Result<(), ConnError> {
+        let seq = match &m {
+            Message::Block(b) => Some(b.seq),
+            Message::Zero { seq, .. } | Message::Mark { seq, .. } | Message::Point { seq, .. } => {
+                Some(*seq)
+            }
+            _ => None,
+        };
         if self.out.send(m).await.is_err() {
             return Err(self.failure().await);
+        }
+        if let Some(seq) = seq {
+            self.live
+                .sent_seq
+                .fetch_max(seq, std::sync::atomic::Ordering::Release);
         }
         Ok(())
     }
@@ -270,13 +361,18 @@ impl Conn {
         }
     }
 
-    /// Closes the stream after everything queued has been written.
+    /// Closes the stream after everything queued has been written, with a TLS close_notify.
     pub async fn close(self) {
-        drop(self.out);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.outbound).await;
+        self.watchdog.abort();
+        let _ = self.watchdog.await;
+        // The inbound task holds a sender too (for source action results): end it first, so
+        // the outbound queue closes once drained and the outbound task sends close_notify.
         if let Some(h) = self.inbound {
             h.abort();
+            let _ = h.await;
         }
+        drop(self.out);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.outbound).await;
     }
 
     /// Resolves when the inbound side ends (server closed or sent an error).
@@ -285,9 +381,22 @@ impl Conn {
     }
 }
 
-async fn outbound<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Message>) {
+async fn outbound<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Message>,
+    mut dead: watch::Receiver<Option<String>>,
+) {
     let mut buf = bytes::BytesMut::with_capacity(1 << 20);
-    while let Some(m) = rx.recv().await {
+    let stalled = async move {
+        stall_reason(&mut dead).await;
+    };
+    tokio::pin!(stalled);
+    loop {
+        let m = tokio::select! {
+            m = rx.recv() => m,
+            _ = &mut stalled => return,
+        };
+        let Some(m) = m else { break };
         encode(m, &mut buf);
         // Batch what is already queued into one write.
         while buf.len() < (1 << 20) {
@@ -296,24 +405,67 @@ async fn outbound<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Messa
                 Err(_) => break,
             }
         }
-        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+        let written = tokio::select! {
+            r = async { wr.write_all(&buf).await?; wr.flush().await } => r.is_ok(),
+            // A peer that reads nothing leaves the write blocked: give it up.
+            _ = &mut stalled => return,
+        };
+        if !written {
             return;
         }
         buf.clear();
     }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(CONNECT_TIMEOUT, wr.shutdown()).await;
 }
 
-async fn inbound<R: AsyncRead + Unpin>(
-    mut rd: BufReader<ReadHalf<R>>,
+/// Resolves with the reason once the watchdog calls the connection dead; never if the watchdog
+/// ends without doing so (the connection is being closed).
+async fn stall_reason(dead: &mut watch::Receiver<Option<String>>) -> String {
+    let reason = dead
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .map(|r| r.clone().unwrap_or_default());
+    match reason {
+        Some(r) => r,
+        None => std::future::pending().await,
+    }
+}
+
+/// Where the inbound task delivers what the server sends.
+struct Inbound {
     acked: watch::Sender<u64>,
     index: mpsc::Sender<IndexChunk>,
     points: mpsc::Sender<(u64, u32)>,
     settings: watch::Sender<u64>,
     out: mpsc::Sender<Message>,
+    live: Arc<Liveness>,
+}
+
+async fn inbound<R: AsyncRead + Unpin>(
+    mut rd: BufReader<ReadHalf<R>>,
+    to: Inbound,
+    mut dead: watch::Receiver<Option<String>>,
 ) -> Result<(), ConnError> {
+    let Inbound {
+        acked,
+        index,
+        points,
+        settings,
+        out,
+        live,
+    } = to;
+    let stalled = stall_reason(&mut dead);
+    tokio::pin!(stalled);
     loop {
-        match read_message(&mut rd).await? {
+        // Not cancel safe, which does not matter: a stalled connection is given up whole.
+        let m = tokio::select! {
+            m = read_message(&mut rd) => m?,
+            reason = &mut stalled => return Err(ConnError::Stalled(reason)),
+        };
+        let advanced = matches!(&m, Some(Message::Ack { seq }) if *seq > *acked.borrow());
+        live.frame(advanced);
+        match m {
             None => return Err(ConnError::Closed),
             Some(Message::Ack { seq }) => {
                 acked.send_if_modified(|a| {
@@ -344,7 +496,7 @@ async fn inbound<R: AsyncRead + Unpin>(
             Some(Message::Error { code, message }) => {
                 return Err(ConnError::Refused { code, message })
             }
-            Some(Message::Ping { .. }) => {}
+            Some(Message::Ping { nonce }) => live.echo(nonce),
             Some(Message::Settings { max_mbps }) => {
                 if *settings.borrow() != max_mbps {
                     tracing::info!(max_mbps, "bandwidth cap set by the server (0: none)");

@@ -28,7 +28,7 @@ pub struct Disk {
     pub model: String,
     pub is_file: bool,
     /// Why discovery would not replicate it unless named (None: replicated by default).
-    pub skipped: Option<&'static str>,
+    pub skipped: Option<String>,
 }
 
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
@@ -123,19 +123,24 @@ pub fn discover() -> Result<Vec<Disk>, DiskError> {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0)
             * 512;
-        let mut skipped = skip_reason(&name);
+        let mut skipped = skip_reason(&name).map(String::from);
         let size = match File::open(&path)
             .map_err(|e| DiskError::Open(path.clone(), e))
             .and_then(|f| size_of(&f, &path))
         {
             Ok((s, _)) => s,
-            Err(_) => {
-                skipped = skipped.or(Some("cannot be opened"));
+            Err(e) => {
+                let why = match &e {
+                    DiskError::Open(_, io) => format!("cannot be opened: {io}"),
+                    DiskError::Size(_, io) => format!("cannot read its size: {io}"),
+                    other => other.to_string(),
+                };
+                skipped = skipped.or(Some(why));
                 sys_size
             }
         };
         if size == 0 {
-            skipped = skipped.or(Some("no medium / empty"));
+            skipped = skipped.or(Some("no medium / empty".into()));
         }
         out.push(Disk {
             path,

@@ -63,14 +63,13 @@ fn select_disks(opts: &InstallOptions, out: &mut impl Write) -> anyhow::Result<V
                     disks::probe(d).with_context(|| format!("cannot replicate {}", d.display()))?,
                 );
             }
-            writeln!(out, "Disks named on the command line:")?;
             v
         }
         None => {
             let all = disks::discover().context("identify disks")?;
             writeln!(out, "Identified the following disks:")?;
             for d in &all {
-                let what = match d.skipped {
+                let what = match &d.skipped {
                     None => "will replicate".to_string(),
                     Some(why) => format!("skipped: {why} (name it with --devices to replicate it)"),
                 };
@@ -175,6 +174,8 @@ pub async fn install(
     let welcome = crate::conn::handshake(&mut tls, hello)
         .await
         .context("register with the replication server")?;
+    // End the TLS session properly (close_notify), so the server sees a clean close.
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
     let secret = welcome
         .machine_secret
         .context("the server registered us but sent no machine credential")?;
@@ -237,7 +238,7 @@ fn install_service(state_dir: &Path, out: &mut impl Write) -> anyhow::Result<()>
     let exe = std::env::current_exe().context("find the agent binary")?;
     let unit = format!(
         "[Unit]\nDescription=rehost replication agent\nAfter=network-online.target\nWants=network-online.target\n\n\
-         [Service]\nExecStart={} run --state-dir {}\nRestart=always\nRestartSec=5\nKillSignal=SIGTERM\nTimeoutStopSec=60\n\n\
+         [Service]\nExecStart={} run --state-dir {}\nRestart=always\nRestartSec=5\nLimitNOFILE=65536\nKillSignal=SIGTERM\nTimeoutStopSec=60\n\n\
          [Install]\nWantedBy=multi-user.target\n",
         exe.display(),
         state_dir.display()

@@ -67,6 +67,17 @@ enum Cmd {
         /// Cap replication bandwidth at this many megabits per second (default: unlimited).
         #[arg(long)]
         max_mbps: Option<u64>,
+        /// Seconds between keepalive pings to the server (also the TCP keepalive interval).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        keepalive: u64,
+        /// Seconds without any answer from the server, while data or a ping awaits one, after
+        /// which the connection counts as stalled: the agent shows `stalled` and reconnects.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        stall_timeout: u64,
+        /// Seconds between progress lines (percent, rate, time left) during an initial sync or
+        /// rescan (default: 5 on a terminal, 20 otherwise).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        progress_interval: Option<u64>,
     },
     /// Internal: thaws MOUNTS unless the agent says so on stdin within --max-ms (started by the
     /// agent around each filesystem freeze, so no freeze outlives a killed agent).
@@ -145,6 +156,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             scan_interval,
             workers,
             max_mbps,
+            keepalive,
+            stall_timeout,
+            progress_interval,
         } => {
             let state = AgentState::load(&state_dir)?;
             let workers = workers.unwrap_or_else(|| {
@@ -156,6 +170,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 scan_interval: Duration::from_secs(scan_interval.max(1)),
                 workers,
                 max_mbps,
+                timeouts: rehost_agent::watchdog::Timeouts {
+                    keepalive: Duration::from_secs(keepalive),
+                    stall: Duration::from_secs(stall_timeout),
+                },
+                progress_every: progress_interval
+                    .map(Duration::from_secs)
+                    .unwrap_or_else(rehost_agent::progress::interval),
             };
             runtime()?.block_on(async {
                 let (tx, rx) = tokio::sync::watch::channel(false);
@@ -255,7 +276,25 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     if let Some(e) = &st.last_error {
         println!("last error: {e}");
     }
+    if let Some(r) = &st.stall {
+        println!("stalled: {r}");
+    } else if let Some(r) = &st.last_stall {
+        println!(
+            "last stall: {} s ago: {}{}",
+            (replicate::now() - r.at).max(0),
+            r.reason,
+            if r.reconnected { "; reconnected" } else { "" }
+        );
+    }
     use rehost_agent::disks::human_bytes as hb;
+    if st.disks.is_empty() {
+        if st.connection == "never started" {
+            println!("replication: not started yet (start it with `rehost-agent run` or the rehost-agent service)");
+        } else {
+            println!("replication: no disk granted by the server yet");
+        }
+        return Ok(());
+    }
     println!(
         "  {:<24} {:>10} {:<13} {:>7} {:>11} {:>11} {:>6} {:>11}",
         "DEVICE", "SIZE", "STATE", "PROG", "REPLICATED", "BACKLOG", "LAG", "SENT"
@@ -268,7 +307,11 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             d.state,
             d.progress_percent,
             hb(d.replicated_bytes),
-            hb(d.backlog_bytes),
+            match (d.backlog_lower_bound, d.backlog_bytes) {
+                (false, b) => hb(b),
+                (true, 0) => "unknown".into(),
+                (true, b) => format!(">={}", hb(b)),
+            },
             d.lag_seconds
                 .map(|l| format!("{l}s"))
                 .unwrap_or_else(|| "-".into()),

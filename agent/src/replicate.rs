@@ -45,6 +45,10 @@ pub struct Options {
     pub workers: usize,
     /// Bandwidth cap in megabits per second (None: unlimited).
     pub max_mbps: Option<u64>,
+    /// Keepalive and stall detection on each connection.
+    pub timeouts: crate::watchdog::Timeouts,
+    /// Between progress lines during an initial sync or rescan.
+    pub progress_every: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,14 +153,33 @@ impl Agent {
         let mut s = self.status().clone();
         s.updated_at = now();
         for d in &mut s.disks {
+            d.state = self.shown_state(d, s.stall.is_some());
             d.lag_seconds = if matches!(d.state.as_str(), "continuous" | "lagging" | "stalled") {
                 self.lag_ms(d.disk_id).map(|l| l / 1000)
             } else {
                 None
             };
+            d.backlog_lower_bound =
+                d.tracker == "scan" && matches!(d.state.as_str(), "continuous" | "lagging");
         }
         if let Err(e) = s.save(&self.dir) {
             warn!(error = %e, "cannot write status file");
+        }
+    }
+
+    /// The state shown for a disk: `stalled` while the connection is, and for a replicating
+    /// disk `lagging` or `continuous` from its lag at this moment. A scanned disk's lag grows
+    /// between passes (its data is as recent as the start of its last complete pass), so it
+    /// turns `lagging` when the scan interval exceeds [`LAGGING_AFTER`].
+    fn shown_state(&self, d: &DiskStatus, stalled: bool) -> String {
+        match d.state.as_str() {
+            _ if stalled => "stalled".into(),
+            "disconnected" | "connecting" => d.state.clone(),
+            "continuous" | "lagging" => match self.lag_ms(d.disk_id) {
+                Some(l) if Duration::from_millis(l) > LAGGING_AFTER => "lagging".into(),
+                _ => "continuous".into(),
+            },
+            _ => d.state.clone(),
         }
     }
 
@@ -165,7 +188,10 @@ impl Agent {
         s.disks
             .iter()
             .filter_map(|d| {
-                let state = match d.state.as_str() {
+                if d.state == "disconnected" {
+                    return None;
+                }
+                let state = match self.shown_state(d, s.stall.is_some()).as_str() {
                     "initial-sync" => DiskState::InitialSync,
                     "rescan" => DiskState::Rescan,
                     "continuous" => DiskState::Continuous,
@@ -193,6 +219,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
     let ticker = tokio::spawn(status_ticker(agent.clone()));
+    let progress = tokio::spawn(crate::progress::report(agent.clone(), opts.progress_every));
     let mut backoff = Duration::from_secs(1);
     let mut tracked = std::collections::HashMap::new();
     let result = loop {
@@ -205,10 +232,33 @@ pub async fn run(
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_secs(1);
                 }
-                warn!(error = %format!("{:#}", anyhow::Error::from(e)), retry_in = ?backoff, "replication interrupted");
+                let stalled = match &e {
+                    RunError::Conn(ConnError::Stalled(reason)) => Some(reason.clone()),
+                    RunError::Conn(ConnError::Frame(rehost_proto::FrameError::Io(io)))
+                        if io.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        Some(format!(
+                            "the server acknowledged nothing at the TCP level for {} s",
+                            (opts.timeouts.stall + opts.timeouts.keepalive).as_secs()
+                        ))
+                    }
+                    _ => None,
+                };
+                let text = format!("{:#}", anyhow::Error::from(e));
+                warn!(error = %text, retry_in = ?backoff, "replication interrupted");
                 {
                     let mut s = agent.status();
                     s.connection = "reconnecting".into();
+                    s.last_error = Some(text);
+                    if let Some(reason) = stalled {
+                        s.connection = "stalled".into();
+                        s.stall = Some(format!("{reason}; reconnecting"));
+                        s.last_stall = Some(crate::state::StallReport {
+                            at: now(),
+                            reason,
+                            reconnected: true,
+                        });
+                    }
                     for d in &mut s.disks {
                         d.state = "disconnected".into();
                     }
@@ -222,6 +272,7 @@ pub async fn run(
         }
     };
     ticker.abort();
+    progress.abort();
     {
         let mut s = agent.status();
         s.running = false;
@@ -416,7 +467,7 @@ async fn session(
         });
     }
     agent.status().connection = "connecting".into();
-    let mut tls = conn::connect(&state.server, pin).await?;
+    let mut tls = conn::connect_with(&state.server, pin, &opts.timeouts).await?;
     let hello = Hello {
         min_version: rehost_proto::MIN_PROTOCOL_VERSION,
         max_version: rehost_proto::PROTOCOL_VERSION,
@@ -431,12 +482,13 @@ async fn session(
             .collect(),
     };
     let welcome = conn::handshake(&mut tls, hello).await?;
-    let mut conn = Conn::start(tls, opts.max_mbps);
+    let mut conn = Conn::start(tls, opts.max_mbps, opts.timeouts);
     info!(server = %state.server, machine = %welcome.machine_id, "connected");
     {
         let mut s = agent.status();
         s.connection = "connected".into();
         s.last_error = None;
+        s.stall = None;
         let old = std::mem::take(&mut s.disks);
         s.disks = welcome
             .disks
@@ -464,11 +516,12 @@ async fn session(
             .collect();
     }
     let ticker = {
-        let (agent, out) = (agent.clone(), conn.sender());
+        let (agent, out, live) = (agent.clone(), conn.sender(), conn.liveness());
         tokio::spawn(async move {
             let mut t = tokio::time::interval(Duration::from_secs(1));
             loop {
                 t.tick().await;
+                note_slow(&agent, live.slow());
                 for m in agent.progress_messages() {
                     if out.try_send(m).is_err() {
                         break;
@@ -622,6 +675,31 @@ async fn replicate(
         });
     }
     continuous(agent, opts, conn, &pairs, tracked, shutdown).await
+}
+
+/// Shows a server that answers but acknowledges nothing as `stalled` (the connection is kept).
+fn note_slow(agent: &Agent, slow: Option<String>) {
+    let mut s = agent.status();
+    if slow.is_some() && s.stall.is_none() {
+        warn!(
+            reason = slow.as_deref().unwrap_or_default(),
+            "replication stalled"
+        );
+        s.last_stall = Some(crate::state::StallReport {
+            at: now(),
+            reason: slow.clone().unwrap_or_default(),
+            reconnected: false,
+        });
+    }
+    if s.connection == "connected" || s.connection == "stalled" {
+        s.connection = if slow.is_some() {
+            "stalled"
+        } else {
+            "connected"
+        }
+        .into();
+    }
+    s.stall = slow;
 }
 
 fn set_start(agent: &Agent, g: &DiskGrant, kind: &str, reason: &str) {
@@ -1116,7 +1194,8 @@ async fn stream(
     let initial = plan.known.is_none();
     let mut segments = pipeline::spawn(d.file.clone(), plan.clone(), opts.workers);
     let mut zero: Option<(u64, u64)> = None;
-    // (sequence, end offset) of frames not yet acknowledged, to show durable progress.
+    // (sequence, end offset, block bytes) of frames not yet acknowledged, to show durable
+    // progress and a compare pass's backlog.
     let mut inflight = std::collections::VecDeque::new();
     let disk_id = g.disk_id;
     while let Some(next) = segments.recv().await {
@@ -1144,7 +1223,7 @@ async fn stream(
                                     length: l,
                                 })
                                 .await?;
-                            inflight.push_back((seq, o + l));
+                            inflight.push_back((seq, o + l, 0));
                         }
                         zero = Some((offset, length));
                     }
@@ -1165,7 +1244,7 @@ async fn stream(
                                 length: l,
                             })
                             .await?;
-                        inflight.push_back((seq, o + l));
+                        inflight.push_back((seq, o + l, 0));
                     }
                     bytes += payload.len() as u64;
                     blocks += 1;
@@ -1182,15 +1261,17 @@ async fn stream(
                             })
                         })
                         .await?;
-                    inflight.push_back((seq, offset + u64::from(length)));
+                    inflight.push_back((seq, offset + u64::from(length), u64::from(length)));
                 }
             }
         }
         let acked = conn.acked();
         let mut durable = None;
-        while inflight.front().is_some_and(|(s, _)| *s <= acked) {
-            durable = inflight.pop_front().map(|(_, e)| e);
+        while inflight.front().is_some_and(|(s, _, _)| *s <= acked) {
+            durable = inflight.pop_front().map(|(_, e, _)| e);
         }
+        // Changed blocks a compare pass found that the server does not hold durably yet.
+        let found_unacked: u64 = inflight.iter().map(|(_, _, n)| n).sum();
         let done = seg.offset + seg.len;
         agent.disk_status(g.disk_id.0, |s| {
             s.sent_bytes += bytes;
@@ -1205,6 +1286,8 @@ async fn stream(
             } else if s.state == "rescan" {
                 s.progress_percent = (done as f64 * 1000.0 / g.size_bytes as f64).floor() / 10.0;
                 s.backlog_bytes = g.size_bytes - done;
+            } else {
+                s.backlog_bytes = found_unacked;
             }
         });
     }

@@ -124,7 +124,7 @@ pub struct Status {
     pub server: String,
     pub pid: u32,
     pub running: bool,
-    /// connecting, connected, reconnecting (with the last error), stopped, failed
+    /// connecting, connected, stalled, reconnecting (with the last error), stopped, failed
     pub connection: String,
     pub last_error: Option<String>,
     pub updated_at: i64,
@@ -135,6 +135,22 @@ pub struct Status {
     /// The last consistency point this agent marked.
     #[serde(default)]
     pub last_point: Option<PointReport>,
+    /// Why the connection counts as stalled right now (every disk then shows `stalled`): the
+    /// server went silent (the agent reconnects) or answers but acknowledges nothing.
+    #[serde(default)]
+    pub stall: Option<String>,
+    /// The last stall this agent process saw, kept after it recovers.
+    #[serde(default)]
+    pub last_stall: Option<StallReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StallReport {
+    /// When it was detected (Unix seconds).
+    pub at: i64,
+    pub reason: String,
+    /// The agent gave the connection up and reconnected (false: a slow server, kept).
+    pub reconnected: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -151,12 +167,17 @@ pub struct DiskStatus {
     pub device: String,
     pub disk_id: u64,
     pub size_bytes: u64,
-    /// initial-sync, rescan, continuous, disconnected
+    /// initial-sync, rescan, continuous, lagging, stalled, disconnected
     pub state: String,
     pub progress_percent: f64,
     /// Bytes the server has acknowledged as durable (initial sync), or the whole disk once synced.
     pub replicated_bytes: u64,
     pub backlog_bytes: u64,
+    /// `backlog_bytes` is only what is known so far, the true backlog may be larger: a scanned
+    /// disk in continuous replication knows only what its pass in progress has found (0 between
+    /// passes) and not writes made since the pass went over a block.
+    #[serde(default)]
+    pub backlog_lower_bound: bool,
     pub lag_seconds: Option<u64>,
     /// Block payload bytes put on the wire by this agent process (after compression).
     pub sent_bytes: u64,

@@ -452,7 +452,8 @@ async fn stream<R: AsyncRead + Unpin>(
                 disk(p.disk_id)?;
                 shared.live.progress(machine.as_str(), &p);
             }
-            Message::Ping { .. } => {}
+            // Echoed, so an agent can tell a live server from a stalled connection.
+            Message::Ping { nonce } => out.send(Message::Ping { nonce }).await.map_err(internal)?,
             Message::Point {
                 seq,
                 id,
