@@ -255,6 +255,9 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     if let Some(e) = &st.last_error {
         println!("last error: {e}");
     }
+    if let Some(c) = &st.credential_conflict {
+        println!("WARNING (@{}): {}", c.at, c.message);
+    }
     use rehost_agent::disks::human_bytes as hb;
     println!(
         "  {:<24} {:>10} {:<13} {:>7} {:>11} {:>11} {:>6} {:>11}",

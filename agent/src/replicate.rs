@@ -205,9 +205,16 @@ pub async fn run(
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_secs(1);
                 }
-                warn!(error = %format!("{:#}", anyhow::Error::from(e)), retry_in = ?backoff, "replication interrupted");
+                let error = format!("{:#}", anyhow::Error::from(e));
+                warn!(%error, retry_in = ?backoff, "replication interrupted");
                 {
                     let mut s = agent.status();
+                    if error.contains(rehost_proto::msg::SHARED_CREDENTIAL) {
+                        s.credential_conflict = Some(crate::state::CredentialConflict {
+                            at: now(),
+                            message: error.clone(),
+                        });
+                    }
                     s.connection = "reconnecting".into();
                     for d in &mut s.disks {
                         d.state = "disconnected".into();

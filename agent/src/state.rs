@@ -135,6 +135,17 @@ pub struct Status {
     /// The last consistency point this agent marked.
     #[serde(default)]
     pub last_point: Option<PointReport>,
+    /// The last time the server ended this agent's session because another agent connects with
+    /// the same machine credential (and from where); null: never since this agent started.
+    #[serde(default)]
+    pub credential_conflict: Option<CredentialConflict>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CredentialConflict {
+    pub at: i64,
+    /// The server's message, naming the other agent's address.
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
