@@ -26,7 +26,10 @@ enum Cmd {
         /// Replication server, HOST[:PORT] (port 1500 by default).
         #[arg(long)]
         server: String,
-        /// Install token from `rehost-server token create`.
+        /// Install token from `rehost-server token create` (a new machine), or from `token create
+        /// --reinstall MACHINE` (re-registers that machine). Over an existing state dir for the
+        /// same server, the machine's own credential is used instead and the token only vouches
+        /// for the server.
         #[arg(long, env = "REHOST_TOKEN", hide_env_values = true)]
         token: String,
         /// Replicate exactly these block devices or image files (comma separated) instead of

@@ -508,3 +508,17 @@ fn serve(
         rehost_server::run(shared, listener, admin, shutdown).await
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(super::parse_size("64TiB"), Ok(64 << 40));
+        assert_eq!(super::parse_size("2T"), Ok(2 << 40));
+        assert_eq!(super::parse_size("500GiB"), Ok(500 << 30));
+        assert_eq!(super::parse_size("1048576"), Ok(1 << 20));
+        assert!(super::parse_size("0").is_err());
+        assert!(super::parse_size("3X").is_err());
+        assert!(super::parse_size("99999999P").is_err());
+    }
+}
