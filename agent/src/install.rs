@@ -194,9 +194,18 @@ pub async fn install(
             })
             .collect(),
     };
-    let welcome = crate::conn::handshake(&mut tls, hello)
-        .await
-        .context("register with the replication server")?;
+    let welcome =
+        crate::conn::handshake(&mut tls, hello)
+            .await
+            .with_context(|| match &existing {
+                Some((m, _)) => format!(
+                "reinstall machine {m} with the credential in {} (if the server no longer knows \
+                 this machine, move that state dir away to register a new one, or install with a \
+                 reinstall token)",
+                opts.state_dir.display()
+            ),
+                None => "register with the replication server".to_string(),
+            })?;
     let secret = match (welcome.machine_secret, &existing) {
         (Some(s), _) => s,
         (None, Some((_, s))) => *s,
