@@ -1,6 +1,11 @@
 //! `rehost-agent install`: identify the disks, show what will be replicated, register with the
 //! server using the install token (whose pin authenticates the server), save the machine's own
 //! credential (0600), and install the agent as a systemd service unless told not to.
+//!
+//! Over an existing state dir whose `agent.json` is for the same server, `install` reinstalls
+//! that machine with its own credential (the token only vouches for the server): an install
+//! token would make a new machine. Without the state dir, an operator's reinstall token
+//! (`rehost-server token create --reinstall MACHINE`) re-registers the machine.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -145,10 +150,32 @@ pub async fn install(
         confirm(out)?;
     }
     let hostname = opts.hostname.clone().unwrap_or_else(system_hostname);
-    write!(
-        out,
-        "Registering {hostname} with the replication server... "
-    )?;
+    let existing = existing_machine(opts, &server, &token.server_pin, out)?;
+    let auth = match &existing {
+        Some((machine_id, secret)) => {
+            write!(
+                out,
+                "Reinstalling machine {machine_id} with its own credential from {} (the token is not used)... ",
+                opts.state_dir.join(crate::state::STATE_FILE).display()
+            )?;
+            Auth::Machine {
+                machine_id: machine_id.clone(),
+                secret: *secret,
+            }
+        }
+        None => {
+            write!(
+                out,
+                "Registering {hostname} with the replication server... "
+            )?;
+            Auth::Register {
+                token_id: token.id,
+                token_secret: token.secret,
+                hostname: hostname.clone(),
+                source_id: source_id(&hostname),
+            }
+        }
+    };
     out.flush()?;
     let mut tls = crate::conn::connect(&server, token.server_pin)
         .await
@@ -157,12 +184,7 @@ pub async fn install(
         min_version: rehost_proto::MIN_PROTOCOL_VERSION,
         max_version: rehost_proto::PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        auth: Auth::Register {
-            token_id: token.id,
-            token_secret: token.secret,
-            hostname: hostname.clone(),
-            source_id: source_id(&hostname),
-        },
+        auth,
         disks: chosen
             .iter()
             .map(|d| DiskInfo {
@@ -171,14 +193,25 @@ pub async fn install(
             })
             .collect(),
     };
-    let welcome = crate::conn::handshake(&mut tls, hello)
-        .await
-        .context("register with the replication server")?;
+    let welcome =
+        crate::conn::handshake(&mut tls, hello)
+            .await
+            .with_context(|| match &existing {
+                Some((m, _)) => format!(
+                "reinstall machine {m} with the credential in {} (if the server no longer knows \
+                 this machine, move that state dir away to register a new one, or install with a \
+                 reinstall token)",
+                opts.state_dir.display()
+            ),
+                None => "register with the replication server".to_string(),
+            })?;
     // End the TLS session properly (close_notify), so the server sees a clean close.
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
-    let secret = welcome
-        .machine_secret
-        .context("the server registered us but sent no machine credential")?;
+    let secret = match (welcome.machine_secret, &existing) {
+        (Some(s), _) => s,
+        (None, Some((_, s))) => *s,
+        (None, None) => bail!("the server registered us but sent no machine credential"),
+    };
     writeln!(out, "done: machine {}", welcome.machine_id)?;
     let mut state = AgentState::new(
         server,
@@ -232,6 +265,47 @@ pub async fn install(
         install_service(&opts.state_dir, out)?;
     }
     Ok(state)
+}
+
+/// The machine of an intact `agent.json` in the state dir for this same server: its id and
+/// credential. `None` (say why) when there is none or it is for another server.
+fn existing_machine(
+    opts: &InstallOptions,
+    server: &str,
+    pin: &[u8; 32],
+    out: &mut impl Write,
+) -> anyhow::Result<Option<(rehost_proto::MachineId, [u8; 32])>> {
+    let state = match AgentState::load(&opts.state_dir) {
+        Ok(s) => s,
+        Err(crate::state::StateError::Missing(_)) => return Ok(None),
+        Err(e) => {
+            writeln!(
+                out,
+                "Ignoring the existing agent state ({:#}): registering with the token",
+                anyhow::Error::from(e)
+            )?;
+            return Ok(None);
+        }
+    };
+    if state.server != server || state.pin() != Some(*pin) {
+        writeln!(
+            out,
+            "The existing agent state is for another server ({}): registering with the token",
+            state.server
+        )?;
+        return Ok(None);
+    }
+    let machine = rehost_proto::MachineId::parse(&state.machine_id).ok();
+    match (machine, state.secret()) {
+        (Some(m), Some(s)) => Ok(Some((m, s))),
+        _ => {
+            writeln!(
+                out,
+                "The existing agent state holds no usable machine credential: registering with the token"
+            )?;
+            Ok(None)
+        }
+    }
 }
 
 fn install_service(state_dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {

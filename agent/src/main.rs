@@ -26,7 +26,10 @@ enum Cmd {
         /// Replication server, HOST[:PORT] (port 1500 by default).
         #[arg(long)]
         server: String,
-        /// Install token from `rehost-server token create`.
+        /// Install token from `rehost-server token create` (a new machine), or from `token create
+        /// --reinstall MACHINE` (re-registers that machine). Over an existing state dir for the
+        /// same server, the machine's own credential is used instead and the token only vouches
+        /// for the server.
         #[arg(long, env = "REHOST_TOKEN", hide_env_values = true)]
         token: String,
         /// Replicate exactly these block devices or image files (comma separated) instead of
@@ -284,6 +287,13 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             (replicate::now() - r.at).max(0),
             r.reason,
             if r.reconnected { "; reconnected" } else { "" }
+        );
+    }
+    if let Some(c) = &st.credential_conflict {
+        println!(
+            "WARNING ({} s ago): {}",
+            (replicate::now() - c.at).max(0),
+            c.message
         );
     }
     use rehost_agent::disks::human_bytes as hb;

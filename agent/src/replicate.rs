@@ -248,6 +248,12 @@ pub async fn run(
                 warn!(error = %text, retry_in = ?backoff, "replication interrupted");
                 {
                     let mut s = agent.status();
+                    if text.contains(rehost_proto::msg::SHARED_CREDENTIAL) {
+                        s.credential_conflict = Some(crate::state::CredentialConflict {
+                            at: now(),
+                            message: text.clone(),
+                        });
+                    }
                     s.connection = "reconnecting".into();
                     s.last_error = Some(text);
                     if let Some(reason) = stalled {

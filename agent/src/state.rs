@@ -142,6 +142,10 @@ pub struct Status {
     /// The last stall this agent process saw, kept after it recovers.
     #[serde(default)]
     pub last_stall: Option<StallReport>,
+    /// The last time the server ended this agent's session because another agent connects with
+    /// the same machine credential (and from where); null: never since this agent started.
+    #[serde(default)]
+    pub credential_conflict: Option<CredentialConflict>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -151,6 +155,13 @@ pub struct StallReport {
     pub reason: String,
     /// The agent gave the connection up and reconnected (false: a slow server, kept).
     pub reconnected: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CredentialConflict {
+    pub at: i64,
+    /// The server's message, naming the other agent's address.
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

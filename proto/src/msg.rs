@@ -77,6 +77,10 @@ pub struct DiskInfo {
     pub size_bytes: u64,
 }
 
+/// How the server's `Error` frame begins when a session ends because another agent keeps
+/// connecting with the same machine credential (agents show it in their status).
+pub const SHARED_CREDENTIAL: &str = "another agent is using this machine's credential";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Auth {
     /// First contact: an install token and who the source is.

@@ -124,6 +124,7 @@ pub fn router(shared: Arc<Shared>, metrics_public: bool) -> Router {
         .route("/v1/tokens", get(tokens).post(create_token))
         .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/metrics", get(metrics))
+        .merge(crate::auth::routes())
         .merge(crate::snapshot::api::routes())
         .merge(crate::launch::api::routes())
         .layer(Extension(MetricsAccess {
@@ -149,6 +150,9 @@ pub struct MachineView {
     pub registered_at: i64,
     pub last_seen: Option<i64>,
     pub revoked: bool,
+    /// An older machine with the same hostname or source id (see `auth`); null: none.
+    #[serde(default)]
+    pub duplicate_of: Option<String>,
     pub disks: Vec<DiskView>,
 }
 
@@ -259,6 +263,7 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
                 m.last_seen
             },
             revoked: m.revoked_at.is_some(),
+            duplicate_of: m.duplicate_of,
             disks,
         });
     }
@@ -286,7 +291,7 @@ async fn revoke_machine(
     }
     // A connected agent of a revoked machine is cut off now, not at its next reconnect.
     if let Ok(mid) = rehost_proto::MachineId::parse(&id) {
-        s.slot(&mid).kick.notify_waiters();
+        s.slot(&mid).kick.kick(crate::auth::Kick::Revoked);
     }
     Ok(Json(serde_json::json!({ "revoked": id })))
 }

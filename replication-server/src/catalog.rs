@@ -16,12 +16,42 @@ pub enum CatalogError {
     Db(#[from] rusqlite::Error),
     #[error("catalog schema version {0} is newer than this server understands ({SCHEMA_VERSION})")]
     Schema(i64),
+    #[error("catalog migration from version {0} left rows of table {1} without their parent")]
+    Migration(i64, String),
 }
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
+use crate::auth::MIGRATE_5;
 use crate::launch::rows::MIGRATE_4;
 
+/// The migration ladder: step `i` takes a catalog from version `i` to version `i + 1` (a new
+/// catalog climbs every step). Each run of steps is one transaction.
+pub(crate) const LADDER: [&str; SCHEMA_VERSION as usize] =
+    [SCHEMA, MIGRATE_2, MIGRATE_3, MIGRATE_4, MIGRATE_5];
+
+/// Climbs the ladder from `from` to [`SCHEMA_VERSION`] in one transaction. Foreign keys are off
+/// meanwhile (a step may rebuild a table others refer to, as v5 does) and checked before the
+/// commit.
+fn migrate(conn: &mut Connection, from: i64) -> Result<(), CatalogError> {
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    let tx = conn.transaction()?;
+    for step in &LADDER[from as usize..] {
+        tx.execute_batch(step)?;
+    }
+    let broken: Option<String> = tx
+        .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+        .optional()?;
+    if let Some(table) = broken {
+        return Err(CatalogError::Migration(from, table));
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Version 1: tokens, machines, disks.
 const SCHEMA: &str = "
 CREATE TABLE tokens (
     id TEXT PRIMARY KEY,
@@ -112,6 +142,8 @@ pub struct TokenRow {
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub registrations: i64,
+    /// A reinstall token's machine (`token create --reinstall`); such a token is used once.
+    pub machine_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +154,10 @@ pub struct MachineRow {
     pub last_seen: Option<i64>,
     pub revoked_at: Option<i64>,
     pub lifecycle: String,
+    /// The oldest other machine registered before this one with the same source id or hostname:
+    /// a reinstall without the machine's credential, a cloned source, or someone claiming its
+    /// name. Shown, never merged.
+    pub duplicate_of: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -157,30 +193,18 @@ impl Catalog {
                 .truncate(false)
                 .open(path);
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        match version {
-            0 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} {MIGRATE_2} {MIGRATE_3} {MIGRATE_4} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))?;
-            }
-            1 => conn.execute_batch(&format!(
-                "BEGIN; {MIGRATE_2} {MIGRATE_3} {MIGRATE_4} PRAGMA user_version = 4; COMMIT;"
-            ))?,
-            2 => conn.execute_batch(&format!(
-                "BEGIN; {MIGRATE_3} {MIGRATE_4} PRAGMA user_version = 4; COMMIT;"
-            ))?,
-            3 => conn.execute_batch(&format!(
-                "BEGIN; {MIGRATE_4} PRAGMA user_version = 4; COMMIT;"
-            ))?,
-            SCHEMA_VERSION => {}
-            v => return Err(CatalogError::Schema(v)),
+        if !(0..=SCHEMA_VERSION).contains(&version) {
+            return Err(CatalogError::Schema(version));
         }
+        if version < SCHEMA_VERSION {
+            migrate(&mut conn, version)?;
+        }
+        conn.pragma_update(None, "foreign_keys", "ON")?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -213,7 +237,7 @@ impl Catalog {
     pub fn tokens(&self) -> Result<Vec<TokenRow>, CatalogError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT id, description, created_at, expires_at, revoked_at, registrations FROM tokens ORDER BY created_at, id",
+                "SELECT id, description, created_at, expires_at, revoked_at, registrations, machine_id FROM tokens ORDER BY created_at, id",
             )?;
             let rows = st.query_map([], |r| {
                 Ok(TokenRow {
@@ -223,6 +247,7 @@ impl Catalog {
                     expires_at: r.get(3)?,
                     revoked_at: r.get(4)?,
                     registrations: r.get(5)?,
+                    machine_id: r.get(6)?,
                 })
             })?;
             rows.collect()
@@ -263,41 +288,20 @@ impl Catalog {
         })
     }
 
-    /// Registers a source (or re-registers a known one, identified by its source id) and gives it a
-    /// new credential. Returns the machine id and whether it was already known.
+    /// Registers a new machine (always a new one: see [`crate::auth`]) and gives it `secret`.
+    /// Returns its id and the oldest machine with the same source id or hostname, if any.
     pub fn register_machine(
         &self,
         hostname: &str,
         source_id: &Hash,
         token_id: &str,
         secret: &[u8],
-    ) -> Result<(MachineId, bool), CatalogError> {
+    ) -> Result<(MachineId, Option<String>), CatalogError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let existing: Option<String> = tx
-                .query_row("SELECT id FROM machines WHERE source_id = ?1", [&source_id[..]], |r| r.get(0))
-                .optional()?;
-            let known = existing.is_some();
-            let id = match existing.and_then(|s| MachineId::parse(&s).ok()) {
-                Some(id) => {
-                    tx.execute(
-                        "UPDATE machines SET hostname = ?2, secret_hash = ?3, token_id = ?4, revoked_at = NULL WHERE id = ?1",
-                        params![id.as_str(), hostname, secret_hash(secret), token_id],
-                    )?;
-                    id
-                }
-                None => {
-                    let id = MachineId::random();
-                    tx.execute(
-                        "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![id.as_str(), hostname, &source_id[..], secret_hash(secret), token_id, now()],
-                    )?;
-                    id
-                }
-            };
-            tx.execute("UPDATE tokens SET registrations = registrations + 1 WHERE id = ?1", [token_id])?;
+            let r = crate::auth::insert_machine(&tx, hostname, source_id, token_id, secret)?;
             tx.commit()?;
-            Ok((id, known))
+            Ok(r)
         })
     }
 
@@ -372,6 +376,25 @@ impl Catalog {
         disks: &[DiskInfo],
         block_size: u32,
     ) -> Result<Vec<DiskRow>, CatalogError> {
+        let rows = self.ensure_disks_with(machine, disks, block_size, |_, _| Ok::<_, ()>(()))?;
+        Ok(rows
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(r, ())| r)
+            .collect())
+    }
+
+    /// [`Catalog::ensure_disks`] with `prepare` (given each row and whether it is new) run inside
+    /// the transaction: the rows are committed only if `prepare` succeeds for every disk, so a
+    /// volume that cannot be created leaves no row behind. `prepare`'s first error is returned
+    /// (after the rollback) as `Ok(Err(e))`.
+    pub fn ensure_disks_with<T, E>(
+        &self,
+        machine: &MachineId,
+        disks: &[DiskInfo],
+        block_size: u32,
+        mut prepare: impl FnMut(&DiskRow, bool) -> Result<T, E>,
+    ) -> Result<Result<Vec<(DiskRow, T)>, E>, CatalogError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let mut out = Vec::new();
@@ -398,14 +421,19 @@ impl Catalog {
                     }
                     Some(_) => {}
                 }
-                out.push(tx.query_row(
+                let r = tx.query_row(
                     "SELECT id, device, size_bytes, block_size, durable_bytes, sync_complete FROM disks WHERE machine_id = ?1 AND device = ?2",
                     params![machine.as_str(), d.device],
                     disk_row,
-                )?);
+                )?;
+                match prepare(&r, row.is_none()) {
+                    Ok(t) => out.push((r, t)),
+                    // Dropping the transaction rolls it back.
+                    Err(e) => return Ok(Err(e)),
+                }
             }
             tx.commit()?;
-            Ok(out)
+            Ok(Ok(out))
         })
     }
 
@@ -457,7 +485,12 @@ impl Catalog {
     pub fn machines(&self) -> Result<Vec<(MachineRow, Vec<DiskRow>)>, CatalogError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT id, hostname, registered_at, last_seen, revoked_at, lifecycle FROM machines ORDER BY registered_at, id",
+                "SELECT id, hostname, registered_at, last_seen, revoked_at, lifecycle,
+                   (SELECT o.id FROM machines o WHERE o.id != m.id
+                      AND (o.source_id = m.source_id OR o.hostname = m.hostname)
+                      AND o.rowid < m.rowid
+                    ORDER BY o.rowid LIMIT 1)
+                 FROM machines m ORDER BY registered_at, rowid",
             )?;
             let machines = st
                 .query_map([], |r| {
@@ -468,6 +501,7 @@ impl Catalog {
                         last_seen: r.get(3)?,
                         revoked_at: r.get(4)?,
                         lifecycle: r.get(5)?,
+                        duplicate_of: r.get(6)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -520,9 +554,10 @@ mod tests {
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         assert_eq!(cat.machines().unwrap()[0].0.hostname, "old-host");
-        let (m, _) = cat
+        let (m, dup) = cat
             .register_machine("new-host", &[3; 32], "t", b"s")
             .unwrap();
+        assert_eq!(dup, None);
         let id = cat.begin_snapshot(&m, "crash", "manual").unwrap();
         cat.finish_snapshot(id, &[(DiskId(1), 10, [9; 32])], 5, 1)
             .unwrap();

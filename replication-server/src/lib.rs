@@ -3,6 +3,8 @@
 //! - [`pki`]: CA, TLS certificate and admin credential in the data dir;
 //! - [`private`]: file modes of the data dir (0700 / 0600), checked and fixed at start;
 //! - [`catalog`]: tokens, machines, disks in SQLite;
+//! - [`auth`]: who may register or connect as which machine (install and reinstall tokens,
+//!   revocation), and why a live session is ended;
 //! - [`volume`]: sparse staging volumes and their per-block hash index;
 //! - [`session`]: one agent connection (handshake, checks, stream);
 //! - [`writer`]: the per-connection durability thread (verify, pwrite, group commit, ack);
@@ -20,6 +22,7 @@
 
 pub mod admin;
 pub mod admin_tls;
+pub mod auth;
 pub mod catalog;
 pub mod client;
 pub mod failpoint;
@@ -46,7 +49,8 @@ use tokio::net::TcpListener;
 /// Per-machine session slot: at most one live session writes a machine's volumes.
 pub struct Slot {
     pub lock: Arc<tokio::sync::Mutex<()>>,
-    pub kick: Arc<tokio::sync::Notify>,
+    /// Ends the live session with a reason (replaced, revoked, stopped).
+    pub kick: auth::Kicker,
     /// The live session's writer queue, for snapshots at a point of its stream.
     jobs: Mutex<Option<tokio::sync::mpsc::WeakSender<writer::Job>>>,
     /// The live session's frames to its agent (weak, like `jobs`).
@@ -167,6 +171,9 @@ impl Slot {
     }
 }
 
+/// `serve --max-disk-size` by default: 64 TiB.
+pub const DEFAULT_MAX_DISK_SIZE: u64 = 64 << 40;
+
 pub struct Shared {
     pub data_dir: PathBuf,
     pub catalog: catalog::Catalog,
@@ -174,6 +181,8 @@ pub struct Shared {
     pub admin_token: String,
     pub live: live::Live,
     pub block_size: u32,
+    /// The largest disk an agent may declare (`serve --max-disk-size`).
+    pub max_disk_size: std::sync::atomic::AtomicU64,
     pub store: store::Store,
     slots: Mutex<HashMap<MachineId, Arc<Slot>>>,
 }
@@ -190,7 +199,7 @@ impl Shared {
             .or_insert_with(|| {
                 Arc::new(Slot {
                     lock: Arc::new(tokio::sync::Mutex::new(())),
-                    kick: Arc::new(tokio::sync::Notify::new()),
+                    kick: auth::Kicker::default(),
                     jobs: Mutex::new(None),
                     agent: Mutex::new(None),
                     points: Mutex::new((0, HashMap::new())),
@@ -226,6 +235,7 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
         admin_token,
         live: live::Live::default(),
         block_size: rehost_proto::DEFAULT_BLOCK_SIZE,
+        max_disk_size: DEFAULT_MAX_DISK_SIZE.into(),
         store,
         slots: Mutex::new(HashMap::new()),
     });

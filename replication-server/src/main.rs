@@ -76,6 +76,10 @@ enum Cmd {
         /// the data; result in /metrics), e.g. 12h or 7d; 0 turns it off.
         #[arg(long, default_value = "24h", value_parser = rehost_server::snapshot::scrub::parse_interval)]
         scrub_interval: std::time::Duration,
+        /// The largest disk an agent may declare, e.g. 64TiB, 500GiB, 2T (binary units) or a
+        /// byte count; a larger one is refused at the handshake (OutOfRange).
+        #[arg(long, default_value = "64TiB", value_parser = parse_size)]
+        max_disk_size: u64,
     },
     /// Install tokens: create, list, revoke.
     #[command(subcommand)]
@@ -160,6 +164,12 @@ enum TokenCmd {
         /// A note shown by `token list`.
         #[arg(long, default_value = "")]
         description: String,
+        /// Make a reinstall token for this existing machine (id or hostname) instead: used once,
+        /// it re-registers that machine (same id, disks and replica; a new credential). Needed
+        /// only when the agent's state dir is lost: `install` over an intact state dir uses the
+        /// machine's own credential. Refused for a revoked machine (`machine unrevoke` first).
+        #[arg(long, value_name = "MACHINE")]
+        reinstall: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -174,8 +184,14 @@ enum TokenCmd {
 
 #[derive(Subcommand)]
 enum MachineCmd {
-    /// Revoke a machine's credential: its agent is disconnected and refused from now on.
+    /// Revoke a machine's credential: its agent is disconnected and refused from now on (no
+    /// install or reinstall token undoes this; `machine unrevoke` does).
     Revoke { machine_id: String },
+    /// Lift a machine's revocation: its agent (with the credential it has) may connect again.
+    Unrevoke {
+        /// Machine id or hostname.
+        machine: String,
+    },
     /// Cap the bandwidth a machine's agent uses for replication; a connected agent applies it at
     /// once, and it stays in force across reconnects until changed. 0 removes the cap.
     Throttle {
@@ -208,6 +224,32 @@ fn parse_duration(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("`{s}` is too long"))
+}
+
+/// `64TiB`, `500GiB`, `2T`, `1048576`: binary units (K, M, G, T, P, with or without `iB`).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 64TiB, 500GiB or 1048576"))?;
+    let shift = match unit.trim().trim_end_matches("iB").trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        _ => {
+            return Err(format!(
+                "unknown unit in `{s}` (use K, M, G, T or P, e.g. 64TiB)"
+            ))
+        }
+    };
+    match n.checked_mul(1u64 << shift) {
+        Some(0) | None => Err(format!("`{s}` is not a usable size")),
+        Some(v) => Ok(v),
+    }
 }
 
 fn human_bytes(b: u64) -> String {
@@ -257,6 +299,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             metrics_public,
             snapshot_tick,
             scrub_interval,
+            max_disk_size,
         } => serve(
             &cli,
             listen,
@@ -273,6 +316,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             },
             *snapshot_tick,
             *scrub_interval,
+            *max_disk_size,
         ),
         Cmd::MetricsToken { rotate } => {
             if !cli.data_dir.is_dir() {
@@ -316,6 +360,24 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Token(TokenCmd::Create {
             expires,
             description,
+            reinstall: Some(machine),
+            json,
+        }) => {
+            let t: rehost_server::auth::CreatedReinstallToken = client()?.post(
+                &format!("/v1/machines/{machine}/reinstall-token"),
+                &serde_json::json!({ "description": description, "expires_in_seconds": expires }),
+            )?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("{}", t.token);
+            }
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::Create {
+            expires,
+            description,
+            reinstall: None,
             json,
         }) => {
             let t: CreatedToken = client()?.post(
@@ -343,6 +405,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 let now = rehost_server::catalog::now();
                 let status = if !t["revoked_at"].is_null() {
                     "revoked"
+                } else if !t["machine_id"].is_null() && t["registrations"].as_i64() > Some(0) {
+                    "used"
                 } else if t["expires_at"].as_i64().is_some_and(|e| e <= now) {
                     "expired"
                 } else {
@@ -355,7 +419,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     time(t["expires_at"].as_i64()),
                     status,
                     t["registrations"].as_i64().unwrap_or(0),
-                    t["description"].as_str().unwrap_or("")
+                    match t["machine_id"].as_str() {
+                        Some(m) =>
+                            format!("reinstall {m} {}", t["description"].as_str().unwrap_or("")),
+                        None => t["description"].as_str().unwrap_or("").to_string(),
+                    }
                 );
             }
             Ok(())
@@ -396,6 +464,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("machine {machine_id} revoked");
             Ok(())
         }
+        Cmd::Machine(MachineCmd::Unrevoke { machine }) => {
+            let v: serde_json::Value = client()?.post(
+                &format!("/v1/machines/{machine}/unrevoke"),
+                &serde_json::json!({}),
+            )?;
+            let id = v["machine_id"].as_str().unwrap_or("?");
+            if v["unrevoked"] == true {
+                println!("machine {id} unrevoked: its agent may connect again");
+            } else {
+                println!("machine {id} was not revoked");
+            }
+            Ok(())
+        }
         Cmd::Machines { json } => {
             let v: MachinesView = client()?.get("/v1/machines")?;
             if *json {
@@ -414,8 +495,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     (None, _) => format!("disconnected since {}", time(m.last_seen)),
                 };
                 println!(
-                    "{}  {}  {}  agent {}",
-                    m.machine_id, m.hostname, m.lifecycle, agent
+                    "{}  {}  {}  agent {}{}",
+                    m.machine_id,
+                    m.hostname,
+                    m.lifecycle,
+                    agent,
+                    m.duplicate_of
+                        .as_ref()
+                        .map(|d| format!("  (duplicate of {d}: same hostname or source id)"))
+                        .unwrap_or_default()
                 );
                 println!(
                     "  {:<24} {:>10} {:<13} {:>7} {:>11} {:>11} {:>6}",
@@ -454,6 +542,7 @@ fn serve(
     admin_opts: &rehost_server::admin_tls::AdminOptions,
     snapshot_tick: u64,
     scrub_interval: std::time::Duration,
+    max_disk_size: u64,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -461,6 +550,9 @@ fn serve(
         .context("start runtime")?;
     rt.block_on(async {
         let shared = rehost_server::open(&cli.data_dir)?;
+        shared
+            .max_disk_size
+            .store(max_disk_size, std::sync::atomic::Ordering::Relaxed);
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("listen for agents on {listen}"))?;
@@ -504,4 +596,18 @@ fn serve(
         };
         rehost_server::run(shared, listener, admin, shutdown).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(super::parse_size("64TiB"), Ok(64 << 40));
+        assert_eq!(super::parse_size("2T"), Ok(2 << 40));
+        assert_eq!(super::parse_size("500GiB"), Ok(500 << 30));
+        assert_eq!(super::parse_size("1048576"), Ok(1 << 20));
+        assert!(super::parse_size("0").is_err());
+        assert!(super::parse_size("3X").is_err());
+        assert!(super::parse_size("99999999P").is_err());
+    }
 }

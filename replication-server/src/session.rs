@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rehost_proto::frame::{read_message, write_message};
-use rehost_proto::msg::{Auth, DiskGrant, ErrorCode, Hello, Welcome};
+use rehost_proto::msg::{Auth, DiskGrant, ErrorCode, Hello, Welcome, SHARED_CREDENTIAL};
 use rehost_proto::{DiskId, FrameError, MachineId, Message};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedMutexGuard};
 use tracing::{info, warn, Instrument};
 
+use crate::auth::{Kick, RegisterRefusal};
 use crate::catalog::Refusal;
 use crate::volume::Volume;
 use crate::writer::{self, DiskCtx, Job};
@@ -48,8 +49,10 @@ pub enum SessionError {
     Internal(String),
     #[error("agent reported an error: {0}")]
     Agent(String),
-    #[error("replaced by a newer connection of the same machine")]
-    Replaced,
+    #[error("replaced by a newer connection of the same machine from {0}")]
+    Replaced(SocketAddr),
+    #[error("{SHARED_CREDENTIAL} from {0}: the two keep replacing each other's connection (a cloned source or a copied agent state dir? give the copy its own machine: remove its state dir and install it with a new token)")]
+    SharedCredential(SocketAddr),
     #[error("server shutting down")]
     Shutdown,
     #[error("no frame for {0:?}")]
@@ -73,9 +76,10 @@ impl SessionError {
             ) => ErrorCode::HashMismatch,
             SessionError::Write(writer::WriteError::Protocol { .. }) => ErrorCode::Protocol,
             SessionError::Write(_) | SessionError::Internal(_) => ErrorCode::Internal,
-            SessionError::Replaced | SessionError::Shutdown | SessionError::Idle(_) => {
-                ErrorCode::Protocol
-            }
+            SessionError::Replaced(_)
+            | SessionError::SharedCredential(_)
+            | SessionError::Shutdown
+            | SessionError::Idle(_) => ErrorCode::Protocol,
             SessionError::Tls(_)
             | SessionError::Frame(FrameError::Io(_))
             | SessionError::Agent(_) => return None,
@@ -136,7 +140,8 @@ pub async fn serve(
             Ok(()) => info!("agent disconnected"),
             Err(
                 e @ (SessionError::Frame(FrameError::Io(_))
-                | SessionError::Replaced
+                | SessionError::Replaced(_)
+                | SessionError::SharedCredential(_)
                 | SessionError::Shutdown),
             ) => {
                 warn!(error = %chain(e), "session ended")
@@ -214,8 +219,8 @@ async fn session<R: AsyncRead + Unpin>(
     }
 
     // One session per machine: a reconnecting agent replaces its stale predecessor.
-    let _slot = claim_slot(shared, &machine).await?;
-    let kicked = shared.slot(&machine).kick.clone();
+    let _slot = claim_slot(shared, &machine, peer).await?;
+    let (mut kicked, last_frame) = shared.slot(&machine).kick.attach(peer);
 
     let (grants, ctxs) = {
         let (shared, machine, disks) = (shared.clone(), machine.clone(), hello.disks.clone());
@@ -283,7 +288,7 @@ async fn session<R: AsyncRead + Unpin>(
         &mut rd,
         &out,
         &job_tx,
-        &kicked,
+        (&mut kicked, &last_frame),
         &mut shutdown,
     );
     // A write error (bad hash, disk failure) ends the session at once, even while the reader waits.
@@ -328,7 +333,10 @@ async fn stream<R: AsyncRead + Unpin>(
     rd: &mut R,
     out: &mpsc::Sender<Message>,
     jobs: &mpsc::Sender<Job>,
-    kicked: &Arc<tokio::sync::Notify>,
+    (kicked, last_frame): (
+        &mut tokio::sync::watch::Receiver<Option<Kick>>,
+        &std::sync::atomic::AtomicI64,
+    ),
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let mut next_seq = 1u64;
@@ -352,9 +360,13 @@ async fn stream<R: AsyncRead + Unpin>(
                 Err(_) => return Err(SessionError::Idle(IDLE_TIMEOUT)),
                 Ok(m) => m?,
             },
-            _ = kicked.notified() => return Err(SessionError::Replaced),
+            _ = kicked_changed(kicked) => return Err(kicked_error(machine, kicked.borrow().clone())),
             _ = shutdown.changed() => return Err(SessionError::Shutdown),
         };
+        last_frame.store(
+            crate::catalog::now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let Some(msg) = msg else { return Ok(()) };
         match msg {
             Message::Block(b) => {
@@ -567,12 +579,28 @@ async fn authenticate(
             }
             let mut secret = [0u8; 32];
             rehost_proto::random_bytes(&mut secret);
-            let (machine, known) = shared
+            let r = match shared
                 .catalog
-                .register_machine(&hostname, &source_id, &id, &secret)
-                .map_err(internal)?;
-            info!(%machine, %hostname, token = %id, known, "machine registered");
-            Ok((machine, Some(secret)))
+                .register(&id, &hostname, &source_id, &secret)
+                .map_err(internal)?
+            {
+                Ok(r) => r,
+                Err(e @ RegisterRefusal::MachineRevoked(_)) => {
+                    return Err(SessionError::Revoked(e.to_string()))
+                }
+                Err(e) => return Err(SessionError::Unauthorized(e.to_string())),
+            };
+            match &r.duplicate_of {
+                _ if r.reinstalled => {
+                    info!(machine = %r.machine, %hostname, token = %id, "machine re-registered with its reinstall token (new credential; id, disks and replica kept)")
+                }
+                Some(dup) => warn!(
+                    machine = %r.machine, %hostname, token = %id, duplicate_of = %dup,
+                    "new machine registered with the hostname or source id of an existing one: duplicate of {dup}, not merged"
+                ),
+                None => info!(machine = %r.machine, %hostname, token = %id, "machine registered"),
+            }
+            Ok((r.machine, Some(secret)))
         }
         Auth::Machine { machine_id, secret } => match shared
             .catalog
@@ -591,15 +619,35 @@ async fn authenticate(
     .await
 }
 
+/// Resolves when the session's kick value changes (never, if its sender is gone).
+async fn kicked_changed(rx: &mut tokio::sync::watch::Receiver<Option<Kick>>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn kicked_error(machine: &MachineId, why: Option<Kick>) -> SessionError {
+    match why {
+        Some(Kick::Replaced { by, shared: false }) => SessionError::Replaced(by),
+        Some(Kick::Replaced { by, shared: true }) => SessionError::SharedCredential(by),
+        Some(Kick::Revoked) => SessionError::Revoked(format!(
+            "machine {machine} was revoked by the operator (`rehost-server machine unrevoke` lets it connect again)"
+        )),
+        Some(Kick::Stopped(why)) => SessionError::Forbidden(why),
+        None => internal("session ended without a reason"),
+    }
+}
+
 async fn claim_slot(
     shared: &Arc<Shared>,
     machine: &MachineId,
+    peer: SocketAddr,
 ) -> Result<OwnedMutexGuard<()>, SessionError> {
     let slot = shared.slot(machine);
     if let Ok(g) = slot.lock.clone().try_lock_owned() {
         return Ok(g);
     }
-    slot.kick.notify_waiters();
+    slot.kick.replace(machine, peer);
     match tokio::time::timeout(Duration::from_secs(30), slot.lock.clone().lock_owned()).await {
         Ok(g) => Ok(g),
         Err(_) => Err(SessionError::Internal(
@@ -625,15 +673,52 @@ fn open_disks(
             d.device
         )));
     }
-    let rows = shared
-        .catalog
-        .ensure_disks(machine, disks, shared.block_size)
-        .map_err(internal)?;
+    let cap = shared
+        .max_disk_size
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if let Some(d) = disks.iter().find(|d| d.size_bytes > cap) {
+        return Err(SessionError::OutOfRange(format!(
+            "disk {} declares {} bytes, more than this server accepts ({cap} bytes, `serve --max-disk-size`)",
+            d.device, d.size_bytes
+        )));
+    }
     let dir = shared.volume_dir(machine);
+    // A disk's row and its volume go together: if a volume cannot be made, every row rolls back
+    // and the files made for new disks are removed.
+    let mut made = Vec::new();
+    let opened = shared
+        .catalog
+        .ensure_disks_with(machine, disks, shared.block_size, |r, new| {
+            if new {
+                made.push(r.id);
+            }
+            Volume::open(&dir, r.id, r.size_bytes, r.block_size)
+        })
+        .map_err(internal)?;
+    let opened = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            for id in made {
+                let (vol, idx) = Volume::paths(&dir, id);
+                for p in [vol, idx] {
+                    match std::fs::remove_file(&p) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            warn!(path = %p.display(), error = %e, "remove a file of a disk whose registration failed")
+                        }
+                    }
+                }
+            }
+            return Err(SessionError::Internal(format!(
+                "create the staging volume of a disk: {}",
+                chain(&e)
+            )));
+        }
+    };
     let mut grants = Vec::new();
     let mut ctxs = HashMap::new();
-    for r in rows {
-        let volume = Volume::open(&dir, r.id, r.size_bytes, r.block_size).map_err(internal)?;
+    for (r, volume) in opened {
         let id = DiskId(r.id);
         let clean_stop_generation = crate::volume::take_clean_stop(&dir, r.id).map_err(internal)?;
         grants.push(DiskGrant {

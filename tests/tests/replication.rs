@@ -217,7 +217,17 @@ fn rescan_after_losing_agent_state_sends_only_changed_blocks() {
     }
     std::fs::remove_dir_all(&agent.state).unwrap();
 
-    let out = agent.install(&server, &token, &[&img], "e2e-rescan");
+    // Without its state dir the machine is reinstalled with an operator's reinstall token (an
+    // install token would make a new machine).
+    let out = server.cli(&["token", "create", "--reinstall", &machine_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reinstall = out.stdout;
+    let reinstall = String::from_utf8(reinstall).unwrap();
+    let out = agent.install(&server, reinstall.trim(), &[&img], "e2e-rescan");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
