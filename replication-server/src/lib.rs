@@ -6,6 +6,7 @@
 //! - [`session`]: one agent connection (handshake, checks, stream);
 //! - [`writer`]: the per-connection durability thread (verify, pwrite, group commit, ack);
 //! - [`live`]: what connected agents report;
+//! - [`admission`]: caps and shedding of connections that have not logged in, the open-file limit;
 //! - [`admin`]: the admin HTTP/JSON API the operator commands use, and Prometheus metrics;
 //! - [`client`]: the operator commands' side of the admin API;
 //! - [`store`]: the content-addressed snapshot store and its garbage collection;
@@ -16,6 +17,7 @@
 //! [`run`] takes its listeners and a shutdown signal, so tests can bind port 0.
 
 pub mod admin;
+pub mod admission;
 pub mod catalog;
 pub mod client;
 pub mod failpoint;
@@ -195,6 +197,14 @@ impl Shared {
     }
 }
 
+/// First pause of the accept loop after an accept error; it doubles up to the maximum while
+/// accepts keep failing.
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+/// Unauthenticated connections closed at once when `accept` finds no descriptor free (one per
+/// accepted connection while their numbers are near the limit).
+const SHED_BATCH: usize = 8;
+
 /// Opens (or initialises) the data dir: PKI, admin credential, catalog.
 pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
     std::fs::create_dir_all(data_dir)
@@ -231,6 +241,24 @@ pub async fn run(
     admin: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_with_limits(
+        shared,
+        listener,
+        admin,
+        admission::Limits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] with caps on the connections that have not logged in yet.
+pub async fn run_with_limits(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: TcpListener,
+    limits: admission::Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin_task = {
         let mut stop = stop_rx.clone();
@@ -244,18 +272,51 @@ pub async fn run(
         })
     };
     tokio::pin!(shutdown);
+    let admission = admission::Admission::new(limits);
+    let fd_limit = admission::nofile_soft_limit().context("read the open-file limit")?;
+    let fd_reserve = admission::fd_reserve(fd_limit);
     let mut sessions = tokio::task::JoinSet::new();
+    // After an accept error: when to try again, and how long the next pause is.
+    let mut paused: Option<tokio::time::Instant> = None;
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
+        let resume = paused.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if paused.is_none() => match accepted {
                 Ok((tcp, peer)) => {
-                    sessions.spawn(session::serve(shared.clone(), tcp, peer, stop_rx.clone()));
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp) as u64;
+                    // Descriptors are allocated lowest first: this one's number is a floor on how
+                    // many are open.
+                    if fd + fd_reserve >= fd_limit {
+                        let shed = admission.shed_oldest(1);
+                        if let Some(held) = admission.log.check() {
+                            tracing::warn!(fd, fd_limit, shed, held_back = held, "near the open-file limit: closing the oldest connections that have not logged in");
+                        }
+                    }
+                    match admission.admit(peer.ip()) {
+                        Ok(ticket) => {
+                            sessions.spawn(session::serve(shared.clone(), tcp, peer, stop_rx.clone(), ticket));
+                        }
+                        Err(refusal) => {
+                            drop(tcp);
+                            if let Some(held) = admission.log.check() {
+                                tracing::warn!(%peer, held_back = held, unauthenticated = admission.unauthenticated(), "connection closed at once: {}", refusal.as_str());
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let starved = admission::out_of_descriptors(&e);
+                    let shed = if starved { admission.shed_oldest(SHED_BATCH) } else { 0 };
+                    if let Some(held) = admission.log.check() {
+                        tracing::warn!(error = %e, shed, pause_ms = backoff.as_millis() as u64, held_back = held, "accept failed");
+                    }
+                    paused = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             },
+            _ = tokio::time::sleep_until(resume), if paused.is_some() => paused = None,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = &mut shutdown => break,
         }
