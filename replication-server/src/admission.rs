@@ -55,6 +55,8 @@ impl Refusal {
 struct Inner {
     next: u64,
     total: usize,
+    /// Most unauthenticated connections at once since memory was last given back.
+    peak: usize,
     per_addr: HashMap<IpAddr, usize>,
     /// Unauthenticated connections not yet asked to go, oldest first.
     queue: BTreeMap<u64, Arc<Notify>>,
@@ -64,8 +66,14 @@ struct Inner {
 pub struct Admission {
     limits: Limits,
     inner: Mutex<Inner>,
-    /// Peer-triggered log lines about refused, shed or failed pre-login connections.
+    /// Peer-triggered log lines about pre-login connections that failed (TLS, Hello).
     pub log: RateLimit,
+    /// Connections closed at once for being over a cap.
+    pub refused_log: RateLimit,
+    /// Shedding near the open-file limit and failed accepts: the server's own state.
+    pub pressure_log: RateLimit,
+    /// Refused credentials (anyone can send a wrong one), apart so that noise does not hide them.
+    pub auth_log: RateLimit,
 }
 
 /// Counts the key an address is capped under: the address itself, or an IPv6 address's /64.
@@ -85,6 +93,9 @@ impl Admission {
             limits,
             inner: Mutex::new(Inner::default()),
             log: RateLimit::new(Duration::from_secs(10)),
+            auth_log: RateLimit::new(Duration::from_secs(10)),
+            pressure_log: RateLimit::new(Duration::from_secs(10)),
+            refused_log: RateLimit::new(Duration::from_secs(10)),
         })
     }
 
@@ -105,6 +116,7 @@ impl Admission {
         }
         *n += 1;
         g.total += 1;
+        g.peak = g.peak.max(g.total);
         g.next += 1;
         let id = g.next;
         let shed = Arc::new(Notify::new());
@@ -131,6 +143,17 @@ impl Admission {
             asked += 1;
         }
         asked
+    }
+
+    /// Whether many unauthenticated connections have come and gone since the last call that said
+    /// so: then the memory they used is worth giving back to the system ([`give_back_memory`]).
+    pub fn memory_to_give_back(&self) -> bool {
+        let mut g = self.inner();
+        if g.peak >= TRIM_AFTER && g.total <= g.peak / 4 {
+            g.peak = g.total;
+            return true;
+        }
+        false
     }
 
     /// Unauthenticated connections now.
@@ -220,6 +243,21 @@ impl RateLimit {
         }
         *last = Some(now);
         Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// A flood of this many unauthenticated connections, once mostly gone, is followed by
+/// [`give_back_memory`].
+const TRIM_AFTER: usize = 64;
+
+/// Returns the allocator's free memory to the system. glibc keeps what a flood's connections
+/// freed in its per-thread arenas (measured: 80 MiB still resident after 1,000 connections
+/// closed); `malloc_trim` releases it.
+pub fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -333,6 +371,21 @@ mod tests {
         assert_eq!(a.shed_oldest(10), 1);
         assert!(tokio::time::timeout(quick, new.shed()).await.is_ok());
         assert!(tokio::time::timeout(quick, agent.shed()).await.is_err());
+    }
+
+    #[test]
+    fn memory_is_given_back_once_after_a_flood_has_mostly_gone() {
+        let a = Admission::new(Limits::default());
+        let mut flood: Vec<Ticket> = (0..TRIM_AFTER)
+            .map(|i| a.admit(IpAddr::from([10, 0, (i / 60) as u8, 1])).unwrap())
+            .collect();
+        assert!(!a.memory_to_give_back(), "the flood is still there");
+        flood.truncate(TRIM_AFTER / 4);
+        assert!(a.memory_to_give_back());
+        assert!(!a.memory_to_give_back(), "once per flood");
+        drop(flood);
+        assert!(!a.memory_to_give_back());
+        give_back_memory();
     }
 
     #[test]

@@ -279,6 +279,8 @@ pub async fn run_with_limits(
     // After an accept error: when to try again, and how long the next pause is.
     let mut paused: Option<tokio::time::Instant> = None;
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut trim = tokio::time::interval(std::time::Duration::from_secs(2));
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let resume = paused.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
@@ -290,7 +292,7 @@ pub async fn run_with_limits(
                     // many are open.
                     if fd + fd_reserve >= fd_limit {
                         let shed = admission.shed_oldest(1);
-                        if let Some(held) = admission.log.check() {
+                        if let Some(held) = admission.pressure_log.check() {
                             tracing::warn!(fd, fd_limit, shed, held_back = held, "near the open-file limit: closing the oldest connections that have not logged in");
                         }
                     }
@@ -300,7 +302,7 @@ pub async fn run_with_limits(
                         }
                         Err(refusal) => {
                             drop(tcp);
-                            if let Some(held) = admission.log.check() {
+                            if let Some(held) = admission.refused_log.check() {
                                 tracing::warn!(%peer, held_back = held, unauthenticated = admission.unauthenticated(), "connection closed at once: {}", refusal.as_str());
                             }
                         }
@@ -309,7 +311,7 @@ pub async fn run_with_limits(
                 Err(e) => {
                     let starved = admission::out_of_descriptors(&e);
                     let shed = if starved { admission.shed_oldest(SHED_BATCH) } else { 0 };
-                    if let Some(held) = admission.log.check() {
+                    if let Some(held) = admission.pressure_log.check() {
                         tracing::warn!(error = %e, shed, pause_ms = backoff.as_millis() as u64, held_back = held, "accept failed");
                     }
                     paused = Some(tokio::time::Instant::now() + backoff);
@@ -317,6 +319,9 @@ pub async fn run_with_limits(
                 }
             },
             _ = tokio::time::sleep_until(resume), if paused.is_some() => paused = None,
+            _ = trim.tick() => if admission.memory_to_give_back() {
+                tokio::task::spawn_blocking(admission::give_back_memory);
+            },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = &mut shutdown => break,
         }

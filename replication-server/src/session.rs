@@ -156,8 +156,17 @@ pub async fn serve(
                 }
                 debug!(error = %e, "connection closed without TLS close_notify");
             }
-            Err(e) if !ticket.is_authenticated() => {
-                if let Some(held) = ticket.admission().log.check() {
+            // Anonymous peers can cause these at will: one line per period. (A revoked or
+            // forbidden credential is a real one, always logged below.)
+            Err(e)
+                if !ticket.is_authenticated()
+                    && !matches!(e, SessionError::Revoked(_) | SessionError::Forbidden(_)) =>
+            {
+                let limit = match e {
+                    SessionError::Unauthorized(_) => &ticket.admission().auth_log,
+                    _ => &ticket.admission().log,
+                };
+                if let Some(held) = limit.check() {
                     warn!(error = %chain(e), held_back = held, "session refused or aborted before login");
                 }
             }
