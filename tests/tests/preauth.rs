@@ -181,3 +181,65 @@ fn near_the_open_file_limit_unauthenticated_connections_make_room_for_an_agent()
     // Two sessions: the install's and the running agent's, never shed and reconnected.
     assert_eq!(log_lines(&server, "agent connected"), 2, "{log}");
 }
+
+/// Issue 12: a peer that hangs up without a TLS close_notify is at most a DEBUG line.
+#[test]
+fn a_peer_closing_without_close_notify_is_not_a_warning() {
+    use rehost_agent::conn::{connect, handshake};
+    use rehost_proto::msg::{Auth, DiskInfo, Hello};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let img = dir.path().join("src.img");
+    mixed_image(&img, 1 << 20, 3);
+    let agent = Agent::new(dir.path(), "a");
+    assert!(agent
+        .install(&server, &server.token(), &[&img], "no-close-notify")
+        .status
+        .success());
+    let s = agent.state_json();
+    let hex32 = |v: &serde_json::Value| -> [u8; 32] {
+        let v = v.as_str().unwrap();
+        (0..32)
+            .map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16).unwrap())
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap()
+    };
+    let before = log_lines(&server, "agent disconnected");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut tls = connect(&server.addr, hex32(&s["server_pin"]))
+            .await
+            .unwrap();
+        let hello = Hello {
+            min_version: 1,
+            max_version: 1,
+            agent_version: "test".into(),
+            auth: Auth::Machine {
+                machine_id: rehost_proto::MachineId::parse(s["machine_id"].as_str().unwrap())
+                    .unwrap(),
+                secret: hex32(&s["machine_secret"]),
+            },
+            disks: vec![DiskInfo {
+                device: img.display().to_string(),
+                size_bytes: 1 << 20,
+            }],
+        };
+        handshake(&mut tls, hello).await.unwrap();
+        // TCP FIN with no close_notify before it, then read until the server hangs up too.
+        let (mut tcp, _) = tls.into_inner();
+        tcp.shutdown().await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut sink)).await;
+    });
+    wait_until("the server to see the agent go", LIMIT, || {
+        (log_lines(&server, "agent disconnected") > before).then_some(())
+    });
+    let log = server.log_text();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("close_notify") && (l.contains("WARN") || l.contains("ERROR"))),
+        "{log}"
+    );
+}
