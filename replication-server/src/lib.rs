@@ -201,8 +201,8 @@ impl Shared {
 /// accepts keep failing.
 const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
-/// Unauthenticated connections closed at once when `accept` finds no descriptor free (one per
-/// accepted connection while their numbers are near the limit).
+/// Unauthenticated connections closed at once when `accept` finds no descriptor free, and beyond
+/// what brings an accepted connection's descriptor number back out of the reserve.
 const SHED_BATCH: usize = 8;
 
 /// Opens (or initialises) the data dir: PKI, admin credential, catalog.
@@ -291,7 +291,10 @@ pub async fn run_with_limits(
                     // Descriptors are allocated lowest first: this one's number is a floor on how
                     // many are open.
                     if fd + fd_reserve >= fd_limit {
-                        let shed = admission.shed_oldest(1);
+                        // Enough to leave the reserve again (and some slack: the flood that
+                        // filled it goes on), so volumes and the catalog still find descriptors.
+                        let excess = (fd + fd_reserve - fd_limit) as usize + 1;
+                        let shed = admission.shed_oldest(excess + SHED_BATCH);
                         if let Some(held) = admission.pressure_log.check() {
                             tracing::warn!(fd, fd_limit, shed, held_back = held, "near the open-file limit: closing the oldest connections that have not logged in");
                         }
