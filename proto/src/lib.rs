@@ -51,6 +51,11 @@ pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// Largest frame body accepted (bytes). Checked before allocating.
 pub const MAX_FRAME: usize = 2 << 20;
+/// Largest frame a server reads before the peer has authenticated (its `Hello`): enough for the
+/// largest legitimate Hello, 256 disks whose device paths are up to 230 bytes each with the
+/// longest hostname and agent version (see the `hello_cap_fits_the_largest_legitimate_hello`
+/// test), and small enough that unauthenticated connections cost little memory.
+pub const MAX_HELLO_FRAME: usize = 64 << 10;
 pub const MIN_BLOCK_SIZE: u32 = 4096;
 pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 /// Default replication block size: the granularity of the hash index and of rescans.
@@ -74,7 +79,7 @@ pub enum DecodeError {
 pub enum FrameError {
     #[error("connection i/o")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    #[error("frame of {0} bytes exceeds the size limit")]
     TooLarge(usize),
     #[error("bad frame")]
     Decode(#[from] DecodeError),

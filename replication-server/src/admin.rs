@@ -522,6 +522,7 @@ mod tests {
                 registered_at: 0,
                 last_seen: None,
                 revoked: false,
+                duplicate_of: None,
                 disks: vec![DiskView {
                     disk_id: 1,
                     device: device.clone(),

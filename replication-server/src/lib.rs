@@ -9,6 +9,7 @@
 //! - [`session`]: one agent connection (handshake, checks, stream);
 //! - [`writer`]: the per-connection durability thread (verify, pwrite, group commit, ack);
 //! - [`live`]: what connected agents report;
+//! - [`admission`]: caps and shedding of connections that have not logged in, the open-file limit;
 //! - [`admin`]: the admin HTTP/JSON API the operator commands use, and Prometheus metrics;
 //! - [`admin_tls`]: where the admin API listens: plain HTTP on loopback, HTTPS elsewhere;
 //! - [`metrics`]: the Prometheus text encoder the metrics page is written with;
@@ -23,6 +24,7 @@
 pub mod admin;
 pub mod admin_tls;
 pub mod auth;
+pub mod admission;
 pub mod catalog;
 pub mod client;
 pub mod failpoint;
@@ -210,6 +212,14 @@ impl Shared {
     }
 }
 
+/// First pause of the accept loop after an accept error; it doubles up to the maximum while
+/// accepts keep failing.
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+/// Unauthenticated connections closed at once when `accept` finds no descriptor free, and beyond
+/// what brings an accepted connection's descriptor number back out of the reserve.
+const SHED_BATCH: usize = 8;
+
 /// Opens (or initialises) the data dir: PKI, admin credential, catalog.
 pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
     private::create_dir_all(data_dir)
@@ -250,6 +260,24 @@ pub async fn run(
     admin: admin_tls::Endpoint,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_with_limits(
+        shared,
+        listener,
+        admin,
+        admission::Limits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] with caps on the connections that have not logged in yet.
+pub async fn run_with_limits(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: admin_tls::Endpoint,
+    limits: admission::Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin_task = {
         let mut stop = stop_rx.clone();
@@ -259,17 +287,58 @@ pub async fn run(
         tokio::spawn(admin.serve(shared.clone(), stop))
     };
     tokio::pin!(shutdown);
+    let admission = admission::Admission::new(limits);
+    let fd_limit = admission::nofile_soft_limit().context("read the open-file limit")?;
+    let fd_reserve = admission::fd_reserve(fd_limit);
     let mut sessions = tokio::task::JoinSet::new();
+    // After an accept error: when to try again, and how long the next pause is.
+    let mut paused: Option<tokio::time::Instant> = None;
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut trim = tokio::time::interval(std::time::Duration::from_secs(2));
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let resume = paused.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if paused.is_none() => match accepted {
                 Ok((tcp, peer)) => {
-                    sessions.spawn(session::serve(shared.clone(), tcp, peer, stop_rx.clone()));
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp) as u64;
+                    // Descriptors are allocated lowest first: this one's number is a floor on how
+                    // many are open.
+                    if fd + fd_reserve >= fd_limit {
+                        // Enough to leave the reserve again (and some slack: the flood that
+                        // filled it goes on), so volumes and the catalog still find descriptors.
+                        let excess = (fd + fd_reserve - fd_limit) as usize + 1;
+                        let shed = admission.shed_oldest(excess + SHED_BATCH);
+                        if let Some(held) = admission.pressure_log.check() {
+                            tracing::warn!(fd, fd_limit, shed, held_back = held, "near the open-file limit: closing the oldest connections that have not logged in");
+                        }
+                    }
+                    match admission.admit(peer.ip()) {
+                        Ok(ticket) => {
+                            sessions.spawn(session::serve(shared.clone(), tcp, peer, stop_rx.clone(), ticket));
+                        }
+                        Err(refusal) => {
+                            drop(tcp);
+                            if let Some(held) = admission.refused_log.check() {
+                                tracing::warn!(%peer, held_back = held, unauthenticated = admission.unauthenticated(), "connection closed at once: {}", refusal.as_str());
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let starved = admission::out_of_descriptors(&e);
+                    let shed = if starved { admission.shed_oldest(SHED_BATCH) } else { 0 };
+                    if let Some(held) = admission.pressure_log.check() {
+                        tracing::warn!(error = %e, shed, pause_ms = backoff.as_millis() as u64, held_back = held, "accept failed");
+                    }
+                    paused = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
+            },
+            _ = tokio::time::sleep_until(resume), if paused.is_some() => paused = None,
+            _ = trim.tick() => if admission.memory_to_give_back() {
+                tokio::task::spawn_blocking(admission::give_back_memory);
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = &mut shutdown => break,

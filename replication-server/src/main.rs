@@ -80,6 +80,14 @@ enum Cmd {
         /// byte count; a larger one is refused at the handshake (OutOfRange).
         #[arg(long, default_value = "64TiB", value_parser = parse_size)]
         max_disk_size: u64,
+        /// Connections that have not logged in yet (TLS handshake and Hello), at most, from all
+        /// addresses together; more are closed at once. Logged-in agents do not count.
+        #[arg(long, default_value_t = rehost_server::admission::Limits::default().max_unauthenticated as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        max_unauthenticated: u64,
+        /// Connections that have not logged in yet, at most, from one source address (for IPv6,
+        /// one /64); more are closed at once. Agents behind one NAT share this.
+        #[arg(long, default_value_t = rehost_server::admission::Limits::default().max_unauthenticated_per_address as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        max_unauthenticated_per_address: u64,
     },
     /// Install tokens: create, list, revoke.
     #[command(subcommand)]
@@ -300,6 +308,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             snapshot_tick,
             scrub_interval,
             max_disk_size,
+            max_unauthenticated,
+            max_unauthenticated_per_address,
         } => serve(
             &cli,
             listen,
@@ -317,6 +327,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             *snapshot_tick,
             *scrub_interval,
             *max_disk_size,
+            rehost_server::admission::Limits {
+                max_unauthenticated: usize::try_from(*max_unauthenticated).unwrap_or(usize::MAX),
+                max_unauthenticated_per_address: usize::try_from(*max_unauthenticated_per_address)
+                    .unwrap_or(usize::MAX),
+            },
         ),
         Cmd::MetricsToken { rotate } => {
             if !cli.data_dir.is_dir() {
@@ -543,7 +558,20 @@ fn serve(
     snapshot_tick: u64,
     scrub_interval: std::time::Duration,
     max_disk_size: u64,
+    limits: rehost_server::admission::Limits,
 ) -> anyhow::Result<()> {
+    // Every agent holds a socket and its disks' files open: the default soft limit (1,024) is
+    // too low for a few hundred agents.
+    match rehost_server::admission::raise_nofile_limit() {
+        Ok(l) if l.soft > l.before => tracing::info!(
+            from = l.before,
+            to = l.soft,
+            hard = l.hard,
+            "raised the open-file limit"
+        ),
+        Ok(l) => tracing::info!(soft = l.soft, hard = l.hard, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -594,7 +622,7 @@ fn serve(
                 _ = term.recv() => {}
             }
         };
-        rehost_server::run(shared, listener, admin, shutdown).await
+        rehost_server::run_with_limits(shared, listener, admin, limits, shutdown).await
     })
 }
 

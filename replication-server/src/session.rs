@@ -7,14 +7,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rehost_proto::frame::{read_message, write_message};
+use rehost_proto::frame::{read_message, read_message_capped, write_message};
 use rehost_proto::msg::{Auth, DiskGrant, ErrorCode, Hello, Welcome, SHARED_CREDENTIAL};
 use rehost_proto::{DiskId, FrameError, MachineId, Message};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedMutexGuard};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
+use crate::admission::Ticket;
 use crate::auth::{Kick, RegisterRefusal};
 use crate::catalog::Refusal;
 use crate::volume::Volume;
@@ -57,12 +58,18 @@ pub enum SessionError {
     Shutdown,
     #[error("no frame for {0:?}")]
     Idle(Duration),
+    #[error("hello of {0} bytes exceeds the {max}-byte limit before login", max = rehost_proto::MAX_HELLO_FRAME)]
+    HelloTooLarge(usize),
+    #[error("closed to make room: the server is near its open-file limit and this connection had not logged in")]
+    Shed,
 }
 
 impl SessionError {
     fn code(&self) -> Option<ErrorCode> {
         Some(match self {
-            SessionError::Frame(FrameError::TooLarge(_)) => ErrorCode::TooLarge,
+            SessionError::Frame(FrameError::TooLarge(_)) | SessionError::HelloTooLarge(_) => {
+                ErrorCode::TooLarge
+            }
             SessionError::Frame(FrameError::Decode(_)) | SessionError::Protocol(_) => {
                 ErrorCode::Protocol
             }
@@ -81,6 +88,7 @@ impl SessionError {
             | SessionError::Shutdown
             | SessionError::Idle(_) => ErrorCode::Protocol,
             SessionError::Tls(_)
+            | SessionError::Shed
             | SessionError::Frame(FrameError::Io(_))
             | SessionError::Agent(_) => return None,
         })
@@ -115,29 +123,57 @@ pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    mut ticket: Ticket,
 ) {
     let span = tracing::info_span!("conn", %peer, machine = tracing::field::Empty);
     async move {
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(shared.pki.tls.clone());
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return warn!(error = %e, "TLS handshake failed"),
-            Err(_) => return warn!("TLS handshake timed out"),
+        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            // A peer can cause this at will: one line per period.
+            if let Some(held) = ticket.admission().log.check() {
+                warn!(error = %e, held_back = held, "{what}");
+            }
+        };
+        let tls = tokio::select! {
+            r = handshake => match r {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return failed("TLS handshake failed", &e),
+                Err(_) => return failed("TLS handshake timed out", &"no handshake within the timeout"),
+            },
+            _ = ticket.shed() => return failed("connection closed before its TLS handshake", &SessionError::Shed),
         };
         let (rd, wr) = tokio::io::split(tls);
         let (out_tx, out_rx) = mpsc::channel::<Message>(256);
         let outbound = tokio::spawn(outbound(wr, out_rx));
-        let result = session(
-            &shared,
-            BufReader::with_capacity(1 << 20, rd),
-            out_tx.clone(),
-            peer,
-            shutdown,
-        )
-        .await;
+        let result = session(&shared, rd, out_tx.clone(), peer, shutdown, &mut ticket).await;
         match &result {
             Ok(()) => info!("agent disconnected"),
+            // Closing without a TLS close_notify is how many peers hang up; nothing is lost by it
+            // at a frame boundary.
+            Err(SessionError::Frame(FrameError::Io(e)))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                if ticket.is_authenticated() {
+                    info!("agent disconnected");
+                }
+                debug!(error = %e, "connection closed without TLS close_notify");
+            }
+            // Anonymous peers can cause these at will: one line per period. (A revoked or
+            // forbidden credential is a real one, always logged below.)
+            Err(e)
+                if !ticket.is_authenticated()
+                    && !matches!(e, SessionError::Revoked(_) | SessionError::Forbidden(_)) =>
+            {
+                let limit = match e {
+                    SessionError::Unauthorized(_) => &ticket.admission().auth_log,
+                    _ => &ticket.admission().log,
+                };
+                if let Some(held) = limit.check() {
+                    warn!(error = %chain(e), held_back = held, "session refused or aborted before login");
+                }
+            }
             Err(
                 e @ (SessionError::Frame(FrameError::Io(_))
                 | SessionError::Replaced(_)
@@ -186,13 +222,25 @@ async fn session<R: AsyncRead + Unpin>(
     out: mpsc::Sender<Message>,
     peer: SocketAddr,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ticket: &mut Ticket,
 ) -> Result<(), SessionError> {
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_message(&mut rd)).await {
+    // Before login: no read buffer of our own and a small frame cap, so that a connection that
+    // has not logged in costs little memory.
+    let read_hello = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_message_capped(&mut rd, rehost_proto::MAX_HELLO_FRAME),
+    );
+    let read = tokio::select! {
+        r = read_hello => r,
+        _ = ticket.shed() => return Err(SessionError::Shed),
+    };
+    let hello = match read {
         Err(_) => {
             return Err(SessionError::Protocol(
                 "no hello within the handshake timeout".into(),
             ))
         }
+        Ok(Err(FrameError::TooLarge(n))) => return Err(SessionError::HelloTooLarge(n)),
         Ok(r) => match r? {
             Some(Message::Hello(h)) => h,
             Some(m) => {
@@ -206,6 +254,8 @@ async fn session<R: AsyncRead + Unpin>(
     };
     let version = negotiate(&hello)?;
     let (machine, secret) = authenticate(shared, &hello).await?;
+    ticket.authenticated();
+    let mut rd = BufReader::with_capacity(1 << 20, rd);
     tracing::Span::current().record("machine", machine.as_str());
     // A machine that was cut over (or archived) is no longer replicated.
     let lifecycle = {

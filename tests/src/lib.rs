@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 pub mod partitions;
+pub mod flood;
 
 /// Path of a workspace binary: target/<profile>/NAME, next to target/<profile>/deps/<test>.
 pub fn bin(name: &str) -> PathBuf {
@@ -80,19 +81,35 @@ pub struct Server {
     pub addr: String,
     pub admin: String,
     pub log: PathBuf,
+    /// Extra `serve` arguments, and the open-file limit (soft, hard) the server starts under.
+    serve_args: Vec<String>,
+    nofile: Option<(u64, u64)>,
 }
 
 impl Server {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[], None)
+    }
+
+    /// [`Server::start`] with extra `serve` arguments and, if given, the open-file limit
+    /// (soft, hard) the process starts under.
+    pub fn start_with(dir: &Path, serve_args: &[&str], nofile: Option<(u64, u64)>) -> Self {
         let mut s = Server {
             child: None,
             data: dir.join("server"),
             addr: format!("127.0.0.1:{}", free_port()),
             admin: format!("127.0.0.1:{}", free_port()),
             log: dir.join("server.log"),
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
+            nofile,
         };
         s.spawn();
         s
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn spawn(&mut self) {
@@ -101,14 +118,30 @@ impl Server {
             .append(true)
             .open(&self.log)
             .expect("server log");
-        let child = Command::new(bin("rehost-server"))
-            .args(["--data-dir".as_ref(), self.data.as_os_str()])
+        let mut cmd = Command::new(bin("rehost-server"));
+        cmd.args(["--data-dir".as_ref(), self.data.as_os_str()])
             .args(["--admin", &self.admin, "serve", "--listen", &self.addr])
+            .args(&self.serve_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start rehost-server");
+            .stderr(log);
+        if let Some((soft, hard)) = self.nofile {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits; `lim`
+            // is a plain value moved into the closure.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("start rehost-server");
         self.child = Some(child);
         wait_until("the server's admin API", Duration::from_secs(30), || {
             self.cli(&["token", "list"]).status.success().then_some(())

@@ -467,8 +467,10 @@ mod tests {
         assert_eq!((res.damaged_chunks, res.repaired_chunks), (2, 1), "{res:?}");
         assert_eq!(res.damaged_snapshots, vec![s1.id, s2.id]);
         assert!(store.exists(Kind::Chunk, &c5));
-        let mut text = String::new();
-        metrics(store, &mut text);
+        let mut page = crate::metrics::Page::default();
+        metrics(store, &mut page);
+        let text = page.text();
+        assert!(text.contains("rehost_scrub_chunks_repaired_total 1"), "{text}");
         assert!(text.contains("rehost_scrub_repaired_chunks 1"), "{text}");
         assert!(text.contains("rehost_snapshots_damaged 2"), "{text}");
         assert!(text.contains("rehost_store_quarantined_chunks 1"), "{text}");
