@@ -10,9 +10,10 @@ OUT=seeds
 rm -rf "$OUT"
 mkdir -p "$OUT"/{partition,fstab,grub}
 
-echo "gen-seeds: building the seed writer" >&2
-cargo build --release --quiet --bin gen-seeds
-./target/release/gen-seeds "$OUT"
+# Built like the fuzz targets (one build for both; the sanitizer runtime is linked, libFuzzer is
+# not). SKIP_BUILD=1: use the binary as built.
+[ -n "${SKIP_BUILD:-}" ] || RUSTC_BOOTSTRAP=1 cargo fuzz build --debug-assertions gen-seeds
+./target/x86_64-unknown-linux-gnu/release/gen-seeds "$OUT"
 
 command -v sfdisk >/dev/null || { echo "gen-seeds: sfdisk (util-linux) is needed" >&2; exit 1; }
 img() { # NAME SIZE, sfdisk script on stdin

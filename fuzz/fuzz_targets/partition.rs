@@ -72,7 +72,8 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= 2 * SECTOR as usize {
         let mut d = data.to_vec();
         fix_gpt(&mut d, 1);
-        fix_gpt(&mut d, d.len() as u64 / SECTOR - 1);
+        let last = d.len() as u64 / SECTOR - 1;
+        fix_gpt(&mut d, last);
         if d != data {
             check(&d);
         }
