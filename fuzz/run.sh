@@ -44,8 +44,11 @@ for t in "${TARGETS[@]}"; do
         -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -jobs=1 -workers=1 \
         -print_final_stats=1 -artifact_prefix="../artifacts/$t/" >/dev/null 2>&1) || true
     mv -f logs/fuzz-0.log "$log" 2>/dev/null || true
-    execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
-    rate=$(grep -o 'stat::average_exec_per_sec: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
+    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
+    rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || true)
+    # A run that stopped on a crash prints no final stats: take its last status line.
+    [[ -n $execs && $execs != 0 ]] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#' || true)
+    [[ -n $rate ]] || rate=$(grep -o 'exec/s: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || true)
     corp=$(grep -o 'corp: [0-9]*/[0-9a-zA-Z]*' "$log" | tail -1 | cut -d' ' -f2 || echo "?")
     new=$(find "artifacts/$t" -type f -newer "logs/$t.start" | sort)
     found=$(printf '%s' "$new" | grep -c . || true)
