@@ -152,6 +152,24 @@ mod tests {
         assert!(take(dir.path(), 3).unwrap().is_none());
     }
 
+    /// Found by `fuzz/run.sh bitmap`: a well-formed file claiming a disk of 2^58 bytes made the
+    /// decoder allocate the bitmap of that size (512 GiB) before comparing it with the saved words.
+    #[test]
+    fn huge_size_is_refused_without_allocating() {
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&65536u32.to_le_bytes());
+        b.extend_from_slice(&0x73u64.to_le_bytes());
+        b.extend_from_slice(&0xfeeeu64.to_le_bytes());
+        b.extend_from_slice(&0x0400_0000_5000_0000u64.to_le_bytes());
+        b.extend_from_slice(&2u64.to_le_bytes());
+        b.extend_from_slice(&[1, 0, 0, 0, 0, 0x0f, 0, 0, 0, 0x80, 0, 0, 0, 0, 0, 0]);
+        let sum = blake3::hash(&b);
+        b.extend_from_slice(sum.as_bytes());
+        assert_eq!(decode(&b), Err("bitmap does not fit the disk size"));
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {

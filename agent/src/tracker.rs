@@ -141,10 +141,12 @@ impl DirtySet {
 
     /// Rebuilds a set from saved words; `None` when they do not fit the geometry.
     pub fn from_words(size: u64, block_size: u32, words: Vec<u64>) -> Option<Self> {
-        let mut s = Self::new(size, block_size);
-        if words.len() != s.bits.len() {
+        // Checked before `new`, which allocates the words: a saved size may be anything.
+        let blocks = size.div_ceil(u64::from(block_size.max(1)));
+        if block_size == 0 || blocks.div_ceil(64) != words.len() as u64 {
             return None;
         }
+        let mut s = Self::new(size, block_size);
         let tail = s.blocks % 64;
         if tail != 0 && words.last().is_some_and(|w| w >> tail != 0) {
             return None;

@@ -115,7 +115,10 @@ fn assignment(line: &str) -> Option<(&str, char, &str)> {
             let inner = v[1..].strip_suffix(q)?;
             (!inner.contains(q)).then_some((k, q, inner))
         }
-        None => (!v.contains(char::is_whitespace)).then_some((k, '"', v)),
+        // Rewritten inside double quotes: a quote or backslash in a bare value would change meaning
+        // (or leave an unterminated quote), so such a line is not taken for an assignment.
+        None => (!v.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\')))
+            .then_some((k, '"', v)),
     }
 }
 
@@ -326,6 +329,28 @@ mod tests {
         };
         let (args, _) = rewrite_args("console=hvc0 console=ttyS0", &p);
         assert_eq!(args, "console=hvc0 console=ttyS0 net.ifnames=0");
+    }
+
+    /// Found by `fuzz/run.sh grub`: a bare value with a quote in it (`X=a"b`) was rewritten into
+    /// `X="a"b console=..."`, an unterminated shell string that the next run did not recognise (and
+    /// so appended a second `GRUB_CMDLINE_LINUX`).
+    #[test]
+    fn bare_value_with_a_quote_is_left_alone() {
+        let v = vols();
+        let p = CmdlinePolicy {
+            volumes: &v,
+            root_spec: "UUID=r",
+            ensure: ENSURE,
+        };
+        let text = "GRUB_CMDLINE_LINUX=quiet\"x\n";
+        let (once, _) = rewrite_default_grub(text, &p);
+        assert_eq!(
+            once,
+            "GRUB_CMDLINE_LINUX=quiet\"x\nGRUB_CMDLINE_LINUX=\"console=ttyS0,115200 net.ifnames=0\"\n"
+        );
+        let (twice, edits) = rewrite_default_grub(&once, &p);
+        assert_eq!(twice, once);
+        assert!(edits.is_empty());
     }
 
     proptest! {

@@ -421,7 +421,8 @@ fn parse_gpt(disk: &(impl ReadAt + ?Sized), size: u64) -> Result<PartitionTable,
     let entries_lba = le64(&hdr, 72);
     let count = le32(&hdr, 80);
     let esize = le32(&hdr, 84);
-    if first_usable > last_usable || last_usable > last_lba {
+    // LBA 0 is the protective MBR and LBA 1 the header: no partition may start before LBA 2.
+    if first_usable < 2 || first_usable > last_usable || last_usable > last_lba {
         return Err(PartitionError::BadGpt(format!(
             "usable range {first_usable}..{last_usable}"
         )));

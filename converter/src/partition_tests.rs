@@ -166,6 +166,23 @@ fn gpt_entry_outside_usable_range_is_refused() {
     ));
 }
 
+/// Found by `fuzz/run.sh partition`: a header whose usable range starts at LBA 0 let an entry
+/// describe a partition over the protective MBR and the GPT header (start 0; MBR entries are refused
+/// below sector 1).
+#[test]
+fn gpt_usable_range_over_the_header_is_refused() {
+    let mut d = gpt_disk(MIB, &[(0, 0)]);
+    d[512 + 40..512 + 48].copy_from_slice(&0u64.to_le_bytes());
+    d[512 + 16..512 + 20].fill(0);
+    let c = crc32(&d[512..512 + 92]);
+    d[512 + 16..512 + 20].copy_from_slice(&c.to_le_bytes());
+    assert!(
+        matches!(parse(&d[..]), Err(PartitionError::BadGpt(ref m)) if m.contains("usable range")),
+        "{:?}",
+        parse(&d[..])
+    );
+}
+
 proptest! {
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
