@@ -8,6 +8,7 @@
 //! - [`live`]: what connected agents report;
 //! - [`admin`]: the admin HTTP/JSON API the operator commands use, and Prometheus metrics;
 //! - [`client`]: the operator commands' side of the admin API;
+//! - [`human`]: sizes and times as the operator commands and job logs print them;
 //! - [`store`]: the content-addressed snapshot store and its garbage collection;
 //! - [`snapshot`]: recovery points (take, export, verify) and their admin API;
 //! - [`retention`]: retention policies and the snapshot scheduler;
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod catalog;
 pub mod client;
 pub mod failpoint;
+pub mod human;
 pub mod launch;
 pub mod live;
 pub mod pki;
