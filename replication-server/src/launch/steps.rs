@@ -312,8 +312,8 @@ struct ConverterFailure {
 fn converter_failure(stderr: &str) -> ConverterFailure {
     let mut lines: Vec<String> = stderr
         .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
         .map(str::to_string)
         .collect();
     let last = lines
