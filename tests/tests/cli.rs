@@ -239,3 +239,43 @@ fn operator_commands_before_the_server_ever_ran_say_so() {
     }
     assert!(!Path::new(&data).exists(), "nothing is created");
 }
+
+#[test]
+fn the_converter_ends_quietly_on_a_closed_pipe_and_releases_its_loop_device() {
+    if !require_root("the converter's manifest (loop device, mount)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(files.join("etc")).unwrap();
+    for i in 0..200 {
+        std::fs::write(files.join(format!("etc/f{i}")), format!("{i}\n")).unwrap();
+    }
+    let img = dir.path().join("plain.img");
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&files)
+            .arg(&img)
+            .arg("32M"),
+    );
+    assert_quiet_end(
+        "rehost-converter manifest",
+        into_closed_pipe(
+            Command::new(bin("rehost-converter"))
+                .arg("--work-dir")
+                .arg(dir.path())
+                .arg("manifest")
+                .arg(&img),
+        ),
+    );
+    let loops = text(
+        Command::new("losetup")
+            .arg("-j")
+            .arg(&img)
+            .output()
+            .as_ref()
+            .unwrap(),
+    );
+    assert!(loops.trim().is_empty(), "left attached: {loops}");
+}
