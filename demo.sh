@@ -9,8 +9,18 @@
 #     QEMU and waits for it to boot; replication goes on;
 #  5. a file is written on the source, and the cutover takes a final consistency point, boots
 #     the target from it (the file is there), and stops replication.
+# Its data (about 3 GB) goes to $REHOST_DEMO_DIR (default /var/tmp/rehost-demo); it is removed when
+# the demo succeeds, unless `./demo.sh --keep` or REHOST_DEMO_KEEP=1; a failed run keeps it.
 set -euo pipefail
 cd "$(dirname "$0")"
+KEEP=${REHOST_DEMO_KEEP:-0}
+for a in "$@"; do
+  case "$a" in
+    --keep) KEEP=1 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "demo.sh: unknown argument $a (only --keep)" >&2; exit 2 ;;
+  esac
+done
 W=${REHOST_DEMO_DIR:-/var/tmp/rehost-demo}
 PORT=${REHOST_DEMO_PORT:-1500}
 ADMIN_PORT=${REHOST_DEMO_ADMIN_PORT:-1501}
@@ -32,6 +42,7 @@ FIXTURE=$(converter/fixtures/build-debian-image.sh xen)
 
 pids=()
 LOOP=""
+DONE=0
 cleanup() {
   set +e
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
@@ -39,12 +50,24 @@ cleanup() {
   for pf in "$W"/targets/*/*/qemu.pid; do [ -f "$pf" ] && kill "$(cat "$pf")" 2>/dev/null; done
   mountpoint -q "$W/mnt" && umount "$W/mnt"
   if [ -n "$LOOP" ]; then remove_partitions "$LOOP"; losetup -d "$LOOP"; fi
-  for t in /sys/kernel/tracing/instances/rehost-*; do
-    [ -d "$t" ] || continue
+  # Only the demo machine's kernel trace instances: other agents on this host keep theirs.
+  local mid
+  mid=$(sed -n 's/.*"machine_id": *"\(m-[0-9a-f]*\)".*/\1/p' "$W/agent/agent.json" 2>/dev/null | head -n 1)
+  for t in /sys/kernel/tracing/instances/rehost-"$mid"-*; do
+    [ -n "$mid" ] && [ -d "$t" ] || continue
     echo 0 > "$t/events/block/block_rq_complete/enable" 2>/dev/null; rmdir "$t" 2>/dev/null
   done
 }
-trap cleanup EXIT
+finish() {
+  cleanup
+  if [ "$DONE" = 1 ] && [ "$KEEP" != 1 ]; then
+    rm -rf "$W"
+    echo "removed the demo's data in $W (./demo.sh --keep or REHOST_DEMO_KEEP=1 keeps it)"
+  elif [ -d "$W" ]; then
+    echo "the demo's data is in $W ($(du -sh "$W" 2>/dev/null | cut -f1); logs: server.log, agent.log); rm -rf $W removes it"
+  fi
+}
+trap finish EXIT
 cleanup
 rm -rf "$W" && mkdir -p "$W/mnt"
 cp --sparse=always "$FIXTURE" "$W/source.img"
@@ -129,4 +152,7 @@ echo "serial console of the target ($TARGET/serial.log), last lines:"
 tail -n 6 "$TARGET/serial.log" | sed 's/^/  /'
 echo
 echo "OK: the source was replicated, tested and cut over; the target VM boots on KVM/virtio."
-echo "(the demo stops the target VM on exit; $TARGET/qemu.sh starts it again)"
+if [ "$KEEP" = 1 ]; then
+  echo "(the demo stops the target VM on exit; $TARGET/qemu.sh starts it again)"
+fi
+DONE=1

@@ -1,5 +1,8 @@
 //! `rehost-agent`: parses arguments, sets up logging, calls into the library.
 
+#[cfg(test)]
+mod cli_help;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -55,6 +58,7 @@ enum Cmd {
     },
     /// Run the replication daemon in the foreground (what the service runs).
     Run {
+        /// Where `install` put the agent's state and credential.
         #[arg(
             long,
             default_value = "/var/lib/rehost-agent",
@@ -86,17 +90,21 @@ enum Cmd {
     /// agent around each filesystem freeze, so no freeze outlives a killed agent).
     #[command(hide = true)]
     ThawGuard {
+        /// Thaw after this many milliseconds unless told otherwise.
         #[arg(long)]
         max_ms: u64,
+        /// Mount points of the frozen filesystems.
         mounts: Vec<PathBuf>,
     },
     /// Print the blake3 digest of devices or image files (to compare a source with its replica).
     Checksum {
+        /// Block devices or image files; one `DIGEST  PATH` line is printed for each.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
     /// Show the replication state of each disk, as the running agent last reported it.
     Status {
+        /// Where `install` put the agent's state and credential.
         #[arg(
             long,
             default_value = "/var/lib/rehost-agent",
@@ -109,8 +117,24 @@ enum Cmd {
     },
 }
 
+/// Restores the default action of SIGPIPE for the commands that only print (`status`,
+/// `checksum`): when their reader goes away (`rehost-agent status | head -1`) they end quietly, as
+/// `ls` does, instead of panicking in `println!` on EPIPE (Rust starts programs with SIGPIPE
+/// ignored). `run` and `install` keep it ignored: the daemon must not die with its log's pipe,
+/// and an install stopped by a signal half-way would leave a registration without an agent.
+fn die_quietly_on_sigpipe() {
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid action
+    // for SIGPIPE and no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Status { .. } | Cmd::Checksum { .. }) {
+        die_quietly_on_sigpipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

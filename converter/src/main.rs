@@ -115,6 +115,19 @@ struct BootArgs {
     accel: String,
 }
 
+/// Called once the work is done and only the output remains to be printed: from then on, a reader
+/// that went away (`rehost-converter inspect IMG | head -3`) ends the converter quietly by SIGPIPE,
+/// as it ends `ls`, instead of a panic in `println!` on EPIPE (Rust starts programs with SIGPIPE
+/// ignored). Not earlier: while loop devices and mounts are held, a write to a closed pipe must
+/// stay an error, so that the guards release them.
+fn die_quietly_on_sigpipe() {
+    // SAFETY: SIG_DFL is a valid action for SIGPIPE and installs no handler code; the
+    // signal-cleanup thread waits for other signals only.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn fmt_of(f: OutFormat) -> convert::Format {
     match f {
         OutFormat::Raw => convert::Format::Raw,
@@ -166,6 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 Vec::new()
             };
+            die_quietly_on_sigpipe();
             if json {
                 let v = serde_json::json!({ "inspection": ins, "planned_changes": plan });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -213,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 std::fs::write(p, serde_json::to_string_pretty(&r)?)
                     .with_context(|| format!("write report {}", p.display()))?;
             }
+            die_quietly_on_sigpipe();
             print!("{}", r.summary());
             match &r.boot_check {
                 Some(b) if !b.booted => {
@@ -262,6 +277,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 accel: boot.accel,
                 memory_mib: 1024,
             })?;
+            die_quietly_on_sigpipe();
             println!("{}", serde_json::to_string_pretty(&b)?);
             Ok(if b.booted { 0 } else { 4 })
         }
@@ -274,7 +290,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 Err(e) => return Err(e).context("manifest"),
             };
-            for l in manifest::manifest(&prepared.raws[0], &work)? {
+            let lines = manifest::manifest(&prepared.raws[0], &work)?;
+            die_quietly_on_sigpipe();
+            for l in lines {
                 println!("{l}");
             }
             Ok(0)

@@ -116,6 +116,14 @@ fn tls_config(data_dir: &Path) -> anyhow::Result<ureq::tls::TlsConfig> {
 impl AdminClient {
     pub fn new(admin: &str, data_dir: &Path) -> anyhow::Result<Self> {
         let p = data_dir.join(crate::pki::ADMIN_TOKEN);
+        if let Err(e) = std::fs::symlink_metadata(&p) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                bail!(
+                    "no admin credential in {}: has `rehost-server serve` run with this --data-dir?",
+                    data_dir.display()
+                );
+            }
+        }
         let token = rehost_proto::fsutil::read_capped(&p, 4096).with_context(|| {
             format!(
                 "read the admin credential {} (run this as the user that runs `rehost-server serve`, \

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use clap::{Subcommand, ValueEnum};
 use rehost_server::client::AdminClient;
 use rehost_server::launch::api::{BlueprintView, History, JobList, JobView};
@@ -16,6 +16,7 @@ pub enum BlueprintCmd {
     Show {
         /// Machine id or hostname.
         machine: String,
+        /// Print JSON instead of text (format documented in the README).
         #[arg(long)]
         json: bool,
     },
@@ -209,8 +210,13 @@ pub fn blueprint(cmd: &BlueprintCmd, admin: &str, data_dir: &Path) -> anyhow::Re
             put("boot", boot.map(Boot::json));
             put("format", format.map(Format::json));
             if let Some(d) = target_dir {
-                let d = std::path::absolute(d)
-                    .with_context(|| format!("target dir {}", d.display()))?;
+                if !d.is_absolute() {
+                    bail!(
+                        "--target-dir {} is a relative path: give an absolute one (the server \
+                         makes the dirs, and it does not run in this directory)",
+                        d.display()
+                    );
+                }
                 put("target_dir", Some(d.display().to_string().into()));
             }
             put("launch", launch.map(Launch::json));
@@ -360,11 +366,8 @@ pub fn launch(cmd: &LaunchCmd, admin: &str, data_dir: &Path) -> anyhow::Result<(
         println!("{}", serde_json::to_string_pretty(&end)?);
     }
     if end.state != "succeeded" {
-        bail!(
-            "job {} failed: {}",
-            end.id,
-            end.error.as_deref().unwrap_or("see its log")
-        );
+        // The log above ends with the error; saying it a third time would not help.
+        std::process::exit(1);
     }
     Ok(())
 }
@@ -457,7 +460,13 @@ pub fn history(admin: &str, data_dir: &Path, machine: &str, json: bool) -> anyho
     }
     println!("lifecycle of {}", v.machine_id);
     for t in &v.transitions {
-        println!("  @{}  {} -> {}  ({})", t.at, t.from, t.to, t.reason);
+        println!(
+            "  {}  {} -> {}  ({})",
+            rehost_server::human::datetime(t.at),
+            t.from,
+            t.to,
+            t.reason
+        );
     }
     Ok(())
 }

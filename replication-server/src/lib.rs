@@ -14,6 +14,7 @@
 //! - [`admin_tls`]: where the admin API listens: plain HTTP on loopback, HTTPS elsewhere;
 //! - [`metrics`]: the Prometheus text encoder the metrics page is written with;
 //! - [`client`]: the operator commands' side of the admin API;
+//! - [`human`]: sizes and times as the operator commands and job logs print them;
 //! - [`store`]: the content-addressed snapshot store and its garbage collection;
 //! - [`snapshot`]: recovery points (take, export, verify) and their admin API;
 //! - [`retention`]: retention policies and the snapshot scheduler;
@@ -28,6 +29,7 @@ pub mod admission;
 pub mod catalog;
 pub mod client;
 pub mod failpoint;
+pub mod human;
 pub mod launch;
 pub mod live;
 pub mod metrics;

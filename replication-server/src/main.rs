@@ -1,5 +1,7 @@
 //! `rehost-server`: parses arguments, sets up logging, calls into the library.
 
+#[cfg(test)]
+mod cli_help;
 mod jobcmd;
 mod snapcmd;
 
@@ -9,6 +11,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use rehost_server::admin::{CreatedToken, MachinesView};
 use rehost_server::client::AdminClient;
+use rehost_server::human;
 
 /// rehost replication server: receives block replication from rehost agents over TLS, keeps a
 /// staging volume per source disk, and serves the operator commands below.
@@ -19,6 +22,7 @@ struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         default_value = "/var/lib/rehost",
         env = "REHOST_DATA_DIR"
     )]
@@ -31,6 +35,7 @@ struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         default_value = "127.0.0.1:1501",
         env = "REHOST_ADMIN"
     )]
@@ -117,11 +122,13 @@ enum Cmd {
     Snapshots {
         /// Machine id or hostname.
         machine: String,
+        /// Print JSON instead of text (format documented in the README).
         #[arg(long)]
         json: bool,
     },
     /// Remove store objects no snapshot references (the scheduler also does this).
     Gc {
+        /// Print JSON instead of text (format documented in the README).
         #[arg(long)]
         json: bool,
     },
@@ -154,6 +161,7 @@ enum Cmd {
     Mark {
         /// Machine id or hostname.
         machine: String,
+        /// The lifecycle state to set.
         #[arg(value_enum)]
         state: jobcmd::MarkState,
     },
@@ -178,23 +186,31 @@ enum TokenCmd {
         /// machine's own credential. Refused for a revoked machine (`machine unrevoke` first).
         #[arg(long, value_name = "MACHINE")]
         reinstall: Option<String>,
+        /// Print JSON (id, token, expiry) instead of the token alone.
         #[arg(long)]
         json: bool,
     },
     /// List install tokens (ids only; secrets are never shown again).
     List {
+        /// Print JSON instead of text (format documented in the README).
         #[arg(long)]
         json: bool,
     },
     /// Revoke an install token: no new machine can register with it.
-    Revoke { id: String },
+    Revoke {
+        /// Token id, as `token list` shows it (not the secret token).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum MachineCmd {
     /// Revoke a machine's credential: its agent is disconnected and refused from now on (no
     /// install or reinstall token undoes this; `machine unrevoke` does).
-    Revoke { machine_id: String },
+    Revoke {
+        /// Machine id (as `machines` shows it).
+        machine_id: String,
+    },
     /// Lift a machine's revocation: its agent (with the credential it has) may connect again.
     Unrevoke {
         /// Machine id or hostname.
@@ -213,6 +229,7 @@ enum MachineCmd {
     History {
         /// Machine id or hostname.
         machine: String,
+        /// Print JSON instead of text (format documented in the README).
         #[arg(long)]
         json: bool,
     },
@@ -260,27 +277,27 @@ fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
-fn human_bytes(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
+fn time(t: Option<i64>) -> String {
+    t.map(human::datetime).unwrap_or_else(|| "-".into())
 }
 
-fn time(t: Option<i64>) -> String {
-    t.map(|t| format!("@{t}")).unwrap_or_else(|| "-".into())
+/// Restores the default action of SIGPIPE: an operator command whose reader goes away
+/// (`rehost-server token list | head -3`) ends quietly, as `ls` or `cat` do. Rust starts
+/// programs with SIGPIPE ignored, which turns that into an EPIPE error and a panic in `println!`.
+/// `serve` keeps SIGPIPE ignored: a server must not die because the pipe of its log closed.
+fn die_quietly_on_sigpipe() {
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid action
+    // for SIGPIPE and no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        die_quietly_on_sigpipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -413,7 +430,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<18} {:<12} {:<12} {:<9} {:>5}  DESCRIPTION",
+                "{:<18} {:<19} {:<19} {:<9} {:>5}  DESCRIPTION",
                 "ID", "CREATED", "EXPIRES", "STATUS", "USED"
             );
             for t in v["tokens"].as_array().into_iter().flatten() {
@@ -428,10 +445,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     "active"
                 };
                 println!(
-                    "{:<18} {:<12} {:<12} {:<9} {:>5}  {}",
+                    "{:<18} {:<19} {:<19} {:<9} {:>5}  {}",
                     t["id"].as_str().unwrap_or("?"),
                     time(t["created_at"].as_i64()),
-                    time(t["expires_at"].as_i64()),
+                    t["expires_at"]
+                        .as_i64()
+                        .map(human::datetime)
+                        .unwrap_or_else(|| "never".into()),
                     status,
                     t["registrations"].as_i64().unwrap_or(0),
                     match t["machine_id"].as_str() {
@@ -507,7 +527,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 let agent = match (&m.agent_address, m.revoked) {
                     (_, true) => "revoked".to_string(),
                     (Some(a), _) => format!("connected from {a}"),
-                    (None, _) => format!("disconnected since {}", time(m.last_seen)),
+                    (None, _) => match m.last_seen {
+                        Some(t) => format!(
+                            "disconnected since {}",
+                            human::when(t, rehost_server::catalog::now())
+                        ),
+                        None => "never connected".to_string(),
+                    },
                 };
                 println!(
                     "{}  {}  {}  agent {}{}",
@@ -528,11 +554,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     println!(
                         "  {:<24} {:>10} {:<13} {:>6.1}% {:>11} {:>11} {:>6}",
                         d.device,
-                        human_bytes(d.size_bytes),
+                        human::bytes(d.size_bytes),
                         d.state,
                         d.progress_percent,
-                        human_bytes(d.replicated_bytes),
-                        human_bytes(d.backlog_bytes),
+                        human::bytes(d.replicated_bytes),
+                        human::bytes(d.backlog_bytes),
                         d.lag_seconds
                             .map(|l| format!("{l}s"))
                             .unwrap_or_else(|| "-".into())

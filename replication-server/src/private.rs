@@ -36,13 +36,15 @@ pub fn create(path: &Path) -> io::Result<File> {
     options().write(true).create(true).truncate(true).open(path)
 }
 
-/// Creates a file for writing with `mode`, and sets that mode even if the file existed or the
+/// Creates a file for writing with `mode` (with `new`, only if it does not exist yet), and sets
+/// that mode even if the file existed or the
 /// umask took bits away (an operator's explicit choice, e.g. `snapshot export --mode`).
-pub fn create_with_mode(path: &Path, mode: u32) -> io::Result<File> {
+pub fn create_with_mode(path: &Path, mode: u32, new: bool) -> io::Result<File> {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
+        .create_new(new)
         .mode(mode)
         .open(path)?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))?;

@@ -18,7 +18,7 @@ use rehost_server::snapshot::SnapshotInfo;
 use rehost_server::store::gc::GcStats;
 use rehost_server::store::Store;
 
-use super::human_bytes;
+use rehost_server::human;
 
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
@@ -34,28 +34,40 @@ pub enum SnapshotCmd {
         /// the point: app-consistent where it can freeze the filesystems).
         #[arg(long)]
         stream_point: bool,
+        /// Print the answer as JSON (with --wait: the complete snapshot).
         #[arg(long)]
         json: bool,
     },
     /// Write one disk of a snapshot to an image file, byte-identical to the disk at that point.
     Export {
+        /// Machine id or hostname.
         machine: String,
-        /// Snapshot id, or `latest`.
+        /// Snapshot id (as `snapshots` lists them), or `latest` for the newest complete one.
         snapshot: String,
         /// The disk's device (as listed by `machines`) or disk id; optional for one-disk machines.
         #[arg(long)]
         disk: Option<String>,
+        /// The image file to write; an existing file is refused unless --force is given.
         #[arg(long)]
         output: PathBuf,
+        /// Image format: raw (byte-identical to the disk) or qcow2 (converted with qemu-img).
         #[arg(long, value_enum, default_value_t = Format::Raw)]
         format: Format,
         /// Permission bits of the image (octal). The default, 0600, keeps the disk's data from
         /// other local users; e.g. 0640 lets the file's group read it.
         #[arg(long, default_value = "0600", value_parser = parse_mode)]
         mode: u32,
+        /// Overwrite --output if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a snapshot; GC reclaims the space only it used.
-    Delete { machine: String, snapshot: String },
+    Delete {
+        /// Machine id or hostname.
+        machine: String,
+        /// Snapshot id (as `snapshots` lists them), or `latest`.
+        snapshot: String,
+    },
     /// Re-read and re-hash every chunk and page of a snapshot; name what is damaged and which
     /// snapshots and byte ranges it affects, and quarantine damaged chunks (the next snapshot
     /// stores them again from the volume where it still has them). Exits non-zero on damage.
@@ -79,18 +91,23 @@ pub enum SnapshotCmd {
 pub enum RetentionCmd {
     /// Show the policy that applies (to a machine, or server-wide).
     Show {
+        /// This machine's policy (id or hostname): its own, or the server-wide one it inherits.
         #[arg(long)]
         machine: Option<String>,
     },
     /// Set the policy, e.g. `10m:1h,1h:24h,1d:7d` (EVERY:FOR,...) or `off`; server-wide unless
     /// --machine is given.
     Set {
+        /// EVERY:FOR pairs, comma separated (units s, m, h, d), e.g. `10m:1h,1h:24h,1d:7d`; or
+        /// `off` (no scheduled points).
         policy: String,
+        /// Set it for this machine only (id or hostname), overriding the server-wide policy.
         #[arg(long)]
         machine: Option<String>,
     },
     /// Remove a machine's override (or the server-wide setting: back to the default).
     Reset {
+        /// Remove this machine's override (id or hostname) instead of the server-wide setting.
         #[arg(long)]
         machine: Option<String>,
     },
@@ -109,28 +126,25 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("`{s}` is not a file mode like 0600 or 0640"))
 }
 
-fn time(t: i64) -> String {
-    format!("@{t}")
-}
-
 pub fn print_list(l: &SnapshotList) {
     if l.snapshots.is_empty() {
         println!("no snapshots of {} yet", l.machine_id);
         return;
     }
+    let now = rehost_server::catalog::now();
     println!(
-        "{:>6}  {:<12} {:<12} {:<6} {:<9} {:>11} {:>8}  REASON",
-        "ID", "CREATED", "COMPLETED", "CONS", "STATE", "ADDED", "TOOK"
+        "{:>6}  {:<19} {:<11} {:<6} {:<9} {:>11} {:>8}  REASON",
+        "ID", "CREATED", "AGE", "CONS", "STATE", "ADDED", "TOOK"
     );
     for s in &l.snapshots {
         println!(
-            "{:>6}  {:<12} {:<12} {:<6} {:<9} {:>11} {:>8}  {}",
+            "{:>6}  {:<19} {:<11} {:<6} {:<9} {:>11} {:>8}  {}",
             s.id,
-            time(s.created_at),
-            s.completed_at.map(time).unwrap_or_else(|| "-".into()),
+            human::datetime(s.created_at),
+            human::ago(s.created_at, now),
             s.consistency,
             s.state,
-            human_bytes(s.bytes_added),
+            human::bytes(s.bytes_added),
             s.duration_ms
                 .map(|m| format!("{m}ms"))
                 .unwrap_or_else(|| "-".into()),
@@ -143,8 +157,8 @@ fn open_local(data_dir: &Path) -> anyhow::Result<(Catalog, Store)> {
     let db = data_dir.join("catalog.sqlite");
     if !db.exists() {
         bail!(
-            "no catalog at {} (point --data-dir at the server's data dir)",
-            db.display()
+            "no catalog in {}: has `rehost-server serve` run with this --data-dir?",
+            data_dir.display()
         );
     }
     let catalog = Catalog::open(&db).context("open catalog")?;
@@ -187,7 +201,7 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     s.id,
                     s.machine_id,
                     s.disks.len(),
-                    human_bytes(s.bytes_added),
+                    human::bytes(s.bytes_added),
                     s.duration_ms.unwrap_or(0)
                 );
             } else {
@@ -213,7 +227,14 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             output,
             format,
             mode,
+            force,
         } => {
+            if !force && output.symlink_metadata().is_ok() {
+                bail!(
+                    "{} exists: give --force to overwrite it, or choose another --output",
+                    output.display()
+                );
+            }
             let (catalog, store) = open_local(data_dir)?;
             let s = find(&catalog, machine, snapshot)?;
             let d = match disk {
@@ -254,7 +275,13 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                 Format::Raw => *mode,
                 Format::Qcow2 => 0o600,
             };
-            let out = rehost_server::private::create_with_mode(&raw_path, raw_mode)
+            // Without --force, an output that appeared since the check above is not overwritten
+            // (the qcow2 path's `.raw.partial` is this command's own scratch file).
+            let out = rehost_server::private::create_with_mode(
+                &raw_path,
+                raw_mode,
+                !force && raw_path == *output,
+            )
                 .with_context(|| format!("create {}", raw_path.display()))?;
             let start = Instant::now();
             let mut last = Instant::now();
@@ -268,8 +295,8 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     };
                     eprint!(
                         "\rexport: {} of {} ({pct:.0}%)   ",
-                        human_bytes(done),
-                        human_bytes(total)
+                        human::bytes(done),
+                        human::bytes(total)
                     );
                     let _ = std::io::stderr().flush();
                 }
@@ -288,7 +315,7 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             if let Format::Qcow2 = format {
                 // Made first with its mode, so the image is never readable by others meanwhile
                 // (qemu-img writes into the existing file).
-                rehost_server::private::create_with_mode(output, *mode)
+                rehost_server::private::create_with_mode(output, *mode, !force)
                     .with_context(|| format!("create {}", output.display()))?;
                 let st = std::process::Command::new("qemu-img")
                     .args(["convert", "-f", "raw", "-O", "qcow2"])
@@ -313,8 +340,8 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                 s.id,
                 d.device,
                 output.display(),
-                human_bytes(stats.size_bytes),
-                human_bytes(stats.data_bytes),
+                human::bytes(stats.size_bytes),
+                human::bytes(stats.data_bytes),
                 start.elapsed().as_secs_f64()
             );
             Ok(())
@@ -341,7 +368,7 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     report.disks,
                     report.pages,
                     report.chunks,
-                    human_bytes(report.bytes)
+                    human::bytes(report.bytes)
                 );
                 for r in &fix.repaired {
                     println!(
@@ -414,7 +441,7 @@ pub fn gc(admin: &str, data_dir: &Path, json: bool) -> anyhow::Result<()> {
             st.snapshots,
             st.live_objects,
             st.removed_objects,
-            human_bytes(st.removed_bytes),
+            human::bytes(st.removed_bytes),
             st.removed_partials,
             st.duration_ms
         );

@@ -649,6 +649,12 @@ fn a_cutover_without_a_final_point_uses_the_previous_one_and_a_failed_conversion
     );
     let target = PathBuf::from(j["job"]["target_dir"].as_str().unwrap());
     assert!(!target.exists(), "the failed job left {}", target.display());
+    // The converter's error is said once, and names no path in the dir that was removed.
+    let err = j["job"]["error"].as_str().unwrap();
+    assert!(
+        !err.contains("rehost-converter: ") && !err.contains(&target.display().to_string()),
+        "{err}"
+    );
     assert_eq!(machine(&server)["lifecycle"], "ready-for-cutover");
     // Replication goes on after a failed cutover.
     wait_until("the agent to be back", SYNC_LIMIT, || {

@@ -87,6 +87,7 @@ fn snapshots(server: &Server, machine: &str) -> Vec<Value> {
     v["snapshots"].as_array().unwrap().clone()
 }
 
+/// Exports to `out`, overwriting it (`--force`): the tests reuse one output file.
 fn export(server: &Server, machine: &str, id: &str, disk: &Path, out: &Path) {
     ok(
         server,
@@ -99,6 +100,7 @@ fn export(server: &Server, machine: &str, id: &str, disk: &Path, out: &Path) {
             &disk.display().to_string(),
             "--output",
             &out.display().to_string(),
+            "--force",
         ],
     );
 }

@@ -221,9 +221,9 @@ impl Blueprint {
 
     pub fn summary(&self) -> String {
         format!(
-            "{} vCPU, {} MiB, disk {:?}, NIC {:?}, boot {:?}, {}, launch {:?}, network {}, accel {:?}",
+            "{} vCPU, {} memory, disk {:?}, NIC {:?}, boot {:?}, {}, launch {:?}, network {}, accel {:?}",
             self.cpus,
-            self.memory_mib,
+            crate::human::bytes(u64::from(self.memory_mib) << 20),
             self.disk_bus,
             self.nic,
             self.boot,

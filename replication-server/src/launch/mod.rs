@@ -395,17 +395,27 @@ async fn run(
             }
         }
         Err(why) => {
+            // The failed job's dir is removed next (the cleanup line says so): paths in it are
+            // written JOB_DIR/... in the error, and the last line says which dir that was.
+            let dir = made.dir.take();
+            let why = match &dir {
+                Some(d) => why.replace(&format!("{}/", d.display()), "JOB_DIR/"),
+                None => why,
+            };
             log.log("fail", why.clone()).await;
-            if let Some(dir) = made.dir.take() {
-                let l = log.clone();
-                let _ = blocking(move || {
-                    cleanup(&l, &dir);
-                    Ok(())
-                })
-                .await;
-            }
-            log.log("job-end", format!("failed after {secs:.1} s: {why}"))
-                .await;
+            let end = match dir {
+                Some(dir) => {
+                    let (l, d) = (log.clone(), dir.clone());
+                    let _ = blocking(move || {
+                        cleanup(&l, &d);
+                        Ok(())
+                    })
+                    .await;
+                    format!("failed after {secs:.1} s (JOB_DIR: {})", dir.display())
+                }
+                None => format!("failed after {secs:.1} s"),
+            };
+            log.log("job-end", end).await;
             let back = restore_to(&job.prev_lifecycle, removed_test);
             let r = blocking(move || {
                 s.catalog

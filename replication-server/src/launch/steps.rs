@@ -27,11 +27,11 @@ pub(super) async fn choose_point(
     let latest = crate::snapshot::api::select(&snaps, "latest").ok().cloned();
     let describe = |p: &SnapshotInfo| {
         format!(
-            "recovery point {} ({}, {}, taken at @{})",
+            "recovery point {} ({}, {}, taken at {})",
             p.id,
             p.consistency,
             p.reason,
-            p.completed_at.unwrap_or(p.created_at)
+            crate::human::datetime(p.completed_at.unwrap_or(p.created_at))
         )
     };
     let point = match (opts.snapshot.as_deref(), mode) {
@@ -154,9 +154,9 @@ pub(super) async fn export(
             l.line(
                 "export",
                 format!(
-                    "exporting {} ({} MiB) to {}",
+                    "exporting {} ({}) to {}",
                     d.device,
-                    d.size_bytes >> 20,
+                    crate::human::bytes(d.size_bytes),
                     path.display()
                 ),
             );
@@ -179,9 +179,9 @@ pub(super) async fn export(
             l.line(
                 "export",
                 format!(
-                    "{}: 100%, {} MiB of data in {:.1} s",
+                    "{}: 100%, {} of data in {:.1} s",
                     d.device,
-                    stats.data_bytes >> 20,
+                    crate::human::bytes(stats.data_bytes),
                     t.elapsed().as_secs_f64()
                 ),
             );
@@ -282,19 +282,21 @@ pub(super) async fn convert(
             .map_err(|e| format!("wait for the converter: {e}"))?;
         let _ = s.catalog.set_job_child(id, None);
         let err = err_reader.join().unwrap_or_default();
-        let err = err.trim();
-        match status.code() {
-            Some(0) => {}
-            Some(3) => {
-                return Err(format!(
-                    "conversion fail: the image cannot be made bootable: {err}"
-                ))
+        if !status.success() {
+            let why = converter_failure(&err);
+            for line in &why.log {
+                l.line("convert", format!("converter: {line}"));
             }
-            _ => {
-                return Err(format!(
-                    "conversion fail: rehost-converter exited with {status}: {err}"
-                ))
-            }
+            return Err(match (status.code(), why.reason) {
+                // Exit 3: the converter's own words say the image cannot be made bootable.
+                (Some(3), Some(r)) => format!("conversion fail: {r}"),
+                (_, Some(r)) => {
+                    format!("conversion fail: rehost-converter exited with {status}: {r}")
+                }
+                (_, None) => format!(
+                    "conversion fail: rehost-converter exited with {status} without saying why"
+                ),
+            });
         }
         let text = std::fs::read_to_string(&report)
             .map_err(|e| format!("read the conversion report {}: {e}", report.display()))?;
@@ -312,6 +314,34 @@ pub(super) async fn convert(
         Ok(v)
     })
     .await
+}
+
+/// What a failed converter said on stderr: its error (the last `rehost-converter: ` line, without
+/// the prefix, so that the job's error does not repeat it) and the lines before it (warnings) for
+/// the job log.
+struct ConverterFailure {
+    reason: Option<String>,
+    log: Vec<String>,
+}
+
+fn converter_failure(stderr: &str) -> ConverterFailure {
+    let mut lines: Vec<String> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let last = lines
+        .iter()
+        .rposition(|l| l.starts_with("rehost-converter: "))
+        .or(lines.len().checked_sub(1));
+    let reason = last.map(|i| {
+        let l = lines.remove(i);
+        l.strip_prefix("rehost-converter: ")
+            .map(str::to_string)
+            .unwrap_or(l)
+    });
+    ConverterFailure { reason, log: lines }
 }
 
 /// A name made of `[A-Za-z0-9._-]` only (hostnames come from agents).
@@ -513,6 +543,21 @@ mod tests {
         assert_eq!(safe_name("../../etc"), "m.._.._etc");
         assert_eq!(safe_name(""), "m");
         assert_eq!(safe_name("a b/c"), "a_b_c");
+    }
+
+    #[test]
+    fn the_converters_error_is_said_once() {
+        let f = converter_failure(
+            "  WARN rehost_converter::grub: no grub.cfg\n\nrehost-converter: the image cannot be made bootable on KVM/virtio: no Linux root filesystem found\n",
+        );
+        assert_eq!(
+            f.reason.as_deref(),
+            Some("the image cannot be made bootable on KVM/virtio: no Linux root filesystem found")
+        );
+        assert_eq!(f.log, ["WARN rehost_converter::grub: no grub.cfg"]);
+        let f = converter_failure("killed\n");
+        assert_eq!(f.reason.as_deref(), Some("killed"));
+        assert!(converter_failure("").reason.is_none());
     }
 
     #[test]
