@@ -205,6 +205,10 @@ pub(super) async fn convert(
     let name = safe_name(&job.hostname);
     let output = dir.join(format!("{name}.{}", bp.format.name()));
     let report = dir.join("conversion.json");
+    // The converted image holds the source's data: made 0600 before the converter writes into
+    // it (it keeps an existing file's mode). The converter's own umask is left alone: it
+    // creates files inside the guest, whose modes must stay the guest's.
+    crate::private::create(&output).map_err(|e| format!("create {}: {e}", output.display()))?;
     let mut cmd = Command::new(converter_path());
     cmd.arg("--work-dir")
         .arg(dir.join("work"))
@@ -229,8 +233,6 @@ pub(super) async fn convert(
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // The converted images hold the source's data: private to this user.
-            libc::umask(0o077);
             Ok(())
         });
     }
@@ -302,6 +304,14 @@ pub(super) async fn convert(
             .map_err(|e| format!("read the conversion report {}: {e}", report.display()))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| format!("conversion report {}: {e}", report.display()))?;
+        // Every image private (the other disks' images were not made beforehand).
+        for out in v["outputs"].as_array().into_iter().flatten() {
+            if let Some(p) = out.as_str() {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("make {p} private: {e}"))?;
+            }
+        }
         l.line(
             "convert",
             format!(
