@@ -24,8 +24,8 @@
 
 pub mod admin;
 pub mod admin_tls;
-pub mod auth;
 pub mod admission;
+pub mod auth;
 pub mod catalog;
 pub mod client;
 pub mod failpoint;

@@ -48,52 +48,56 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `rehost-server serve`: where it listens and how it runs.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Where agents connect (TLS 1.3).
+    #[arg(long, default_value = "0.0.0.0:1500")]
+    listen: String,
+    /// Where the admin API listens (default: the --admin address). On a loopback address it
+    /// serves plain HTTP (HTTPS if given as https://HOST:PORT); on any other (0.0.0.0
+    /// included) only HTTPS, with a certificate
+    /// issued at start by the server CA for that address (every local address for
+    /// 0.0.0.0), the host name and each --admin-cert-san. Plain HTTP is never served off
+    /// loopback.
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// An extra name (DNS name or IP address) for the admin API's HTTPS certificate, e.g. the
+    /// name operators or Prometheus use to reach it. Repeatable.
+    #[arg(long = "admin-cert-san", value_name = "NAME")]
+    admin_cert_san: Vec<String>,
+    /// Serve /metrics without a credential. This shows machine ids, device paths, disk
+    /// sizes and replication states to anyone who can reach the admin address. Without it,
+    /// /metrics needs the metrics token (see `metrics-token`) or the admin credential.
+    #[arg(long)]
+    metrics_public: bool,
+    /// Seconds between rounds of the recovery point scheduler (due points, expiry, GC);
+    /// 0 turns scheduled points off.
+    #[arg(long, default_value_t = 30)]
+    snapshot_tick: u64,
+    /// How often to scrub the snapshot store (re-read every chunk complete recovery points
+    /// use, quarantine damaged ones, restore them from the volumes where they still hold
+    /// the data; result in /metrics), e.g. 12h or 7d; 0 turns it off.
+    #[arg(long, default_value = "24h", value_parser = rehost_server::snapshot::scrub::parse_interval)]
+    scrub_interval: std::time::Duration,
+    /// The largest disk an agent may declare, e.g. 64TiB, 500GiB, 2T (binary units) or a
+    /// byte count; a larger one is refused at the handshake (OutOfRange).
+    #[arg(long, default_value = "64TiB", value_parser = parse_size)]
+    max_disk_size: u64,
+    /// Connections that have not logged in yet (TLS handshake and Hello), at most, from all
+    /// addresses together; more are closed at once. Logged-in agents do not count.
+    #[arg(long, default_value_t = rehost_server::admission::Limits::default().max_unauthenticated as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_unauthenticated: u64,
+    /// Connections that have not logged in yet, at most, from one source address (for IPv6,
+    /// one /64); more are closed at once. Agents behind one NAT share this.
+    #[arg(long, default_value_t = rehost_server::admission::Limits::default().max_unauthenticated_per_address as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_unauthenticated_per_address: u64,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server: TLS replication listener and the admin API.
-    Serve {
-        /// Where agents connect (TLS 1.3).
-        #[arg(long, default_value = "0.0.0.0:1500")]
-        listen: String,
-        /// Where the admin API listens (default: the --admin address). On a loopback address it
-        /// serves plain HTTP (HTTPS if given as https://HOST:PORT); on any other (0.0.0.0
-        /// included) only HTTPS, with a certificate
-        /// issued at start by the server CA for that address (every local address for
-        /// 0.0.0.0), the host name and each --admin-cert-san. Plain HTTP is never served off
-        /// loopback.
-        #[arg(long)]
-        admin_listen: Option<String>,
-        /// An extra name (DNS name or IP address) for the admin API's HTTPS certificate, e.g. the
-        /// name operators or Prometheus use to reach it. Repeatable.
-        #[arg(long = "admin-cert-san", value_name = "NAME")]
-        admin_cert_san: Vec<String>,
-        /// Serve /metrics without a credential. This shows machine ids, device paths, disk
-        /// sizes and replication states to anyone who can reach the admin address. Without it,
-        /// /metrics needs the metrics token (see `metrics-token`) or the admin credential.
-        #[arg(long)]
-        metrics_public: bool,
-        /// Seconds between rounds of the recovery point scheduler (due points, expiry, GC);
-        /// 0 turns scheduled points off.
-        #[arg(long, default_value_t = 30)]
-        snapshot_tick: u64,
-        /// How often to scrub the snapshot store (re-read every chunk complete recovery points
-        /// use, quarantine damaged ones, restore them from the volumes where they still hold
-        /// the data; result in /metrics), e.g. 12h or 7d; 0 turns it off.
-        #[arg(long, default_value = "24h", value_parser = rehost_server::snapshot::scrub::parse_interval)]
-        scrub_interval: std::time::Duration,
-        /// The largest disk an agent may declare, e.g. 64TiB, 500GiB, 2T (binary units) or a
-        /// byte count; a larger one is refused at the handshake (OutOfRange).
-        #[arg(long, default_value = "64TiB", value_parser = parse_size)]
-        max_disk_size: u64,
-        /// Connections that have not logged in yet (TLS handshake and Hello), at most, from all
-        /// addresses together; more are closed at once. Logged-in agents do not count.
-        #[arg(long, default_value_t = rehost_server::admission::Limits::default().max_unauthenticated as u64, value_parser = clap::value_parser!(u64).range(1..))]
-        max_unauthenticated: u64,
-        /// Connections that have not logged in yet, at most, from one source address (for IPv6,
-        /// one /64); more are closed at once. Agents behind one NAT share this.
-        #[arg(long, default_value_t = rehost_server::admission::Limits::default().max_unauthenticated_per_address as u64, value_parser = clap::value_parser!(u64).range(1..))]
-        max_unauthenticated_per_address: u64,
-    },
+    Serve(ServeArgs),
     /// Install tokens: create, list, revoke.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -295,7 +299,7 @@ fn die_quietly_on_sigpipe() {
 
 fn main() {
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
         die_quietly_on_sigpipe();
     }
     tracing_subscriber::fmt()
@@ -317,39 +321,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
     let client = || AdminClient::new(&cli.admin, &cli.data_dir);
     match &cli.cmd {
-        Cmd::Serve {
-            listen,
-            admin_listen,
-            admin_cert_san,
-            metrics_public,
-            snapshot_tick,
-            scrub_interval,
-            max_disk_size,
-            max_unauthenticated,
-            max_unauthenticated_per_address,
-        } => serve(
-            &cli,
-            listen,
-            // `https://HOST:PORT` serves HTTPS even on loopback; the scheme is not bound.
-            admin_address(admin_listen.as_deref().unwrap_or(&cli.admin)),
-            &rehost_server::admin_tls::AdminOptions {
-                metrics_public: *metrics_public,
-                cert_sans: admin_cert_san.clone(),
-                force_tls: admin_listen
-                    .as_deref()
-                    .unwrap_or(&cli.admin)
-                    .to_ascii_lowercase()
-                    .starts_with("https://"),
-            },
-            *snapshot_tick,
-            *scrub_interval,
-            *max_disk_size,
-            rehost_server::admission::Limits {
-                max_unauthenticated: usize::try_from(*max_unauthenticated).unwrap_or(usize::MAX),
-                max_unauthenticated_per_address: usize::try_from(*max_unauthenticated_per_address)
-                    .unwrap_or(usize::MAX),
-            },
-        ),
+        Cmd::Serve(args) => serve(&cli, args),
         Cmd::MetricsToken { rotate } => {
             if !cli.data_dir.is_dir() {
                 anyhow::bail!(
@@ -576,16 +548,23 @@ fn admin_address(a: &str) -> &str {
         .map_or(a, |(_, rest)| rest.trim_end_matches('/'))
 }
 
-fn serve(
-    cli: &Cli,
-    listen: &str,
-    admin_listen: &str,
-    admin_opts: &rehost_server::admin_tls::AdminOptions,
-    snapshot_tick: u64,
-    scrub_interval: std::time::Duration,
-    max_disk_size: u64,
-    limits: rehost_server::admission::Limits,
-) -> anyhow::Result<()> {
+fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
+    let listen = args.listen.as_str();
+    let admin_given = args.admin_listen.as_deref().unwrap_or(&cli.admin);
+    // `https://HOST:PORT` serves HTTPS even on loopback; the scheme is not bound.
+    let admin_listen = admin_address(admin_given);
+    let admin_opts = &rehost_server::admin_tls::AdminOptions {
+        metrics_public: args.metrics_public,
+        cert_sans: args.admin_cert_san.clone(),
+        force_tls: admin_given.to_ascii_lowercase().starts_with("https://"),
+    };
+    let (snapshot_tick, scrub_interval, max_disk_size) =
+        (args.snapshot_tick, args.scrub_interval, args.max_disk_size);
+    let limits = rehost_server::admission::Limits {
+        max_unauthenticated: usize::try_from(args.max_unauthenticated).unwrap_or(usize::MAX),
+        max_unauthenticated_per_address: usize::try_from(args.max_unauthenticated_per_address)
+            .unwrap_or(usize::MAX),
+    };
     // Every agent holds a socket and its disks' files open: the default soft limit (1,024) is
     // too low for a few hundred agents.
     match rehost_server::admission::raise_nofile_limit() {

@@ -282,7 +282,7 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                 raw_mode,
                 !force && raw_path == *output,
             )
-                .with_context(|| format!("create {}", raw_path.display()))?;
+            .with_context(|| format!("create {}", raw_path.display()))?;
             let start = Instant::now();
             let mut last = Instant::now();
             let mut progress = |done: u64, total: u64| {

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-pub mod partitions;
 pub mod flood;
+pub mod partitions;
 
 /// Path of a workspace binary: target/<profile>/NAME, next to target/<profile>/deps/<test>.
 pub fn bin(name: &str) -> PathBuf {

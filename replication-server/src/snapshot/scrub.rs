@@ -470,7 +470,10 @@ mod tests {
         let mut page = crate::metrics::Page::default();
         metrics(store, &mut page);
         let text = page.text();
-        assert!(text.contains("rehost_scrub_chunks_repaired_total 1"), "{text}");
+        assert!(
+            text.contains("rehost_scrub_chunks_repaired_total 1"),
+            "{text}"
+        );
         assert!(text.contains("rehost_scrub_repaired_chunks 1"), "{text}");
         assert!(text.contains("rehost_snapshots_damaged 2"), "{text}");
         assert!(text.contains("rehost_store_quarantined_chunks 1"), "{text}");
