@@ -153,20 +153,7 @@ pub fn discover() -> Result<Vec<Disk>, DiskError> {
     Ok(out)
 }
 
-pub fn human_bytes(b: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
+pub use rehost_proto::human::bytes as human_bytes;
 
 #[cfg(test)]
 mod tests {

@@ -39,6 +39,7 @@
 
 pub mod frame;
 pub mod fsutil;
+pub mod human;
 pub mod msg;
 pub mod token;
 pub mod wire;

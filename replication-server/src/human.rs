@@ -2,21 +2,7 @@
 //! `2147483648` or `2048 mib`; `2026-12-02 06:52:10 (3 min ago)` in local time, not `@1796180312`.
 //! `--json` output keeps the raw numbers (bytes, seconds since the epoch).
 
-/// A size in binary units with one decimal: `512 B`, `1.5 KiB`, `2.0 GiB`.
-pub fn bytes(b: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
+pub use rehost_proto::human::bytes;
 
 /// Seconds since the epoch as a local date-time, `2026-12-02 06:52:10`.
 pub fn datetime(t: i64) -> String {

@@ -364,35 +364,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Token(TokenCmd::Create {
             expires,
             description,
-            reinstall: Some(machine),
+            reinstall,
             json,
         }) => {
-            let t: rehost_server::auth::CreatedReinstallToken = client()?.post(
-                &format!("/v1/machines/{machine}/reinstall-token"),
-                &serde_json::json!({ "description": description, "expires_in_seconds": expires }),
-            )?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&t)?);
-            } else {
-                println!("{}", t.token);
-            }
-            Ok(())
-        }
-        Cmd::Token(TokenCmd::Create {
-            expires,
-            description,
-            reinstall: None,
-            json,
-        }) => {
-            let t: CreatedToken = client()?.post(
-                "/v1/tokens",
-                &serde_json::json!({ "description": description, "expires_in_seconds": expires }),
-            )?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&t)?);
-            } else {
-                println!("{}", t.token);
-            }
+            // A reinstall token is bound to its machine; either reply carries `token`.
+            let (token, text) = match reinstall {
+                Some(machine) => {
+                    let t: rehost_server::auth::CreatedReinstallToken = client()?.post(
+                        &format!("/v1/machines/{machine}/reinstall-token"),
+                        &serde_json::json!({ "description": description, "expires_in_seconds": expires }),
+                    )?;
+                    (t.token.clone(), serde_json::to_string_pretty(&t)?)
+                }
+                None => {
+                    let t: CreatedToken = client()?.post(
+                        "/v1/tokens",
+                        &serde_json::json!({ "description": description, "expires_in_seconds": expires }),
+                    )?;
+                    (t.token.clone(), serde_json::to_string_pretty(&t)?)
+                }
+            };
+            println!("{}", if *json { text } else { token });
             Ok(())
         }
         Cmd::Token(TokenCmd::List { json }) => {

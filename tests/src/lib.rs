@@ -157,6 +157,24 @@ impl Server {
             .expect("run rehost-server")
     }
 
+    /// Runs an operator command that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Takes a recovery point of `machine` and waits for it; `snapshot create --json`'s reply.
+    pub fn snapshot(&self, machine: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["snapshot", "create", machine, "--wait", "--json"]))
+            .unwrap()
+    }
+
     pub fn token(&self) -> String {
         let out = self.cli(&["token", "create"]);
         assert!(

@@ -17,22 +17,11 @@ const LIMIT: Duration = Duration::from_secs(120);
 const BS: usize = 65536;
 
 fn ok(server: &Server, args: &[&str]) -> String {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    server.ok(args)
 }
 
 fn snapshot(server: &Server, machine: &str) -> Value {
-    serde_json::from_str(&ok(
-        server,
-        &["snapshot", "create", machine, "--wait", "--json"],
-    ))
-    .unwrap()
+    server.snapshot(machine)
 }
 
 fn verify(server: &Server, m: &str, s: &str, repair: bool) -> (bool, String) {

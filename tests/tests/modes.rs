@@ -14,14 +14,7 @@ use rehost_tests::*;
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn ok(server: &Server, args: &[&str]) -> String {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    server.ok(args)
 }
 
 fn mode(p: &Path) -> u32 {

@@ -64,22 +64,11 @@ impl Drop for Custom {
 }
 
 fn ok(server: &Server, args: &[&str]) -> String {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    server.ok(args)
 }
 
 fn snapshot(server: &Server, machine: &str) -> Value {
-    serde_json::from_str(&ok(
-        server,
-        &["snapshot", "create", machine, "--wait", "--json"],
-    ))
-    .unwrap()
+    server.snapshot(machine)
 }
 
 fn snapshots(server: &Server, machine: &str) -> Vec<Value> {
