@@ -690,7 +690,8 @@ fn a_cutover_without_a_final_point_uses_the_previous_one_and_a_failed_conversion
         },
     );
 
-    // An archived machine's agent is refused from then on, and stops.
+    // An archived machine's live session is ended at once (and the agent refused from then on):
+    // the agent stops.
     cli(&server, &["mark", "plain-host", "archived"]);
     let status = agent.wait(Duration::from_secs(60));
     assert!(!status.success());

@@ -390,7 +390,7 @@ async fn run(
             if mode == Mode::Cutover {
                 // The agent's session ends now, and its reconnects are refused.
                 shared.slot(&machine).kick.kick(crate::auth::Kick::Stopped(format!(
-                    "machine {machine} was cut over: its replication has stopped (the agent can be uninstalled)"
+                    "machine {machine} is cutover-complete: it was cut over and its replication has stopped (the agent can be uninstalled)"
                 )));
             }
         }
@@ -700,7 +700,7 @@ pub fn mark(shared: &Shared, machine: &MachineId, to: &str) -> Result<String, La
     if to == "archived" {
         // An archived machine's agent is refused from now on.
         shared.slot(machine).kick.kick(crate::auth::Kick::Stopped(format!(
-            "machine {machine} was archived: its replication has stopped (the agent can be uninstalled)"
+            "machine {machine} is archived: its replication has stopped (the agent can be uninstalled)"
         )));
     }
     Ok(prev)
