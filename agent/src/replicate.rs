@@ -206,6 +206,8 @@ impl Agent {
                     backlog_bytes: d.backlog_bytes,
                     sent_bytes: d.sent_bytes,
                     lag_ms: self.lag_ms(d.disk_id).unwrap_or(0),
+                    backlog_lower_bound: d.tracker == "scan"
+                        && matches!(state, DiskState::Continuous | DiskState::Lagging),
                 }))
             })
             .collect()

@@ -114,6 +114,7 @@ fn messages() -> Vec<Message> {
             backlog_bytes: 4096,
             sent_bytes: 9 << 30,
             lag_ms: 250,
+            backlog_lower_bound: true,
         }),
         Message::Error {
             code: ErrorCode::Protocol,

@@ -155,6 +155,9 @@ pub struct Progress {
     pub sent_bytes: u64,
     /// How far behind the source a launch now would be (continuous state only).
     pub lag_ms: u64,
+    /// `backlog_bytes` is a lower bound: a scanned disk does not know what changed since its
+    /// last pass until the next pass reads it.
+    pub backlog_lower_bound: bool,
 }
 
 /// Every message of the protocol, checked.
@@ -447,6 +450,7 @@ impl TryFrom<wire::Frame> for Message {
                 backlog_bytes: p.backlog_bytes,
                 sent_bytes: p.sent_bytes,
                 lag_ms: p.lag_ms,
+                backlog_lower_bound: p.backlog_lower_bound,
             }),
             Body::Error(e) => Message::Error {
                 code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Invalid),
@@ -606,6 +610,7 @@ impl From<Message> for wire::Frame {
                 backlog_bytes: p.backlog_bytes,
                 sent_bytes: p.sent_bytes,
                 lag_ms: p.lag_ms,
+                backlog_lower_bound: p.backlog_lower_bound,
             }),
             Message::Error { code, message } => Body::Error(wire::Error {
                 code: code as i32,

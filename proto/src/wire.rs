@@ -222,6 +222,10 @@ pub struct Progress {
     pub sent_bytes: u64,
     #[prost(uint64, tag = "6")]
     pub lag_ms: u64,
+    /// `backlog_bytes` is only what is known to have changed (a scanned disk between passes).
+    /// Absent from older agents, which read as false.
+    #[prost(bool, tag = "7")]
+    pub backlog_lower_bound: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -166,6 +166,10 @@ pub struct DiskView {
     pub progress_percent: f64,
     pub replicated_bytes: u64,
     pub backlog_bytes: u64,
+    /// True when `backlog_bytes` is a lower bound: a scanned disk between passes does not know
+    /// what changed until its next pass reads the disk.
+    #[serde(default)]
+    pub backlog_lower_bound: bool,
     /// Seconds a launch now would be behind the source; null until the initial sync is done.
     pub lag_seconds: Option<u64>,
     pub sync_complete: bool,
@@ -244,6 +248,10 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
                         d.durable_bytes
                     },
                     backlog_bytes: backlog,
+                    backlog_lower_bound: ld.is_some_and(|ld| {
+                        ld.backlog_lower_bound
+                            && matches!(state, "continuous" | "lagging" | "stalled")
+                    }),
                     lag_seconds: lag,
                     sync_complete: d.sync_complete,
                 }
@@ -531,6 +539,7 @@ mod tests {
                     progress_percent: 100.0,
                     replicated_bytes: 4096,
                     backlog_bytes: 0,
+                    backlog_lower_bound: false,
                     lag_seconds: Some(3),
                     sync_complete: true,
                 }],

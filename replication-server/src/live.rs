@@ -15,6 +15,8 @@ pub struct LiveDisk {
     /// The agent's lag when it reported, and when that was (unix seconds).
     pub lag_ms: u64,
     pub reported_at: i64,
+    /// The backlog is only what is known to have changed (a scanned disk between passes).
+    pub backlog_lower_bound: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +63,7 @@ impl Live {
                     sent_bytes: p.sent_bytes,
                     lag_ms: p.lag_ms,
                     reported_at: now,
+                    backlog_lower_bound: p.backlog_lower_bound,
                 },
             );
         }

@@ -522,7 +522,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         d.state,
                         d.progress_percent,
                         human::bytes(d.replicated_bytes),
-                        human::bytes(d.backlog_bytes),
+                        match (d.backlog_lower_bound, d.backlog_bytes) {
+                            (false, b) => human::bytes(b),
+                            (true, 0) => "unknown".into(),
+                            (true, b) => format!(">={}", human::bytes(b)),
+                        },
                         d.lag_seconds
                             .map(|l| format!("{l}s"))
                             .unwrap_or_else(|| "-".into())
