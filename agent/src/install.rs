@@ -184,6 +184,7 @@ pub async fn install(
         min_version: rehost_proto::MIN_PROTOCOL_VERSION,
         max_version: rehost_proto::PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        detach: None,
         auth,
         disks: chosen
             .iter()

@@ -480,6 +480,7 @@ async fn session(
         min_version: rehost_proto::MIN_PROTOCOL_VERSION,
         max_version: rehost_proto::PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        detach: None,
         auth: Auth::Machine { machine_id, secret },
         disks: disks
             .iter()

@@ -24,6 +24,7 @@ fn messages() -> Vec<Message> {
             min_version: 1,
             max_version: 1,
             agent_version: "0.1.0".into(),
+            detach: None,
             auth: Auth::Register {
                 token_id: [1; 8],
                 token_secret: [2; 24],
@@ -39,6 +40,7 @@ fn messages() -> Vec<Message> {
             min_version: 1,
             max_version: 1,
             agent_version: "0.1.0".into(),
+            detach: None,
             auth: Auth::Machine {
                 machine_id: mid.clone(),
                 secret: [4; 32],
@@ -142,6 +144,9 @@ fn messages() -> Vec<Message> {
             id: 8,
             ok: true,
             message: "stopped".into(),
+        },
+        Message::Detach {
+            reason: "agent uninstalled".into(),
         },
     ]
 }

@@ -46,9 +46,14 @@ pub mod wire;
 
 pub use msg::{DiskId, Hash, MachineId, Message};
 
-/// Protocol versions this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol versions this build speaks. Both sides send their range in the handshake and use the
+/// highest version both speak, so an agent one version behind its server keeps replicating.
+/// - 1: the first.
+/// - 2: `Detach` (an agent being uninstalled tells the server); `Progress.backlog_lower_bound`.
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// The first version with [`msg::Message::Detach`].
+pub const DETACH_VERSION: u32 = 2;
 
 /// Largest frame body accepted (bytes). Checked before allocating.
 pub const MAX_FRAME: usize = 2 << 20;

@@ -104,6 +104,8 @@ pub struct Hello {
     pub agent_version: String,
     pub auth: Auth,
     pub disks: Vec<DiskInfo>,
+    /// `Some(reason)`: the agent is being uninstalled (see [`wire::Hello::detach`]).
+    pub detach: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,7 +230,15 @@ pub enum Message {
         ok: bool,
         message: String,
     },
+    /// Server → agent (protocol [`crate::DETACH_VERSION`]), the answer to a `Hello` with
+    /// `detach`: the uninstall is recorded (durable) with this reason; the server then closes.
+    Detach {
+        reason: String,
+    },
 }
+
+/// Longest reason a [`Message::Detach`] may carry.
+pub const MAX_DETACH_REASON: usize = 256;
 
 /// Most units a [`Message::SourceAction`] may name.
 pub const MAX_SOURCE_UNITS: usize = 64;
@@ -261,6 +271,7 @@ impl Message {
             Message::Settings { .. } => "settings",
             Message::SourceAction { .. } => "source action",
             Message::SourceActionResult { .. } => "source action result",
+            Message::Detach { .. } => "detach",
         }
     }
 }
@@ -329,6 +340,10 @@ impl TryFrom<wire::Frame> for Message {
                     max_version: h.max_version,
                     agent_version: text(h.agent_version, "agent_version", 64)?,
                     auth,
+                    detach: h
+                        .detach
+                        .map(|r| text(r, "detach reason", MAX_DETACH_REASON))
+                        .transpose()?,
                     disks: h
                         .disks
                         .into_iter()
@@ -495,6 +510,9 @@ impl TryFrom<wire::Frame> for Message {
                 ok: r.ok,
                 message: text(r.message, "source action message", 4096)?,
             },
+            Body::Detach(d) => Message::Detach {
+                reason: text(d.reason, "detach reason", MAX_DETACH_REASON)?,
+            },
         })
     }
 }
@@ -533,6 +551,7 @@ impl From<Message> for wire::Frame {
                         size_bytes: d.size_bytes,
                     })
                     .collect(),
+                detach: h.detach,
             }),
             Message::Welcome(w) => Body::Welcome(wire::Welcome {
                 version: w.version,
@@ -642,6 +661,7 @@ impl From<Message> for wire::Frame {
             Message::SourceActionResult { id, ok, message } => {
                 Body::SourceActionResult(wire::SourceActionResult { id, ok, message })
             }
+            Message::Detach { reason } => Body::Detach(wire::Detach { reason }),
         };
         wire::Frame { body: Some(body) }
     }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "frame::Body",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
     )]
     pub body: Option<frame::Body>,
 }
@@ -50,6 +50,8 @@ pub mod frame {
         SourceAction(super::SourceAction),
         #[prost(message, tag = "16")]
         SourceActionResult(super::SourceActionResult),
+        #[prost(message, tag = "17")]
+        Detach(super::Detach),
     }
 }
 
@@ -65,6 +67,11 @@ pub struct Hello {
     pub auth: Option<hello::Auth>,
     #[prost(message, repeated, tag = "6")]
     pub disks: Vec<DiskInfo>,
+    /// Protocol 2: this connection only tells the server that the agent is being uninstalled,
+    /// for this reason; the server records it and answers `Detach` instead of `Welcome`. A
+    /// version-1 server ignores the field and answers `Welcome`, which the agent then closes.
+    #[prost(string, optional, tag = "7")]
+    pub detach: Option<String>,
 }
 
 pub mod hello {
@@ -289,6 +296,14 @@ pub struct SourceAction {
     /// systemd units to stop (`StopServices` only).
     #[prost(string, repeated, tag = "3")]
     pub units: Vec<String>,
+}
+
+/// Agent → server (protocol 2): the agent is being removed from the source, for `reason`; the
+/// server records it and answers with a `Detach` of its own before closing.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Detach {
+    #[prost(string, tag = "1")]
+    pub reason: String,
 }
 
 /// Agent → server: what became of [`SourceAction`] `id`.

@@ -41,6 +41,7 @@ fn hello(disks: usize, device_len: usize) -> Message {
         min_version: 1,
         max_version: 1,
         agent_version: "v".repeat(64),
+        detach: Some("r".repeat(rehost_proto::msg::MAX_DETACH_REASON)),
         auth: Auth::Register {
             token_id: [0xff; 8],
             token_secret: [0xff; 24],

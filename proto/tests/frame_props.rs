@@ -26,6 +26,26 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         (any::<u64>(), any::<bool>(), "[ -~]{0,200}")
             .prop_map(|(id, ok, message)| { Message::SourceActionResult { id, ok, message } }),
+        "[ -~]{0,256}".prop_map(|reason| Message::Detach { reason }),
+        (
+            any::<u64>(),
+            1u64..,
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(|(d, done, backlog, sent, lag, lower)| {
+                Message::Progress(rehost_proto::msg::Progress {
+                    disk_id: DiskId(d),
+                    state: rehost_proto::msg::DiskState::Continuous,
+                    done_bytes: done,
+                    backlog_bytes: backlog,
+                    sent_bytes: sent,
+                    lag_ms: lag,
+                    backlog_lower_bound: lower,
+                })
+            }),
         (
             any::<u64>(),
             any::<u64>(),
@@ -110,6 +130,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     min_version: 1,
                     max_version: 1,
                     agent_version: "0.1.0".into(),
+                    detach: None,
                     auth: Auth::Register {
                         token_id,
                         token_secret,
@@ -122,16 +143,19 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     }],
                 })
             ),
-        any::<[u8; 32]>().prop_map(|secret| Message::Hello(Hello {
-            min_version: 1,
-            max_version: 2,
-            agent_version: "x".into(),
-            auth: Auth::Machine {
-                machine_id: MachineId::parse("m-0123456789abcdef").unwrap(),
-                secret
-            },
-            disks: vec![],
-        })),
+        (any::<[u8; 32]>(), proptest::option::of("[ -~]{0,256}")).prop_map(|(secret, detach)| {
+            Message::Hello(Hello {
+                min_version: 1,
+                max_version: 2,
+                agent_version: "x".into(),
+                detach,
+                auth: Auth::Machine {
+                    machine_id: MachineId::parse("m-0123456789abcdef").unwrap(),
+                    secret,
+                },
+                disks: vec![],
+            })
+        }),
     ]
 }
 

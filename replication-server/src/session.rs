@@ -573,7 +573,8 @@ async fn stream<R: AsyncRead + Unpin>(
             | Message::IndexChunk { .. }
             | Message::Ack { .. }
             | Message::PointRequest { .. }
-            | Message::Settings { .. }) => {
+            | Message::Settings { .. }
+            | Message::Detach { .. }) => {
                 return Err(SessionError::Protocol(format!(
                     "unexpected {} from an agent",
                     m.kind()

@@ -41,6 +41,7 @@ fn hello_as(
             min_version: 1,
             max_version: rehost_proto::PROTOCOL_VERSION,
             agent_version: "test".into(),
+            detach: None,
             auth: Auth::Machine {
                 machine_id: MachineId::parse(s["machine_id"].as_str().unwrap()).unwrap(),
                 secret: hex32(&s["machine_secret"]),

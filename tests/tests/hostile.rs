@@ -52,6 +52,7 @@ fn attack(server: &Server, c: &Creds, raw: Vec<u8>) -> (ErrorCode, String) {
             min_version: 1,
             max_version: 1,
             agent_version: "attacker".into(),
+            detach: None,
             auth: Auth::Machine {
                 machine_id: c.machine.clone(),
                 secret: c.secret,

@@ -216,6 +216,7 @@ fn a_peer_closing_without_close_notify_is_not_a_warning() {
             min_version: 1,
             max_version: 1,
             agent_version: "test".into(),
+            detach: None,
             auth: Auth::Machine {
                 machine_id: rehost_proto::MachineId::parse(s["machine_id"].as_str().unwrap())
                     .unwrap(),
