@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages rehost's demo and tests use, when they are missing (as root):
 # filesystem tools (ext4, btrfs, xfs, LVM2), debootstrap for the converter's fixture images, QEMU for boot
-# checks, libvirt (its daemon and virt-xml-validate) for the launch method `libvirt`, and prometheus
-# for `promtool check metrics` on the /metrics page.
+# checks, libvirt (its daemon and virt-xml-validate) for the launch method `libvirt`, prometheus
+# for `promtool check metrics` on the /metrics page, and systemd for `systemd-analyze` on the
+# agent's unit.
 # QEMU comes from <codename>-backports: the machine's qemu-utils is from there, so the plain
 # suite's qemu-system-x86 would conflict. The backports source reuses the machine's own mirror.
 set -euo pipefail
@@ -28,6 +29,8 @@ have qemu-img || need+=(qemu-utils)
 have virt-xml-validate && have xmllint || need+=(libvirt-clients libxml2-utils)
 have libvirtd || need+=(libvirt-daemon-system)
 have promtool || need+=(prometheus)
+have systemd-analyze || need+=(systemd)
+have fsfreeze || need+=(util-linux)
 qemu=()
 have qemu-system-x86_64 || qemu=(qemu-system-x86)
 

@@ -116,6 +116,18 @@ fn http_reply(e: &FrameError) -> bool {
 
 /// Sends `hello`, returns the server's `Welcome` (or its refusal).
 pub async fn handshake(tls: &mut Tls, hello: Hello) -> Result<Welcome, ConnError> {
+    match hello_reply(tls, hello).await? {
+        Message::Welcome(w) => Ok(w),
+        m => Err(ConnError::Protocol(format!(
+            "expected welcome, got {}",
+            m.kind()
+        ))),
+    }
+}
+
+/// Sends `hello`, returns the server's answer: `Welcome`, or `Detach` to a detaching hello; a
+/// refusal is an error.
+pub async fn hello_reply(tls: &mut Tls, hello: Hello) -> Result<Message, ConnError> {
     rehost_proto::frame::write_message(tls, Message::Hello(hello)).await?;
     let reply = tokio::time::timeout(CONNECT_TIMEOUT, read_message(tls))
         .await
@@ -134,12 +146,8 @@ pub async fn handshake(tls: &mut Tls, hello: Hello) -> Result<Welcome, ConnError
             }
         })?;
     match reply {
-        Some(Message::Welcome(w)) => Ok(w),
         Some(Message::Error { code, message }) => Err(ConnError::Refused { code, message }),
-        Some(m) => Err(ConnError::Protocol(format!(
-            "expected welcome, got {}",
-            m.kind()
-        ))),
+        Some(m) => Ok(m),
         None => Err(ConnError::Closed),
     }
 }

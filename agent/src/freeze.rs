@@ -140,13 +140,51 @@ pub struct Frozen {
     pub started: Instant,
 }
 
+/// `freeze.json` in the state dir while filesystems are frozen, written by the thaw guard as it
+/// starts and removed as it ends: `rehost-agent uninstall` refuses to run meanwhile.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FreezeMarker {
+    pub agent_pid: u32,
+    pub guard_pid: u32,
+    pub mounts: Vec<PathBuf>,
+    /// Unix seconds.
+    pub started_at: i64,
+    pub cap_ms: u64,
+}
+
+pub const FREEZE_FILE: &str = "freeze.json";
+
+impl FreezeMarker {
+    /// The marker in `dir` if the freeze it describes may still be in progress (its guard or
+    /// agent is alive); a stale one (both gone) is `None`.
+    pub fn in_progress(dir: &Path) -> Option<Self> {
+        let raw = rehost_proto::fsutil::read_capped(&dir.join(FREEZE_FILE), 1 << 16).ok()?;
+        let m: Self = serde_json::from_slice(&raw).ok()?;
+        let alive = |pid: u32| {
+            pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+        };
+        (alive(m.guard_pid) || alive(m.agent_pid)).then_some(m)
+    }
+}
+
 impl Frozen {
-    /// Freezes `mounts` with a hard cap of `max`. `exe` is this agent's binary (for the guard).
-    pub fn freeze(mounts: &[PathBuf], max: Duration, exe: &Path) -> Result<Self, FreezeError> {
-        let mut guard = Command::new(exe)
-            .arg("thaw-guard")
+    /// Freezes `mounts` with a hard cap of `max`. `exe` is this agent's binary (for the guard);
+    /// `marker`, where the guard keeps a [`FreezeMarker`] while the freeze lasts.
+    pub fn freeze(
+        mounts: &[PathBuf],
+        max: Duration,
+        exe: &Path,
+        marker: Option<&Path>,
+    ) -> Result<Self, FreezeError> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("thaw-guard")
             .arg("--max-ms")
-            .arg(max.as_millis().to_string())
+            .arg(max.as_millis().to_string());
+        if let Some(m) = marker {
+            cmd.arg("--marker").arg(m);
+        }
+        let mut guard = cmd
+            .arg("--")
             .args(mounts)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -230,7 +268,38 @@ impl Drop for Frozen {
 
 /// `rehost-agent thaw-guard`: waits for the agent's word on stdin; thaws `mounts` if it does
 /// not come within `max` or the agent goes away.
-pub fn guard_main(max: Duration, mounts: &[PathBuf]) -> std::io::Result<()> {
+///
+/// SIGTERM, SIGINT and SIGHUP are ignored: a stop of the service (all its processes get
+/// SIGTERM under systemd's default `KillMode=control-group`; only the agent under the unit's
+/// `KillMode=mixed`) must not end the guard before the filesystems are thawed. It ends when the
+/// agent says so, when the agent is gone (its pipe closes), or at the cap — thawing in the last two.
+pub fn guard_main(max: Duration, mounts: &[PathBuf], marker: Option<&Path>) -> std::io::Result<()> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: SIG_IGN installs no handler code; called before any other thread exists.
+        unsafe { signal(s, SigHandler::SigIgn) }.map_err(std::io::Error::from)?;
+    }
+    if let Some(path) = marker {
+        let m = FreezeMarker {
+            agent_pid: std::os::unix::process::parent_id(),
+            guard_pid: std::process::id(),
+            mounts: mounts.to_vec(),
+            started_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            cap_ms: max.as_millis() as u64,
+        };
+        let data = serde_json::to_vec(&m).expect("marker serialises");
+        rehost_proto::fsutil::write_atomic(path, &data, 0o600)?;
+    }
+    let r = guard_wait(max, mounts);
+    if let Some(path) = marker {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+fn guard_wait(max: Duration, mounts: &[PathBuf]) -> std::io::Result<()> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::io::Read;
     println!("ready");

@@ -140,7 +140,7 @@ pub async fn install(
 ) -> anyhow::Result<AgentState> {
     let token = InstallToken::parse(&opts.token).context("read the install token")?;
     let server = with_port(&opts.server);
-    writeln!(out, "rehost agent installer {}", env!("CARGO_PKG_VERSION"))?;
+    writeln!(out, "rehost agent installer {}", crate::VERSION)?;
     writeln!(
         out,
         "Replication server: {server} (identity pinned by the install token)"
@@ -151,6 +151,18 @@ pub async fn install(
     }
     let hostname = opts.hostname.clone().unwrap_or_else(system_hostname);
     let existing = existing_machine(opts, &server, &token.server_pin, out)?;
+    if existing.is_some() {
+        if let Some(state) = upgrade_in_place(opts, &chosen) {
+            writeln!(
+                out,
+                "Upgrading in place: machine {} keeps its identity and disks; the agent resumes \
+                 from its saved state (a clean stop's dirty bitmap: no rescan)",
+                state.machine_id
+            )?;
+            finish(opts, out)?;
+            return Ok(state);
+        }
+    }
     let auth = match &existing {
         Some((machine_id, secret)) => {
             write!(
@@ -183,7 +195,7 @@ pub async fn install(
     let hello = Hello {
         min_version: rehost_proto::MIN_PROTOCOL_VERSION,
         max_version: rehost_proto::PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").into(),
+        agent_version: crate::VERSION.into(),
         detach: None,
         auth,
         disks: chosen
@@ -254,6 +266,33 @@ pub async fn install(
         "Agent state saved in {} (machine credential readable by root only)",
         opts.state_dir.display()
     )?;
+    finish(opts, out)?;
+    Ok(state)
+}
+
+/// The saved state, untouched, when this install only replaces the agent: same server (checked
+/// by the caller), the same name if one is given, exactly the disks it already replicates (each
+/// known to the server), and an agent that did not last end with a refusal (revoked, cut over:
+/// then the server is asked, and says why). Nothing is sent to the server, so a clean stop
+/// recorded there stays for the new agent's first start, which resumes from the saved dirty
+/// bitmap.
+fn upgrade_in_place(opts: &InstallOptions, chosen: &[Disk]) -> Option<AgentState> {
+    let state = AgentState::load(&opts.state_dir).ok()?;
+    let mut have: Vec<&Path> = state.disks.iter().map(|d| d.device.as_path()).collect();
+    let mut want: Vec<&Path> = chosen.iter().map(|d| d.path.as_path()).collect();
+    have.sort();
+    want.sort();
+    let same_name = opts.hostname.as_ref().is_none_or(|h| *h == state.hostname);
+    let failed = crate::state::Status::load(&opts.state_dir)
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.connection == "failed");
+    (same_name && !failed && have == want && state.disks.iter().all(|d| d.disk_id != 0))
+        .then_some(state)
+}
+
+/// Installs (or restarts) the service, or says how to start the agent.
+fn finish(opts: &InstallOptions, out: &mut impl Write) -> anyhow::Result<()> {
     if opts.no_service {
         let exe = std::env::current_exe().unwrap_or_else(|_| "rehost-agent".into());
         writeln!(
@@ -265,7 +304,7 @@ pub async fn install(
     } else {
         install_service(&opts.state_dir, out)?;
     }
-    Ok(state)
+    Ok(())
 }
 
 /// The machine of an intact `agent.json` in the state dir for this same server: its id and
@@ -309,24 +348,138 @@ fn existing_machine(
     }
 }
 
-fn install_service(state_dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+pub const UNIT_NAME: &str = "rehost-agent.service";
+pub const UNIT_PATH: &str = "/etc/systemd/system/rehost-agent.service";
+/// Where `install` places the binary the service runs.
+pub const INSTALLED_BINARY: &str = "/usr/local/sbin/rehost-agent";
+/// The exit status of `rehost-agent run` on an error a restart cannot fix (a revoked or unknown
+/// machine, a machine whose replication has ended, no common protocol version): the unit does
+/// not restart on it.
+pub const EXIT_FATAL: i32 = 3;
+
+/// What `install` put on the machine outside the state dir, for `uninstall`:
+/// `install.json` in the state dir.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct InstallManifest {
+    /// The binary the installer copied into place (none when it ran from there already, or
+    /// with `--no-service`).
+    pub binary: Option<PathBuf>,
+    pub unit: Option<PathBuf>,
+}
+
+pub const MANIFEST_FILE: &str = "install.json";
+
+impl InstallManifest {
+    pub fn load(dir: &Path) -> Option<Self> {
+        let raw = rehost_proto::fsutil::read_capped(&dir.join(MANIFEST_FILE), 1 << 16).ok()?;
+        serde_json::from_slice(&raw).ok()
+    }
+
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let p = dir.join(MANIFEST_FILE);
+        let data = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        rehost_proto::fsutil::write_atomic(&p, &data, 0o600)
+            .with_context(|| format!("write {}", p.display()))
+    }
+}
+
+/// The systemd unit `install` writes: the agent runs as root (it reads block devices, freezes
+/// filesystems and creates kernel trace instances) in a read-only view of the system with only
+/// its state dir writable.
+///
+/// - `KillMode=mixed`: a stop sends SIGTERM to the agent alone, which thaws what it froze and
+///   exits; the thaw guard of a freeze in progress is not signalled and thaws when the agent is
+///   gone (it ignores SIGTERM in any case).
+/// - `Restart=on-failure` with at most 5 starts in 5 minutes, and no restart on exit status 3
+///   (errors a restart cannot fix).
+/// - No `PrivateDevices` (it reads the disks), no `ProtectKernelTunables` (tracefs under /sys
+///   must stay writable), no capability filter (FIFREEZE and tracefs need CAP_SYS_ADMIN).
+pub fn unit_text(exe: &Path, state_dir: &Path) -> String {
+    format!(
+        "[Unit]
+Description=rehost replication agent
+After=network-online.target
+Wants=network-online.target
+StartLimitIntervalSec=300
+StartLimitBurst=5
+
+[Service]
+Type=simple
+ExecStart={exe} run --state-dir {dir}
+Restart=on-failure
+RestartSec=5
+RestartPreventExitStatus={EXIT_FATAL}
+KillMode=mixed
+KillSignal=SIGTERM
+TimeoutStopSec=60
+LimitNOFILE=65536
+UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={dir}
+ProtectHome=read-only
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+RestrictNamespaces=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+
+[Install]
+WantedBy=multi-user.target
+",
+        exe = exe.display(),
+        dir = state_dir.display()
+    )
+}
+
+/// Copies the running binary to [`INSTALLED_BINARY`] (atomically: a running agent keeps its
+/// old file until it restarts). `None` when it runs from there already.
+fn place_binary() -> anyhow::Result<Option<PathBuf>> {
     let exe = std::env::current_exe().context("find the agent binary")?;
-    let unit = format!(
-        "[Unit]\nDescription=rehost replication agent\nAfter=network-online.target\nWants=network-online.target\n\n\
-         [Service]\nExecStart={} run --state-dir {}\nRestart=always\nRestartSec=5\nLimitNOFILE=65536\nKillSignal=SIGTERM\nTimeoutStopSec=60\n\n\
-         [Install]\nWantedBy=multi-user.target\n",
-        exe.display(),
-        state_dir.display()
-    );
-    let path = Path::new("/etc/systemd/system/rehost-agent.service");
+    let target = Path::new(INSTALLED_BINARY);
+    if std::fs::canonicalize(&exe).ok() == std::fs::canonicalize(target).ok() {
+        return Ok(None);
+    }
+    let data = std::fs::read(&exe).with_context(|| format!("read {}", exe.display()))?;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    rehost_proto::fsutil::write_atomic(target, &data, 0o755)
+        .with_context(|| format!("write {}", target.display()))?;
+    Ok(Some(target.to_path_buf()))
+}
+
+fn install_service(state_dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    let path = Path::new(UNIT_PATH);
     if !Path::new("/run/systemd/system").exists() {
         bail!("systemd is not running here, so no service can be installed; rerun with --no-service and start `rehost-agent run` yourself");
     }
+    let placed = place_binary()?;
+    let exe = placed
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(INSTALLED_BINARY));
+    let previous = InstallManifest::load(state_dir);
+    InstallManifest {
+        binary: placed.or(previous.and_then(|m| m.binary)),
+        unit: Some(path.to_path_buf()),
+    }
+    .save(state_dir)?;
+    let unit = unit_text(&exe, state_dir);
     rehost_proto::fsutil::write_atomic(path, unit.as_bytes(), 0o644)
         .with_context(|| format!("write {}", path.display()))?;
+    // `restart` (not `start`): over a running agent, an upgrade takes effect now; the agent
+    // stops cleanly and the new one resumes from its saved dirty bitmap.
     for args in [
         &["daemon-reload"][..],
-        &["enable", "--now", "rehost-agent.service"][..],
+        &["enable", UNIT_NAME][..],
+        &["restart", UNIT_NAME][..],
     ] {
         let st = std::process::Command::new("systemctl")
             .args(args)

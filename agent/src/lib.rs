@@ -26,4 +26,13 @@ pub mod source;
 pub mod state;
 pub mod tls;
 pub mod tracker;
+pub mod uninstall;
 pub mod watchdog;
+
+/// The version this agent reports (installer, `status`, and its `Hello` to the server): the
+/// crate's, or `REHOST_AGENT_VERSION` when set at build time (a packager's build stamp such as
+/// `0.1.0+deb12u1`, or a test's rebuilt "newer" agent).
+pub const VERSION: &str = match option_env!("REHOST_AGENT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};

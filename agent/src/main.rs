@@ -15,7 +15,7 @@ use rehost_agent::state::{AgentState, Status};
 /// rehost agent: replicates this machine's disks, block by block over TLS, to a rehost
 /// replication server. No kernel module, no reboot.
 #[derive(Parser)]
-#[command(name = "rehost-agent", version)]
+#[command(name = "rehost-agent", version = rehost_agent::VERSION)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -93,8 +93,41 @@ enum Cmd {
         /// Thaw after this many milliseconds unless told otherwise.
         #[arg(long)]
         max_ms: u64,
+        /// Keep a freeze marker (JSON) at this path while the guard runs.
+        #[arg(long)]
+        marker: Option<PathBuf>,
         /// Mount points of the frozen filesystems.
         mounts: Vec<PathBuf>,
+    },
+    /// Remove the agent from this machine: stop it, tell the server (which marks the machine
+    /// disconnected, "agent uninstalled", and keeps its replica and recovery points), remove the
+    /// kernel trace instances it created, its systemd unit, the binary the installer placed and
+    /// the state dir with the machine's credential. Safe to run again, or after an install that
+    /// stopped half-way. Refused while a filesystem freeze is in progress.
+    Uninstall {
+        /// The agent's state dir (as given to `install`).
+        #[arg(
+            long,
+            default_value = "/var/lib/rehost-agent",
+            env = "REHOST_AGENT_STATE_DIR"
+        )]
+        state_dir: PathBuf,
+        /// Keep the state dir (and the machine's credential in it); remove everything else.
+        #[arg(long)]
+        keep_state: bool,
+        /// Seconds a running agent has to stop after SIGTERM before it is killed.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        stop_timeout: u64,
+    },
+    /// Print the systemd unit that `install` writes (to review it, or to deploy the agent with
+    /// configuration management).
+    ServiceUnit {
+        /// The state dir the service is to use.
+        #[arg(long, default_value = "/var/lib/rehost-agent")]
+        state_dir: PathBuf,
+        /// The binary the service runs (default: where `install` places it).
+        #[arg(long, default_value = rehost_agent::install::INSTALLED_BINARY)]
+        binary: PathBuf,
     },
     /// Print the blake3 digest of devices or image files (to compare a source with its replica).
     Checksum {
@@ -132,7 +165,10 @@ fn die_quietly_on_sigpipe() {
 
 fn main() {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Cmd::Status { .. } | Cmd::Checksum { .. }) {
+    if matches!(
+        cli.cmd,
+        Cmd::Status { .. } | Cmd::Checksum { .. } | Cmd::ServiceUnit { .. }
+    ) {
         die_quietly_on_sigpipe();
     }
     tracing_subscriber::fmt()
@@ -144,7 +180,14 @@ fn main() {
         .init();
     if let Err(e) = real_main(cli) {
         eprintln!("rehost-agent: error: {e:#}");
-        std::process::exit(1);
+        let fatal = e
+            .downcast_ref::<replicate::RunError>()
+            .is_some_and(|r| r.is_fatal());
+        std::process::exit(if fatal {
+            rehost_agent::install::EXIT_FATAL
+        } else {
+            1
+        });
     }
 }
 
@@ -225,10 +268,35 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Cmd::Status { state_dir, json } => status(&state_dir, json),
-        Cmd::ThawGuard { max_ms, mounts } => {
-            rehost_agent::freeze::guard_main(Duration::from_millis(max_ms), &mounts)
-                .context("thaw guard")
+        Cmd::Uninstall {
+            state_dir,
+            keep_state,
+            stop_timeout,
+        } => {
+            let mut opts = rehost_agent::uninstall::UninstallOptions::new(state_dir, keep_state);
+            opts.stop_timeout = Duration::from_secs(stop_timeout);
+            runtime()?.block_on(rehost_agent::uninstall::uninstall(
+                &opts,
+                &mut std::io::stdout(),
+            ))
         }
+        Cmd::ServiceUnit { state_dir, binary } => {
+            if !state_dir.is_absolute() || !binary.is_absolute() {
+                anyhow::bail!("--state-dir and --binary must be absolute paths");
+            }
+            print!("{}", rehost_agent::install::unit_text(&binary, &state_dir));
+            Ok(())
+        }
+        Cmd::ThawGuard {
+            max_ms,
+            marker,
+            mounts,
+        } => rehost_agent::freeze::guard_main(
+            Duration::from_millis(max_ms),
+            &mounts,
+            marker.as_deref(),
+        )
+        .context("thaw guard"),
         Cmd::Checksum { paths } => {
             for p in paths {
                 // A block device is read with O_DIRECT, as the agent reads it: its page cache
@@ -273,6 +341,7 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         hostname: state.hostname.clone(),
         server: state.server.clone(),
         connection: "never started".into(),
+        agent_version: rehost_agent::VERSION.into(),
         ..Default::default()
     });
     let fresh = replicate::now() - st.updated_at <= 10;
@@ -292,7 +361,12 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         st.machine_id, st.hostname, st.server
     );
     println!(
-        "agent: {}{}",
+        "agent {}: {}{}",
+        if st.agent_version.is_empty() {
+            rehost_agent::VERSION
+        } else {
+            &st.agent_version
+        },
         if st.running {
             format!("running (pid {}), ", st.pid)
         } else {
@@ -302,6 +376,9 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     );
     if let Some(e) = &st.last_error {
         println!("last error: {e}");
+    }
+    if let Some(offer) = &st.uninstall_offer {
+        println!("replication ended: {offer}");
     }
     if let Some(r) = &st.stall {
         println!("stalled: {r}");

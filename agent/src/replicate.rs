@@ -72,7 +72,24 @@ pub enum RunError {
 }
 
 impl RunError {
-    fn is_fatal(&self) -> bool {
+    /// When the server refused this machine because its replication has ended (it is
+    /// cutover-complete or archived): what to tell the operator.
+    pub fn replication_ended(&self) -> Option<String> {
+        match self {
+            RunError::Conn(ConnError::Refused {
+                code: rehost_proto::msg::ErrorCode::Forbidden,
+                message,
+            }) if message.contains("its replication has stopped") => Some(format!(
+                "{message}. Nothing more will be replicated from this machine: remove the agent \
+                 with `rehost-agent uninstall` (the server keeps the replica and its recovery \
+                 points)"
+            )),
+            _ => None,
+        }
+    }
+
+    /// An error that a restart cannot fix (exit status 3: the unit does not restart on it).
+    pub fn is_fatal(&self) -> bool {
         match self {
             RunError::Conn(c) => c.is_fatal(),
             RunError::State(_)
@@ -107,6 +124,7 @@ impl Agent {
             hostname: state.hostname.clone(),
             server: state.server.clone(),
             pid: std::process::id(),
+            agent_version: crate::VERSION.into(),
             running: true,
             connection: "connecting".into(),
             ..Default::default()
@@ -293,6 +311,7 @@ pub async fn run(
             .as_ref()
             .err()
             .map(|e| format!("{:#}", anyhow::Error::msg(e.to_string())));
+        s.uninstall_offer = result.as_ref().err().and_then(RunError::replication_ended);
         for d in &mut s.disks {
             d.state = "disconnected".into();
         }
@@ -479,7 +498,7 @@ async fn session(
     let hello = Hello {
         min_version: rehost_proto::MIN_PROTOCOL_VERSION,
         max_version: rehost_proto::PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").into(),
+        agent_version: crate::VERSION.into(),
         detach: None,
         auth: Auth::Machine { machine_id, secret },
         disks: disks
@@ -927,9 +946,13 @@ async fn consistency_point(
     let mut note = String::new();
     if !mounts.is_empty() {
         let paths: Vec<PathBuf> = mounts.iter().map(|(p, _)| p.clone()).collect();
-        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("rehost-agent"));
-        match tokio::task::spawn_blocking(move || crate::freeze::Frozen::freeze(&paths, cap, &exe))
-            .await
+        // This very binary even when an upgrade has replaced its file since it started.
+        let exe = PathBuf::from("/proc/self/exe");
+        let marker = agent.dir.join(crate::freeze::FREEZE_FILE);
+        match tokio::task::spawn_blocking(move || {
+            crate::freeze::Frozen::freeze(&paths, cap, &exe, Some(&marker))
+        })
+        .await
         {
             Ok(Ok(f)) => frozen = Some(f),
             Ok(Err(e)) => note = format!("{:#}; ", anyhow::Error::from(e)),

@@ -123,6 +123,9 @@ pub struct Status {
     pub hostname: String,
     pub server: String,
     pub pid: u32,
+    /// The version of the agent that wrote this status.
+    #[serde(default)]
+    pub agent_version: String,
     pub running: bool,
     /// connecting, connected, stalled, reconnecting (with the last error), stopped, failed
     pub connection: String,
@@ -146,6 +149,10 @@ pub struct Status {
     /// the same machine credential (and from where); null: never since this agent started.
     #[serde(default)]
     pub credential_conflict: Option<CredentialConflict>,
+    /// Set when the server ended this machine's replication for good (cut over or archived):
+    /// why, and that `rehost-agent uninstall` removes the agent.
+    #[serde(default)]
+    pub uninstall_offer: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

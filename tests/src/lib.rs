@@ -257,6 +257,8 @@ pub struct Agent {
     child: Option<Child>,
     pub state: PathBuf,
     pub log: PathBuf,
+    /// The agent binary `install` and `run` start (the workspace's unless a test sets another).
+    pub exe: PathBuf,
 }
 
 impl Agent {
@@ -265,6 +267,7 @@ impl Agent {
             child: None,
             state: dir.join(format!("agent-{name}")),
             log: dir.join(format!("agent-{name}.log")),
+            exe: bin("rehost-agent"),
         }
     }
 
@@ -280,7 +283,7 @@ impl Agent {
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(",");
-        Command::new(bin("rehost-agent"))
+        Command::new(&self.exe)
             .args([
                 "install",
                 "--server",
@@ -315,7 +318,7 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        let child = Command::new(bin("rehost-agent"))
+        let child = Command::new(&self.exe)
             .args(["run", "--state-dir"])
             .arg(&self.state)
             .args(extra)

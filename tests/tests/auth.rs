@@ -199,10 +199,11 @@ fn a_reinstall_token_works_once_and_only_for_its_machine() {
     a.kill(nix::sys::signal::Signal::SIGTERM);
     let mb = b.state_json()["machine_id"].as_str().unwrap().to_string();
 
-    // Installing over an intact state dir reuses the machine with its own credential.
+    // Installing over an intact state dir with the same disks replaces the agent in place: the
+    // same machine, its own credential, no new registration.
     let out = a.install(&server, &token, &[&img_a], "app-a");
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("with its own credential"));
+    assert!(text(&out).contains("Upgrading in place"), "{}", text(&out));
     assert_eq!(a.state_json()["machine_id"], ma.as_str());
     assert_eq!(machine_count(&server), 2);
 
