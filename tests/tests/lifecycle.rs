@@ -421,3 +421,49 @@ fn the_service_unit_passes_systemd_analyze() {
         "exposure {level} (it was 9.6 before the hardening options):\n{report}"
     );
 }
+
+#[test]
+fn after_its_replication_ends_the_agent_offers_to_uninstall_and_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let token = server.token();
+    let img = dir.path().join("source.img");
+    std::fs::write(&img, random_bytes(34, 4 << 20)).unwrap();
+    let mut agent = Agent::new(dir.path(), "old-source");
+    let out = agent.install(&server, &token, &[&img], "old-source");
+    assert!(out.status.success(), "{}", text(&out));
+    let mid = agent.state_json()["machine_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    agent.run(&[]);
+    wait_replicated(&server, &img, LIMIT);
+    // The operator ends this machine's replication (as a cutover does): the agent is refused,
+    // stops with the status a restart cannot fix, and says what to do.
+    server.ok(&["mark", &mid, "archived"]);
+    let st = agent.wait(LIMIT);
+    assert_eq!(st.code(), Some(3), "{st}");
+    let status = agent.status();
+    let offer = status["uninstall_offer"].as_str().unwrap_or_default();
+    assert!(
+        offer.contains("is archived") && offer.contains("rehost-agent uninstall"),
+        "{status}"
+    );
+    let human = Command::new(&agent.exe)
+        .args(["status", "--state-dir"])
+        .arg(&agent.state)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("replication ended:"),
+        "{}",
+        text(&human)
+    );
+    let out = uninstall(&agent);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("Told the server"), "{}", text(&out));
+    assert!(!agent.state.exists());
+    let m = machine(&server, &mid);
+    assert_eq!(m["lifecycle"], "archived", "{m}");
+    assert_eq!(m["disconnected_reason"], "agent uninstalled", "{m}");
+}
