@@ -98,6 +98,24 @@ fn machine(server: &Server, id: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("machine {id} not listed"))
 }
 
+/// An agent installed (not started) for `device` under `name`, and its machine id.
+fn installed(
+    server: &Server,
+    token: &str,
+    dir: &Path,
+    device: &Path,
+    name: &str,
+) -> (Agent, String) {
+    let agent = Agent::new(dir, name);
+    let out = agent.install(server, token, &[device], name);
+    assert!(out.status.success(), "{}", text(&out));
+    let mid = agent.state_json()["machine_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (agent, mid)
+}
+
 /// The agent's status once it shows its disk continuous (the status file is written once a
 /// second, so it can lag the server's view).
 fn continuous(agent: &Agent) -> serde_json::Value {
@@ -120,13 +138,7 @@ fn uninstall_leaves_nothing_behind_and_the_server_shows_why() {
     let server = Server::start(dir.path());
     let token = server.token();
     let disk = Loop::raw(dir.path(), 16, 31);
-    let mut agent = Agent::new(dir.path(), "u");
-    let out = agent.install(&server, &token, &[&disk.dev], "to-remove");
-    assert!(out.status.success(), "{}", text(&out));
-    let mid = agent.state_json()["machine_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (mut agent, mid) = installed(&server, &token, dir.path(), &disk.dev, "to-remove");
     let _cleanup = TraceCleanup(Some(mid.clone()));
     agent.run(&[]);
     let (_, did) = wait_replicated(&server, &disk.dev, LIMIT);
@@ -302,13 +314,7 @@ fn an_upgraded_agent_resumes_without_a_rescan() {
     let server = Server::start(dir.path());
     let token = server.token();
     let disk = Loop::raw(dir.path(), 16, 32);
-    let mut agent = Agent::new(dir.path(), "up");
-    let out = agent.install(&server, &token, &[&disk.dev], "to-upgrade");
-    assert!(out.status.success(), "{}", text(&out));
-    let mid = agent.state_json()["machine_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (mut agent, mid) = installed(&server, &token, dir.path(), &disk.dev, "to-upgrade");
     let _cleanup = TraceCleanup(Some(mid.clone()));
     agent.run(&[]);
     wait_replicated(&server, &disk.dev, LIMIT);
@@ -429,13 +435,7 @@ fn after_its_replication_ends_the_agent_offers_to_uninstall_and_can() {
     let token = server.token();
     let img = dir.path().join("source.img");
     std::fs::write(&img, random_bytes(34, 4 << 20)).unwrap();
-    let mut agent = Agent::new(dir.path(), "old-source");
-    let out = agent.install(&server, &token, &[&img], "old-source");
-    assert!(out.status.success(), "{}", text(&out));
-    let mid = agent.state_json()["machine_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (mut agent, mid) = installed(&server, &token, dir.path(), &img, "old-source");
     agent.run(&[]);
     wait_replicated(&server, &img, LIMIT);
     // The operator ends this machine's replication (as a cutover does): the agent is refused,
@@ -466,4 +466,24 @@ fn after_its_replication_ends_the_agent_offers_to_uninstall_and_can() {
     let m = machine(&server, &mid);
     assert_eq!(m["lifecycle"], "archived", "{m}");
     assert_eq!(m["disconnected_reason"], "agent uninstalled", "{m}");
+}
+
+#[test]
+fn uninstall_is_safe_on_a_half_installed_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    // An install that stopped after creating its state dir, with a damaged state file.
+    let mut agent = Agent::new(dir.path(), "half");
+    std::fs::create_dir_all(&agent.state).unwrap();
+    std::fs::write(agent.state.join("agent.json"), b"{\"version\": 1, \"ser").unwrap();
+    let out = uninstall(&agent);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("cannot be read"), "{said}");
+    assert!(said.contains("Removed"), "{said}");
+    assert!(!agent.state.exists());
+    // No state dir at all: nothing to do.
+    agent.state = dir.path().join("never-installed");
+    let out = uninstall(&agent);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("Nothing to remove"), "{}", text(&out));
 }
