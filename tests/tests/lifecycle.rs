@@ -487,3 +487,80 @@ fn uninstall_is_safe_on_a_half_installed_machine() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("Nothing to remove"), "{}", text(&out));
 }
+
+/// Kills a child process that a failing test leaves behind.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What the unit's `ProtectSystem=strict`, `ReadWritePaths=STATE` and `NoNewPrivileges` leave the
+/// agent, made by hand (systemd does not run here): a private mount namespace where `/` is
+/// read-only but the state dir, and no_new_privs. The agent must still replicate a mounted disk,
+/// track it by tracepoints and freeze it for an app-consistent point (its thaw guard included).
+#[test]
+fn the_agent_works_in_the_units_sandbox() {
+    if !require_root("the agent in a read-only mount namespace") {
+        return;
+    }
+    for tool in ["unshare", "setpriv"] {
+        assert!(
+            Command::new(tool).arg("--version").output().is_ok(),
+            "{tool} (util-linux) is missing"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let token = server.token();
+    let fs = Loop::ext4(dir.path(), 64);
+    let (agent, mid) = installed(&server, &token, dir.path(), &fs.dev, "sandboxed");
+    let _cleanup = TraceCleanup(Some(mid.clone()));
+    let log = std::fs::File::create(dir.path().join("sandboxed.log")).unwrap();
+    let script = r#"mount --bind "$STATE" "$STATE" && mount -o remount,bind,ro / &&
+        exec setpriv --no-new-privs "$AGENT" run --state-dir "$STATE""#;
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("STATE", &agent.state)
+        .env("AGENT", &agent.exe)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(Some(child));
+    std::fs::write(
+        fs.mnt.as_ref().unwrap().join("data"),
+        random_bytes(35, 1 << 20),
+    )
+    .unwrap();
+    run_ok(&mut Command::new("sync"));
+    // The filesystem stays mounted (to be frozen), so the replica is not compared byte for byte
+    // here (continuous.rs does that after unmounting): the initial sync completes and the disk
+    // replicates continuously.
+    wait_until("the initial sync in the sandbox", LIMIT, || {
+        server
+            .disk(&fs.dev)
+            .filter(|d| d["sync_complete"] == true && d["state"] == "continuous")
+    });
+    let st = continuous(&agent);
+    assert_eq!(st["disks"][0]["tracker"], "tracepoint", "{st}");
+    let point = server.snapshot(&mid);
+    assert_eq!(
+        point["consistency"],
+        "app",
+        "{point}\n{}",
+        std::fs::read_to_string(dir.path().join("sandboxed.log")).unwrap_or_default()
+    );
+    let mut c = child.0.take().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(c.wait().unwrap().success());
+    let log = std::fs::read_to_string(dir.path().join("sandboxed.log")).unwrap();
+    assert!(!log.contains("Read-only file system"), "{log}");
+    // The thaw guard removed its freeze marker once the point's freeze ended.
+    assert!(!agent.state.join("freeze.json").exists());
+}
