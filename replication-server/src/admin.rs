@@ -137,6 +137,9 @@ pub fn router(shared: Arc<Shared>, metrics_public: bool) -> Router {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MachinesView {
     pub machines: Vec<MachineView>,
+    /// This server's version (`machines --outdated` lists agents older than it).
+    #[serde(default)]
+    pub server_version: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -146,7 +149,15 @@ pub struct MachineView {
     pub lifecycle: String,
     pub connected: bool,
     pub agent_address: Option<String>,
+    /// The agent's version: the connected agent's, else the one last seen (null: never seen).
     pub agent_version: Option<String>,
+    /// Why the agent is not connected, when known: the reason the agent gave when it was
+    /// uninstalled (`agent uninstalled`). Null while connected or when unknown.
+    #[serde(default)]
+    pub disconnected_reason: Option<String>,
+    /// When the agent detached the machine (it was uninstalled); null otherwise.
+    #[serde(default)]
+    pub detached_at: Option<i64>,
     pub registered_at: i64,
     pub last_seen: Option<i64>,
     pub revoked: bool,
@@ -175,12 +186,61 @@ pub struct DiskView {
     pub sync_complete: bool,
 }
 
+/// Whether agent version `agent` is older than `server`, compared as semver (`1.2.3`, with an
+/// optional `-pre-release`, which sorts before its release; `+build` is ignored). None when
+/// either does not parse.
+pub fn older_version(agent: &str, server: &str) -> Option<bool> {
+    Some(parse_semver(agent)? < parse_semver(server)?)
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum PreId {
+    // Numeric identifiers sort before alphanumeric ones (semver 11.4.3).
+    Num(u64),
+    Alpha(String),
+}
+
+/// (major, minor, patch, is-release, pre-release identifiers): ordered as semver orders them.
+type Semver = (u64, u64, u64, bool, Vec<PreId>);
+
+fn parse_semver(v: &str) -> Option<Semver> {
+    let v = v.trim().trim_start_matches('v');
+    let v = v.split_once('+').map_or(v, |(v, _)| v);
+    let (core, pre) = match v.split_once('-') {
+        Some((c, p)) => (c, Some(p)),
+        None => (v, None),
+    };
+    let mut n = core.split('.').map(|p| {
+        (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| p.parse::<u64>().ok())
+            .flatten()
+    });
+    let (major, minor, patch) = (n.next()??, n.next()??, n.next()??);
+    if n.next().is_some() {
+        return None;
+    }
+    let pre = match pre {
+        None => Vec::new(),
+        Some(p) => p
+            .split('.')
+            .map(|id| match id.parse::<u64>() {
+                _ if id.is_empty() => None,
+                Ok(n) if id.bytes().all(|b| b.is_ascii_digit()) => Some(PreId::Num(n)),
+                _ => Some(PreId::Alpha(id.to_string())),
+            })
+            .collect::<Option<Vec<_>>>()?,
+    };
+    Some((major, minor, patch, pre.is_empty(), pre))
+}
+
 pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
     let rows = s.catalog.machines().map_err(internal)?;
     let now = now();
     let mut machines = Vec::new();
     for (m, disks) in rows {
-        let live = s.live.get(&m.id);
+        // A detached machine's agent is gone, even while the session it ended still unwinds (a
+        // reinstall clears the mark before its session is live).
+        let live = s.live.get(&m.id).filter(|_| m.detached_at.is_none());
         let disks = disks
             .into_iter()
             .map(|d| {
@@ -263,7 +323,12 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
             lifecycle: m.lifecycle,
             connected: live.is_some(),
             agent_address: live.as_ref().map(|l| l.peer.clone()),
-            agent_version: live.as_ref().map(|l| l.agent_version.clone()),
+            agent_version: live
+                .as_ref()
+                .map(|l| l.agent_version.clone())
+                .or(m.agent_version),
+            disconnected_reason: m.detached_reason.filter(|_| live.is_none()),
+            detached_at: m.detached_at,
             registered_at: m.registered_at,
             last_seen: if live.is_some() {
                 Some(now)
@@ -275,7 +340,10 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
             disks,
         });
     }
-    Ok(MachinesView { machines })
+    Ok(MachinesView {
+        machines,
+        server_version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 async fn machines(
@@ -517,6 +585,21 @@ mod tests {
     }
 
     #[test]
+    fn agent_versions_compare_as_semver() {
+        assert_eq!(older_version("0.0.1", "0.1.0"), Some(true));
+        assert_eq!(older_version("0.1.0", "0.1.0"), Some(false));
+        assert_eq!(older_version("0.2.0", "0.1.9"), Some(false));
+        // Numerically, not as text.
+        assert_eq!(older_version("0.9.0", "0.10.0"), Some(true));
+        assert_eq!(older_version("1.0.0-rc.1", "1.0.0"), Some(true));
+        assert_eq!(older_version("1.0.0-rc.2", "1.0.0-rc.10"), Some(true));
+        assert_eq!(older_version("1.0.0-alpha", "1.0.0-1"), Some(false));
+        assert_eq!(older_version("1.0.0+build.5", "1.0.0"), Some(false));
+        assert_eq!(older_version("unknown", "1.0.0"), None);
+        assert_eq!(older_version("1.0", "1.0.0"), None);
+    }
+
+    #[test]
     fn device_labels_round_trip_through_the_page() {
         let device = "/dev/evil\\\"\nsecond line\\".to_string();
         let view = MachinesView {
@@ -527,6 +610,8 @@ mod tests {
                 connected: true,
                 agent_address: None,
                 agent_version: None,
+                disconnected_reason: None,
+                detached_at: None,
                 registered_at: 0,
                 last_seen: None,
                 revoked: false,
@@ -544,6 +629,7 @@ mod tests {
                     sync_complete: true,
                 }],
             }],
+            server_version: String::new(),
         };
         let text = replication_metrics(&view);
         let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();

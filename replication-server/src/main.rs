@@ -115,6 +115,10 @@ enum Cmd {
         /// Machine-readable output (format documented in the README).
         #[arg(long)]
         json: bool,
+        /// Only machines whose agent (the one last seen) is older than this server, with the
+        /// version each runs.
+        #[arg(long)]
+        outdated: bool,
     },
     /// Act on one machine.
     #[command(subcommand)]
@@ -476,8 +480,32 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Machines { json } => {
-            let v: MachinesView = client()?.get("/v1/machines")?;
+        Cmd::Machines { json, outdated } => {
+            let mut v: MachinesView = client()?.get("/v1/machines")?;
+            if *outdated {
+                let server = v.server_version.clone();
+                v.machines.retain(|m| {
+                    m.agent_version
+                        .as_deref()
+                        .and_then(|a| rehost_server::admin::older_version(a, &server))
+                        == Some(true)
+                });
+                if !*json {
+                    if v.machines.is_empty() {
+                        println!("no machine runs an agent older than this server ({server})");
+                    }
+                    for m in &v.machines {
+                        println!(
+                            "{}  {}  agent {} (server {server}){}",
+                            m.machine_id,
+                            m.hostname,
+                            m.agent_version.as_deref().unwrap_or("?"),
+                            if m.connected { "" } else { "  disconnected" }
+                        );
+                    }
+                    return Ok(());
+                }
+            }
             if *json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
@@ -492,6 +520,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     (_, true) => "revoked".to_string(),
                     (Some(a), _) => format!("connected from {a}"),
                     (None, _) => match m.last_seen {
+                        Some(t) if m.disconnected_reason.is_some() => format!(
+                            "disconnected ({}) since {}",
+                            m.disconnected_reason.as_deref().unwrap_or_default(),
+                            human::when(t, rehost_server::catalog::now())
+                        ),
                         Some(t) => format!(
                             "disconnected since {}",
                             human::when(t, rehost_server::catalog::now())
