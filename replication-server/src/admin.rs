@@ -121,6 +121,7 @@ pub fn router(shared: Arc<Shared>, metrics_public: bool) -> Router {
         .route("/v1/machines", get(machines))
         .route("/v1/machines/{id}/revoke", post(revoke_machine))
         .route("/v1/machines/{id}/throttle", post(throttle_machine))
+        .route("/v1/machines/{id}/delete", post(delete_machine))
         .route("/v1/tokens", get(tokens).post(create_token))
         .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/metrics", get(metrics))
@@ -370,6 +371,109 @@ async fn revoke_machine(
         s.slot(&mid).kick.kick(crate::auth::Kick::Revoked);
     }
     Ok(Json(serde_json::json!({ "revoked": id })))
+}
+
+/// What `machine delete` removed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineDeleted {
+    pub machine_id: String,
+    pub hostname: String,
+    pub disks: usize,
+    pub recovery_points: usize,
+    /// Disk space the machine's staging volumes and hash indexes took (allocated bytes).
+    pub volume_bytes: u64,
+    /// The garbage collection run after the delete: what it freed of the store.
+    pub gc: Option<crate::store::gc::GcStats>,
+    /// Why that collection did not run or failed (the scheduler's next one frees the rest).
+    pub gc_error: Option<String>,
+}
+
+/// Deletes a machine: its catalog rows, its staging volumes, its recovery points (then GC frees
+/// the store objects only they used). Refused while its agent is connected (the session holds
+/// the machine's slot, which the delete holds throughout, so no session starts meanwhile), while
+/// a launch job of it runs, or while one of its points is being taken.
+async fn delete_machine(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<MachineDeleted>, ApiError> {
+    use std::os::unix::fs::MetadataExt;
+    authorize(&s, &h)?;
+    let id = resolve(&s, name).await?;
+    let connected = || {
+        conflict_of(format!(
+            "the agent of machine {id} is connected: uninstall the agent or `rehost-server machine revoke {id}` it first"
+        ))
+    };
+    let Ok(_slot) = s.slot(&id).lock.clone().try_lock_owned() else {
+        return Err(connected());
+    };
+    if s.live.get(id.as_str()).is_some() {
+        return Err(connected());
+    }
+    let (s2, id2) = (s.clone(), id.clone());
+    let deleted = blocking(move || {
+        let hostname = s2
+            .catalog
+            .machines()
+            .map_err(internal)?
+            .into_iter()
+            .find(|(m, _)| m.id == id2.as_str())
+            .map(|(m, _)| m.hostname)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no machine {id2}")))?;
+        let points = s2.catalog.snapshots(id2.as_str()).map_err(internal)?.len();
+        let disks = s2
+            .catalog
+            .delete_machine(id2.as_str())
+            .map_err(internal)?
+            .map_err(conflict_of)?;
+        // The rows are gone: the volumes are nobody's now. (A crash here leaves files that a
+        // second delete cannot reach: their dir is named by the machine id, so it says which.)
+        let dir = s2.volume_dir(&id2);
+        let mut volume_bytes = 0;
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                volume_bytes += e.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+            }
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(internal(format!(
+                    "machine {id2} was removed from the catalog, but its volumes in {} were not: {e}",
+                    dir.display()
+                )))
+            }
+        }
+        tracing::info!(machine = %id2, %hostname, disks = disks.len(), recovery_points = points, volume_bytes, "machine deleted");
+        Ok(MachineDeleted {
+            machine_id: id2.to_string(),
+            hostname,
+            disks: disks.len(),
+            recovery_points: points,
+            volume_bytes,
+            gc: None,
+            gc_error: None,
+        })
+    })
+    .await?;
+    let s2 = s.clone();
+    let gc = blocking(move || Ok(crate::store::gc::collect(&s2.store, &s2.catalog))).await?;
+    let mut deleted = deleted;
+    match gc {
+        Ok(st) => deleted.gc = Some(st),
+        Err(e) => {
+            let e = crate::retention::chain(&e);
+            tracing::warn!(error = %e, "garbage collection after a machine delete");
+            deleted.gc_error = Some(e);
+        }
+    }
+    Ok(Json(deleted))
+}
+
+fn conflict_of(m: String) -> ApiError {
+    ApiError(StatusCode::CONFLICT, m)
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]

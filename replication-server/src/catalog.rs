@@ -420,6 +420,60 @@ impl Catalog {
         })
     }
 
+    /// Removes `id` and every catalog row of it: recovery points (their disks cascade), jobs and
+    /// their logs, blueprint, retention policy, history, disks and the reinstall tokens bound to
+    /// it, in one transaction. `Ok(Err(why))` when refused: a launch job of the machine runs, or
+    /// one of its recovery points is being taken. Returns the ids of the disks it had.
+    pub fn delete_machine(&self, id: &str) -> Result<Result<Vec<u64>, String>, CatalogError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let job: Option<(i64, String)> = tx
+                .query_row(
+                    "SELECT id, mode FROM jobs WHERE machine_id = ?1 AND state = 'running'",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((job, mode)) = job {
+                return Ok(Err(format!(
+                    "{mode} job {job} of machine {id} is running (wait for it to end: `rehost-server jobs {job} --follow`)"
+                )));
+            }
+            let creating: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM snapshots WHERE machine_id = ?1 AND state = 'creating'",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(snap) = creating {
+                return Ok(Err(format!(
+                    "recovery point {snap} of machine {id} is being taken; try again when it is done"
+                )));
+            }
+            let disks = tx
+                .prepare("SELECT id FROM disks WHERE machine_id = ?1 ORDER BY id")?
+                .query_map([id], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<u64>>>()?;
+            for sql in [
+                "DELETE FROM snapshot_disks WHERE snapshot_id IN (SELECT id FROM snapshots WHERE machine_id = ?1)",
+                "DELETE FROM snapshots WHERE machine_id = ?1",
+                "DELETE FROM job_log WHERE job_id IN (SELECT id FROM jobs WHERE machine_id = ?1)",
+                "DELETE FROM jobs WHERE machine_id = ?1",
+                "DELETE FROM blueprints WHERE machine_id = ?1",
+                "DELETE FROM retention WHERE machine_id = ?1",
+                "DELETE FROM lifecycle_log WHERE machine_id = ?1",
+                "DELETE FROM disks WHERE machine_id = ?1",
+                "DELETE FROM tokens WHERE machine_id = ?1",
+                "DELETE FROM machines WHERE id = ?1",
+            ] {
+                tx.execute(sql, [id])?;
+            }
+            tx.commit()?;
+            Ok(Ok(disks))
+        })
+    }
+
     /// Makes sure every reported disk has a row; a disk whose size changed starts its sync again
     /// (its volume is resized by the caller, its hash index kept for the rescan).
     pub fn ensure_disks(
@@ -622,6 +676,91 @@ mod tests {
         // Reopening a current catalog changes nothing.
         let cat = Catalog::open(&path).unwrap();
         assert_eq!(cat.snapshots(m.as_str()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn deleting_a_machine_removes_its_rows_only_and_waits_for_its_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("catalog.sqlite")).unwrap();
+        let (gone, _) = cat.register_machine("gone", &[1; 32], "t", b"s").unwrap();
+        let (kept, _) = cat.register_machine("kept", &[2; 32], "t", b"s").unwrap();
+        let disk = |d: &str| DiskInfo {
+            device: d.into(),
+            size_bytes: 1 << 20,
+        };
+        cat.ensure_disks(&gone, &[disk("/dev/a"), disk("/dev/b")], 65536)
+            .unwrap();
+        let kept_disk = cat.ensure_disks(&kept, &[disk("/dev/a")], 65536).unwrap()[0].id;
+        for m in [&gone, &kept] {
+            let s = cat.begin_snapshot(m, "crash", "manual").unwrap();
+            cat.finish_snapshot(s, &[(DiskId(kept_disk), 10, [9; 32])], 5, 1)
+                .unwrap();
+            cat.set_blueprint(m.as_str(), "{}").unwrap();
+        }
+        cat.with(|c| {
+            c.execute_batch(&format!(
+                "INSERT INTO tokens (id, secret_hash, created_at, machine_id) VALUES ('r', x'00', 1, '{gone}');
+                 INSERT INTO retention (machine_id, policy) VALUES ('{gone}', 'p');
+                 INSERT INTO jobs (id, machine_id, mode, state, created_at, prev_lifecycle)
+                   VALUES (7, '{gone}', 'test', 'running', 1, 'ready-for-testing');
+                 INSERT INTO job_log (job_id, seq, at_ms, step, message) VALUES (7, 1, 1, 'job-start', '');"
+            ))
+        })
+        .unwrap();
+        cat.detach_machine(&gone, "0.0.1", "agent uninstalled")
+            .unwrap();
+
+        let refused = cat.delete_machine(gone.as_str()).unwrap().unwrap_err();
+        assert!(refused.contains("test job 7"), "{refused}");
+        assert_eq!(cat.machines().unwrap().len(), 2, "nothing removed");
+        cat.with(|c| c.execute("UPDATE jobs SET state = 'failed' WHERE id = 7", []))
+            .unwrap();
+        let creating = cat.begin_snapshot(&gone, "crash", "manual").unwrap();
+        let refused = cat.delete_machine(gone.as_str()).unwrap().unwrap_err();
+        assert!(refused.contains("being taken"), "{refused}");
+        cat.remove_snapshot(creating).unwrap();
+
+        assert_eq!(cat.delete_machine(gone.as_str()).unwrap().unwrap().len(), 2);
+        let left: Vec<String> = cat
+            .machines()
+            .unwrap()
+            .into_iter()
+            .map(|(m, _)| m.id)
+            .collect();
+        assert_eq!(left, [kept.as_str()]);
+        for table in [
+            "disks",
+            "snapshots",
+            "jobs",
+            "blueprints",
+            "retention",
+            "lifecycle_log",
+            "tokens",
+        ] {
+            let n: i64 = cat
+                .with(|c| {
+                    c.query_row(
+                        &format!("SELECT COUNT(*) FROM {table} WHERE machine_id = ?1"),
+                        [gone.as_str()],
+                        |r| r.get(0),
+                    )
+                })
+                .unwrap();
+            assert_eq!(n, 0, "{table} rows of the deleted machine");
+        }
+        let orphans: i64 = cat
+            .with(|c| {
+                c.query_row(
+                    "SELECT (SELECT COUNT(*) FROM job_log) + (SELECT COUNT(*) FROM snapshot_disks
+                       WHERE snapshot_id NOT IN (SELECT id FROM snapshots))",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(orphans, 0);
+        assert_eq!(cat.snapshots(kept.as_str()).unwrap().len(), 1);
+        assert!(cat.blueprint(kept.as_str()).unwrap().is_some());
     }
 
     #[test]

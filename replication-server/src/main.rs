@@ -233,6 +233,17 @@ enum MachineCmd {
         #[arg(long)]
         mbps: u64,
     },
+    /// Delete a machine for good: its staging volumes, its recovery points (then garbage
+    /// collection frees the store data only they used) and its catalog rows (disks, reinstall
+    /// tokens, jobs, history). Launched targets in the target dir are left alone. Refused while
+    /// its agent is connected and while a launch job of it runs.
+    Delete {
+        /// Machine id or hostname.
+        machine: String,
+        /// Do not ask for confirmation (needed when not on a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Every lifecycle transition of a machine, with its reason.
     History {
         /// Machine id or hostname.
@@ -362,6 +373,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         ),
         Cmd::Mark { machine, state } => jobcmd::mark(&cli.admin, &cli.data_dir, machine, *state),
         Cmd::Test(cmd) => jobcmd::test(cmd, &cli.admin, &cli.data_dir),
+        Cmd::Machine(MachineCmd::Delete { machine, yes }) => {
+            delete_machine(&client()?, machine, *yes)
+        }
         Cmd::Machine(MachineCmd::History { machine, json }) => {
             jobcmd::history(&cli.admin, &cli.data_dir, machine, *json)
         }
@@ -569,6 +583,70 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `machine delete`: says what goes, asks on a terminal (or needs `--yes`), deletes.
+fn delete_machine(c: &AdminClient, machine: &str, yes: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let v: MachinesView = c.get("/v1/machines")?;
+    let by_id = v.machines.iter().find(|m| m.machine_id == machine);
+    let mut by_name = v.machines.iter().filter(|m| m.hostname == machine);
+    let m = match (by_id, by_name.next(), by_name.next()) {
+        (Some(m), _, _) | (None, Some(m), None) => m,
+        (None, None, _) => anyhow::bail!("no machine {machine}"),
+        (None, Some(_), Some(_)) => {
+            anyhow::bail!("several machines are named {machine}: give the machine id")
+        }
+    };
+    let id = &m.machine_id;
+    if m.connected {
+        anyhow::bail!(
+            "the agent of machine {id} is connected: uninstall the agent or `rehost-server machine revoke {id}` it first"
+        );
+    }
+    let points: serde_json::Value = c.get(&format!("/v1/machines/{id}/snapshots"))?;
+    let points = points["snapshots"].as_array().map_or(0, Vec::len);
+    let data: u64 = m.disks.iter().map(|d| d.replicated_bytes).sum();
+    let what = format!(
+        "machine {id} ({}): {} disks, {points} recovery points, {} of replica data",
+        m.hostname,
+        m.disks.len(),
+        human::bytes(data)
+    );
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!("not deleting {what}: not on a terminal to confirm (pass --yes)");
+        }
+        eprint!("Delete {what}? [y/N] ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+            anyhow::bail!("not deleted");
+        }
+    }
+    let d: rehost_server::admin::MachineDeleted =
+        c.post_long(&format!("/v1/machines/{id}/delete"), &serde_json::json!({}))?;
+    println!(
+        "machine {} ({}) deleted: {} disks ({} of volumes), {} recovery points",
+        d.machine_id,
+        d.hostname,
+        d.disks,
+        human::bytes(d.volume_bytes),
+        d.recovery_points
+    );
+    match (&d.gc, &d.gc_error) {
+        (Some(g), _) => println!(
+            "gc: removed {} store objects ({})",
+            g.removed_objects,
+            human::bytes(g.removed_bytes)
+        ),
+        (None, Some(e)) => println!(
+            "gc did not run ({e}): `rehost-server gc` or the scheduler frees the store data"
+        ),
+        (None, None) => {}
+    }
+    Ok(())
 }
 
 /// The address to bind from `HOST:PORT` or `SCHEME://HOST:PORT`.

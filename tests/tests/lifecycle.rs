@@ -333,4 +333,120 @@ fn a_version_mismatch_says_which_side_to_upgrade() {
     assert_eq!(server.machines()["machines"].as_array().unwrap().len(), 0);
 }
 
+/// Files and bytes under the store's `chunks/`.
+fn chunks(server: &Server) -> (u64, u64) {
+    let mut out = (0, 0);
+    let mut dirs = vec![server.data.join("store/chunks")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let md = e.metadata().unwrap();
+            if md.is_dir() {
+                dirs.push(e.path());
+            } else {
+                out = (out.0 + 1, out.1 + md.len());
+            }
+        }
+    }
+    out
+}
+
+fn output(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn machine_delete_removes_volumes_points_and_rows_and_frees_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let token = server.token();
+    let (img_a, img_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    mixed_image(&img_a, 4 << 20, 41);
+    mixed_image(&img_b, 4 << 20, 42);
+    let mut a = Agent::new(dir.path(), "a");
+    let mut b = Agent::new(dir.path(), "b");
+    assert!(a
+        .install(&server, &token, &[&img_a], "gone-1")
+        .status
+        .success());
+    assert!(b
+        .install(&server, &token, &[&img_b], "kept-1")
+        .status
+        .success());
+    a.run(&[]);
+    b.run(&[]);
+    let (ma, da) = wait_replicated(&server, &img_a, LIMIT);
+    let (mb, _) = wait_replicated(&server, &img_b, LIMIT);
+    server.snapshot(&ma);
+    let pb = server.snapshot(&mb)["id"].to_string();
+    let before = chunks(&server);
+    assert!(server.volume(&ma, da).exists());
+
+    // While its agent is connected: refused, with the way out.
+    let out = server.cli(&["machine", "delete", &ma, "--yes"]);
+    assert!(!out.status.success());
+    let why = output(&out);
+    assert!(
+        why.contains("is connected") && why.contains("machine revoke"),
+        "{why}"
+    );
+
+    a.kill(nix::sys::signal::Signal::SIGTERM);
+    wait_until("the stopped agent shows disconnected", LIMIT, || {
+        (machine_by_id(&server, &ma)["connected"] == false).then_some(())
+    });
+    // Not on a terminal (the test's stdin is none) and no --yes: refused, nothing removed.
+    let out = server.cli(&["machine", "delete", "gone-1"]);
+    assert!(!out.status.success());
+    let why = output(&out);
+    assert!(
+        why.contains(&format!(
+            "machine {ma} (gone-1): 1 disks, 1 recovery points"
+        )) && why.contains("pass --yes"),
+        "{why}"
+    );
+    assert!(server.volume(&ma, da).exists());
+
+    let done = server.ok(&["machine", "delete", "gone-1", "--yes"]);
+    assert!(
+        done.contains(&format!("machine {ma} (gone-1) deleted: 1 disks")),
+        "{done}"
+    );
+    assert!(done.contains("1 recovery points"), "{done}");
+    let listed: Vec<String> = server.machines()["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["machine_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, [mb.as_str()]);
+    assert!(!server.volume(&ma, da).exists());
+    assert!(!server.data.join("volumes").join(&ma).exists());
+    let after = chunks(&server);
+    assert!(
+        after.0 < before.0 && after.1 < before.1,
+        "the store shrinks: {before:?} -> {after:?}"
+    );
+    assert!(server.ok(&["snapshot", "verify", &mb, &pb]).contains("OK"));
+    let out = server.cli(&["snapshots", &ma]);
+    assert!(!out.status.success(), "{}", output(&out));
+    // The other machine's session went on throughout.
+    assert_eq!(machine_by_id(&server, &mb)["connected"], true);
+    assert!(!b.log_text().contains("disconnected"), "{}", b.log_text());
+    b.kill(nix::sys::signal::Signal::SIGTERM);
+}
+
+fn machine_by_id(server: &Server, id: &str) -> Value {
+    server.machines()["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["machine_id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("machine {id} is listed"))
+}
+
 const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
