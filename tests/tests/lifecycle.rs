@@ -1,8 +1,9 @@
 //! The agent's life cycle on the server (issue 18), with the real server and a hand-made client
 //! speaking the protocol over TLS: an uninstalled agent detaches its machine (recorded, shown by
 //! `machines`, in the history, cleared by a reinstall; also for an archived machine, never for a
-//! revoked one), `machines --outdated` lists old agents, and a version mismatch names the side to
-//! upgrade.
+//! revoked one), `machines --outdated` lists old agents, a version mismatch names the side to
+//! upgrade, and `machine delete` removes a machine's volumes, points and rows (the store shrinks,
+//! another machine's points still verify) but never under a connected agent.
 
 use rehost_agent::conn::connect;
 use rehost_proto::frame::{read_message, write_message};
@@ -394,6 +395,12 @@ fn machine_delete_removes_volumes_points_and_rows_and_frees_the_store() {
         "{why}"
     );
 
+    // The server refuses on its own too, whatever the client checked first.
+    let (status, body) = admin_post(&server, &format!("/v1/machines/{ma}/delete"));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("is connected"), "{body}");
+    assert!(server.volume(&ma, da).exists());
+
     a.kill(nix::sys::signal::Signal::SIGTERM);
     wait_until("the stopped agent shows disconnected", LIMIT, || {
         (machine_by_id(&server, &ma)["connected"] == false).then_some(())
@@ -437,6 +444,29 @@ fn machine_delete_removes_volumes_points_and_rows_and_frees_the_store() {
     assert_eq!(machine_by_id(&server, &mb)["connected"], true);
     assert!(!b.log_text().contains("disconnected"), "{}", b.log_text());
     b.kill(nix::sys::signal::Signal::SIGTERM);
+}
+
+/// A bare POST to the admin API (plain HTTP on loopback) with the admin credential: the status
+/// and the body.
+fn admin_post(server: &Server, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let token = std::fs::read_to_string(server.data.join("admin.token")).unwrap();
+    let mut tcp = std::net::TcpStream::connect(&server.admin).unwrap();
+    write!(
+        tcp,
+        "POST {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}",
+        token.trim()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).unwrap();
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
 }
 
 fn machine_by_id(server: &Server, id: &str) -> Value {
