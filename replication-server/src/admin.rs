@@ -121,6 +121,7 @@ pub fn router(shared: Arc<Shared>, metrics_public: bool) -> Router {
         .route("/v1/machines", get(machines))
         .route("/v1/machines/{id}/revoke", post(revoke_machine))
         .route("/v1/machines/{id}/throttle", post(throttle_machine))
+        .route("/v1/machines/{id}/delete", post(delete_machine))
         .route("/v1/tokens", get(tokens).post(create_token))
         .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/metrics", get(metrics))
@@ -137,6 +138,9 @@ pub fn router(shared: Arc<Shared>, metrics_public: bool) -> Router {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MachinesView {
     pub machines: Vec<MachineView>,
+    /// This server's version (`machines --outdated` lists agents older than it).
+    #[serde(default)]
+    pub server_version: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -146,7 +150,15 @@ pub struct MachineView {
     pub lifecycle: String,
     pub connected: bool,
     pub agent_address: Option<String>,
+    /// The agent's version: the connected agent's, else the one last seen (null: never seen).
     pub agent_version: Option<String>,
+    /// Why the agent is not connected, when known: the reason the agent gave when it was
+    /// uninstalled (`agent uninstalled`). Null while connected or when unknown.
+    #[serde(default)]
+    pub disconnected_reason: Option<String>,
+    /// When the agent detached the machine (it was uninstalled); null otherwise.
+    #[serde(default)]
+    pub detached_at: Option<i64>,
     pub registered_at: i64,
     pub last_seen: Option<i64>,
     pub revoked: bool,
@@ -175,12 +187,61 @@ pub struct DiskView {
     pub sync_complete: bool,
 }
 
+/// Whether agent version `agent` is older than `server`, compared as semver (`1.2.3`, with an
+/// optional `-pre-release`, which sorts before its release; `+build` is ignored). None when
+/// either does not parse.
+pub fn older_version(agent: &str, server: &str) -> Option<bool> {
+    Some(parse_semver(agent)? < parse_semver(server)?)
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum PreId {
+    // Numeric identifiers sort before alphanumeric ones (semver 11.4.3).
+    Num(u64),
+    Alpha(String),
+}
+
+/// (major, minor, patch, is-release, pre-release identifiers): ordered as semver orders them.
+type Semver = (u64, u64, u64, bool, Vec<PreId>);
+
+fn parse_semver(v: &str) -> Option<Semver> {
+    let v = v.trim().trim_start_matches('v');
+    let v = v.split_once('+').map_or(v, |(v, _)| v);
+    let (core, pre) = match v.split_once('-') {
+        Some((c, p)) => (c, Some(p)),
+        None => (v, None),
+    };
+    let mut n = core.split('.').map(|p| {
+        (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| p.parse::<u64>().ok())
+            .flatten()
+    });
+    let (major, minor, patch) = (n.next()??, n.next()??, n.next()??);
+    if n.next().is_some() {
+        return None;
+    }
+    let pre = match pre {
+        None => Vec::new(),
+        Some(p) => p
+            .split('.')
+            .map(|id| match id.parse::<u64>() {
+                _ if id.is_empty() => None,
+                Ok(n) if id.bytes().all(|b| b.is_ascii_digit()) => Some(PreId::Num(n)),
+                _ => Some(PreId::Alpha(id.to_string())),
+            })
+            .collect::<Option<Vec<_>>>()?,
+    };
+    Some((major, minor, patch, pre.is_empty(), pre))
+}
+
 pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
     let rows = s.catalog.machines().map_err(internal)?;
     let now = now();
     let mut machines = Vec::new();
     for (m, disks) in rows {
-        let live = s.live.get(&m.id);
+        // A detached machine's agent is gone, even while the session it ended still unwinds (a
+        // reinstall clears the mark before its session is live).
+        let live = s.live.get(&m.id).filter(|_| m.detached_at.is_none());
         let disks = disks
             .into_iter()
             .map(|d| {
@@ -263,7 +324,12 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
             lifecycle: m.lifecycle,
             connected: live.is_some(),
             agent_address: live.as_ref().map(|l| l.peer.clone()),
-            agent_version: live.as_ref().map(|l| l.agent_version.clone()),
+            agent_version: live
+                .as_ref()
+                .map(|l| l.agent_version.clone())
+                .or(m.agent_version),
+            disconnected_reason: m.detached_reason.filter(|_| live.is_none()),
+            detached_at: m.detached_at,
             registered_at: m.registered_at,
             last_seen: if live.is_some() {
                 Some(now)
@@ -275,7 +341,10 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
             disks,
         });
     }
-    Ok(MachinesView { machines })
+    Ok(MachinesView {
+        machines,
+        server_version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 async fn machines(
@@ -302,6 +371,109 @@ async fn revoke_machine(
         s.slot(&mid).kick.kick(crate::auth::Kick::Revoked);
     }
     Ok(Json(serde_json::json!({ "revoked": id })))
+}
+
+/// What `machine delete` removed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineDeleted {
+    pub machine_id: String,
+    pub hostname: String,
+    pub disks: usize,
+    pub recovery_points: usize,
+    /// Disk space the machine's staging volumes and hash indexes took (allocated bytes).
+    pub volume_bytes: u64,
+    /// The garbage collection run after the delete: what it freed of the store.
+    pub gc: Option<crate::store::gc::GcStats>,
+    /// Why that collection did not run or failed (the scheduler's next one frees the rest).
+    pub gc_error: Option<String>,
+}
+
+/// Deletes a machine: its catalog rows, its staging volumes, its recovery points (then GC frees
+/// the store objects only they used). Refused while its agent is connected (the session holds
+/// the machine's slot, which the delete holds throughout, so no session starts meanwhile), while
+/// a launch job of it runs, or while one of its points is being taken.
+async fn delete_machine(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<MachineDeleted>, ApiError> {
+    use std::os::unix::fs::MetadataExt;
+    authorize(&s, &h)?;
+    let id = resolve(&s, name).await?;
+    let connected = || {
+        conflict_of(format!(
+            "the agent of machine {id} is connected: uninstall the agent or `rehost-server machine revoke {id}` it first"
+        ))
+    };
+    let Ok(_slot) = s.slot(&id).lock.clone().try_lock_owned() else {
+        return Err(connected());
+    };
+    if s.live.get(id.as_str()).is_some() {
+        return Err(connected());
+    }
+    let (s2, id2) = (s.clone(), id.clone());
+    let deleted = blocking(move || {
+        let hostname = s2
+            .catalog
+            .machines()
+            .map_err(internal)?
+            .into_iter()
+            .find(|(m, _)| m.id == id2.as_str())
+            .map(|(m, _)| m.hostname)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no machine {id2}")))?;
+        let points = s2.catalog.snapshots(id2.as_str()).map_err(internal)?.len();
+        let disks = s2
+            .catalog
+            .delete_machine(id2.as_str())
+            .map_err(internal)?
+            .map_err(conflict_of)?;
+        // The rows are gone: the volumes are nobody's now. (A crash here leaves files that a
+        // second delete cannot reach: their dir is named by the machine id, so it says which.)
+        let dir = s2.volume_dir(&id2);
+        let mut volume_bytes = 0;
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                volume_bytes += e.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+            }
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(internal(format!(
+                    "machine {id2} was removed from the catalog, but its volumes in {} were not: {e}",
+                    dir.display()
+                )))
+            }
+        }
+        tracing::info!(machine = %id2, %hostname, disks = disks.len(), recovery_points = points, volume_bytes, "machine deleted");
+        Ok(MachineDeleted {
+            machine_id: id2.to_string(),
+            hostname,
+            disks: disks.len(),
+            recovery_points: points,
+            volume_bytes,
+            gc: None,
+            gc_error: None,
+        })
+    })
+    .await?;
+    let s2 = s.clone();
+    let gc = blocking(move || Ok(crate::store::gc::collect(&s2.store, &s2.catalog))).await?;
+    let mut deleted = deleted;
+    match gc {
+        Ok(st) => deleted.gc = Some(st),
+        Err(e) => {
+            let e = crate::retention::chain(&e);
+            tracing::warn!(error = %e, "garbage collection after a machine delete");
+            deleted.gc_error = Some(e);
+        }
+    }
+    Ok(Json(deleted))
+}
+
+fn conflict_of(m: String) -> ApiError {
+    ApiError(StatusCode::CONFLICT, m)
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -517,6 +689,21 @@ mod tests {
     }
 
     #[test]
+    fn agent_versions_compare_as_semver() {
+        assert_eq!(older_version("0.0.1", "0.1.0"), Some(true));
+        assert_eq!(older_version("0.1.0", "0.1.0"), Some(false));
+        assert_eq!(older_version("0.2.0", "0.1.9"), Some(false));
+        // Numerically, not as text.
+        assert_eq!(older_version("0.9.0", "0.10.0"), Some(true));
+        assert_eq!(older_version("1.0.0-rc.1", "1.0.0"), Some(true));
+        assert_eq!(older_version("1.0.0-rc.2", "1.0.0-rc.10"), Some(true));
+        assert_eq!(older_version("1.0.0-alpha", "1.0.0-1"), Some(false));
+        assert_eq!(older_version("1.0.0+build.5", "1.0.0"), Some(false));
+        assert_eq!(older_version("unknown", "1.0.0"), None);
+        assert_eq!(older_version("1.0", "1.0.0"), None);
+    }
+
+    #[test]
     fn device_labels_round_trip_through_the_page() {
         let device = "/dev/evil\\\"\nsecond line\\".to_string();
         let view = MachinesView {
@@ -527,6 +714,8 @@ mod tests {
                 connected: true,
                 agent_address: None,
                 agent_version: None,
+                disconnected_reason: None,
+                detached_at: None,
                 registered_at: 0,
                 last_seen: None,
                 revoked: false,
@@ -544,6 +733,7 @@ mod tests {
                     sync_complete: true,
                 }],
             }],
+            server_version: String::new(),
         };
         let text = replication_metrics(&view);
         let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();

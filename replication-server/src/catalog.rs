@@ -20,15 +20,16 @@ pub enum CatalogError {
     Migration(i64, String),
 }
 
-const SCHEMA_VERSION: i64 = 5;
+pub(crate) const SCHEMA_VERSION: i64 = 6;
 
 use crate::auth::MIGRATE_5;
 use crate::launch::rows::MIGRATE_4;
 
 /// The migration ladder: step `i` takes a catalog from version `i` to version `i + 1` (a new
 /// catalog climbs every step). Each run of steps is one transaction.
-pub(crate) const LADDER: [&str; SCHEMA_VERSION as usize] =
-    [SCHEMA, MIGRATE_2, MIGRATE_3, MIGRATE_4, MIGRATE_5];
+pub(crate) const LADDER: [&str; SCHEMA_VERSION as usize] = [
+    SCHEMA, MIGRATE_2, MIGRATE_3, MIGRATE_4, MIGRATE_5, MIGRATE_6,
+];
 
 /// Climbs the ladder from `from` to [`SCHEMA_VERSION`] in one transaction. Foreign keys are off
 /// meanwhile (a step may rebuild a table others refer to, as v5 does) and checked before the
@@ -88,6 +89,15 @@ CREATE TABLE disks (
 
 /// Version 3: the bandwidth cap the operator set for a machine's agent.
 const MIGRATE_3: &str = "ALTER TABLE machines ADD COLUMN max_mbps INTEGER;";
+
+/// Version 6: the agent's life cycle: the version of the agent last seen (set at each successful
+/// handshake, kept while it is disconnected) and when and why an agent being uninstalled
+/// detached its machine (cleared by the machine's next normal connection).
+const MIGRATE_6: &str = "
+ALTER TABLE machines ADD COLUMN agent_version TEXT;
+ALTER TABLE machines ADD COLUMN detached_at INTEGER;
+ALTER TABLE machines ADD COLUMN detached_reason TEXT;
+";
 
 /// Version 2: recovery points (see `snapshot`) and retention policies.
 const MIGRATE_2: &str = "
@@ -158,6 +168,12 @@ pub struct MachineRow {
     /// a reinstall without the machine's credential, a cloned source, or someone claiming its
     /// name. Shown, never merged.
     pub duplicate_of: Option<String>,
+    /// The version of the agent at its last successful handshake.
+    pub agent_version: Option<String>,
+    /// When and why the agent detached the machine (it was uninstalled); cleared by its next
+    /// normal connection.
+    pub detached_at: Option<i64>,
+    pub detached_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -368,6 +384,96 @@ impl Catalog {
         })
     }
 
+    /// A successful handshake of `id`'s agent: its version is remembered, and a detached mark (an
+    /// earlier uninstall) is cleared, since the agent is back (a reinstall).
+    pub fn agent_connected(&self, id: &MachineId, agent_version: &str) -> Result<(), CatalogError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE machines SET agent_version = ?2, last_seen = ?3, detached_at = NULL, detached_reason = NULL WHERE id = ?1",
+                params![id.as_str(), agent_version, now()],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The agent of `id` is being uninstalled and said so (`Hello.detach`): recorded durably,
+    /// with a line in the machine's history (its lifecycle is unchanged).
+    pub fn detach_machine(
+        &self,
+        id: &MachineId,
+        agent_version: &str,
+        reason: &str,
+    ) -> Result<(), CatalogError> {
+        let at = now();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE machines SET agent_version = ?2, last_seen = ?3, detached_at = ?3, detached_reason = ?4 WHERE id = ?1",
+                params![id.as_str(), agent_version, at, reason],
+            )?;
+            tx.execute(
+                "INSERT INTO lifecycle_log (machine_id, at, from_state, to_state, reason)
+                   SELECT id, ?2, lifecycle, lifecycle, ?3 FROM machines WHERE id = ?1",
+                params![id.as_str(), at, reason],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Removes `id` and every catalog row of it: recovery points (their disks cascade), jobs and
+    /// their logs, blueprint, retention policy, history, disks and the reinstall tokens bound to
+    /// it, in one transaction. `Ok(Err(why))` when refused: a launch job of the machine runs, or
+    /// one of its recovery points is being taken. Returns the ids of the disks it had.
+    pub fn delete_machine(&self, id: &str) -> Result<Result<Vec<u64>, String>, CatalogError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let job: Option<(i64, String)> = tx
+                .query_row(
+                    "SELECT id, mode FROM jobs WHERE machine_id = ?1 AND state = 'running'",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((job, mode)) = job {
+                return Ok(Err(format!(
+                    "{mode} job {job} of machine {id} is running (wait for it to end: `rehost-server jobs {job} --follow`)"
+                )));
+            }
+            let creating: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM snapshots WHERE machine_id = ?1 AND state = 'creating'",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(snap) = creating {
+                return Ok(Err(format!(
+                    "recovery point {snap} of machine {id} is being taken; try again when it is done"
+                )));
+            }
+            let disks = tx
+                .prepare("SELECT id FROM disks WHERE machine_id = ?1 ORDER BY id")?
+                .query_map([id], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<u64>>>()?;
+            for sql in [
+                "DELETE FROM snapshot_disks WHERE snapshot_id IN (SELECT id FROM snapshots WHERE machine_id = ?1)",
+                "DELETE FROM snapshots WHERE machine_id = ?1",
+                "DELETE FROM job_log WHERE job_id IN (SELECT id FROM jobs WHERE machine_id = ?1)",
+                "DELETE FROM jobs WHERE machine_id = ?1",
+                "DELETE FROM blueprints WHERE machine_id = ?1",
+                "DELETE FROM retention WHERE machine_id = ?1",
+                "DELETE FROM lifecycle_log WHERE machine_id = ?1",
+                "DELETE FROM disks WHERE machine_id = ?1",
+                "DELETE FROM tokens WHERE machine_id = ?1",
+                "DELETE FROM machines WHERE id = ?1",
+            ] {
+                tx.execute(sql, [id])?;
+            }
+            tx.commit()?;
+            Ok(Ok(disks))
+        })
+    }
+
     /// Makes sure every reported disk has a row; a disk whose size changed starts its sync again
     /// (its volume is resized by the caller, its hash index kept for the rescan).
     pub fn ensure_disks(
@@ -489,7 +595,8 @@ impl Catalog {
                    (SELECT o.id FROM machines o WHERE o.id != m.id
                       AND (o.source_id = m.source_id OR o.hostname = m.hostname)
                       AND o.rowid < m.rowid
-                    ORDER BY o.rowid LIMIT 1)
+                    ORDER BY o.rowid LIMIT 1),
+                   agent_version, detached_at, detached_reason
                  FROM machines m ORDER BY registered_at, rowid",
             )?;
             let machines = st
@@ -502,6 +609,9 @@ impl Catalog {
                         revoked_at: r.get(4)?,
                         lifecycle: r.get(5)?,
                         duplicate_of: r.get(6)?,
+                        agent_version: r.get(7)?,
+                        detached_at: r.get(8)?,
+                        detached_reason: r.get(9)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -566,5 +676,141 @@ mod tests {
         // Reopening a current catalog changes nothing.
         let cat = Catalog::open(&path).unwrap();
         assert_eq!(cat.snapshots(m.as_str()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn deleting_a_machine_removes_its_rows_only_and_waits_for_its_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("catalog.sqlite")).unwrap();
+        let (gone, _) = cat.register_machine("gone", &[1; 32], "t", b"s").unwrap();
+        let (kept, _) = cat.register_machine("kept", &[2; 32], "t", b"s").unwrap();
+        let disk = |d: &str| DiskInfo {
+            device: d.into(),
+            size_bytes: 1 << 20,
+        };
+        cat.ensure_disks(&gone, &[disk("/dev/a"), disk("/dev/b")], 65536)
+            .unwrap();
+        let kept_disk = cat.ensure_disks(&kept, &[disk("/dev/a")], 65536).unwrap()[0].id;
+        for m in [&gone, &kept] {
+            let s = cat.begin_snapshot(m, "crash", "manual").unwrap();
+            cat.finish_snapshot(s, &[(DiskId(kept_disk), 10, [9; 32])], 5, 1)
+                .unwrap();
+            cat.set_blueprint(m.as_str(), "{}").unwrap();
+        }
+        cat.with(|c| {
+            c.execute_batch(&format!(
+                "INSERT INTO tokens (id, secret_hash, created_at, machine_id) VALUES ('r', x'00', 1, '{gone}');
+                 INSERT INTO retention (machine_id, policy) VALUES ('{gone}', 'p');
+                 INSERT INTO jobs (id, machine_id, mode, state, created_at, prev_lifecycle)
+                   VALUES (7, '{gone}', 'test', 'running', 1, 'ready-for-testing');
+                 INSERT INTO job_log (job_id, seq, at_ms, step, message) VALUES (7, 1, 1, 'job-start', '');"
+            ))
+        })
+        .unwrap();
+        cat.detach_machine(&gone, "0.0.1", "agent uninstalled")
+            .unwrap();
+
+        let refused = cat.delete_machine(gone.as_str()).unwrap().unwrap_err();
+        assert!(refused.contains("test job 7"), "{refused}");
+        assert_eq!(cat.machines().unwrap().len(), 2, "nothing removed");
+        cat.with(|c| c.execute("UPDATE jobs SET state = 'failed' WHERE id = 7", []))
+            .unwrap();
+        let creating = cat.begin_snapshot(&gone, "crash", "manual").unwrap();
+        let refused = cat.delete_machine(gone.as_str()).unwrap().unwrap_err();
+        assert!(refused.contains("being taken"), "{refused}");
+        cat.remove_snapshot(creating).unwrap();
+
+        assert_eq!(cat.delete_machine(gone.as_str()).unwrap().unwrap().len(), 2);
+        let left: Vec<String> = cat
+            .machines()
+            .unwrap()
+            .into_iter()
+            .map(|(m, _)| m.id)
+            .collect();
+        assert_eq!(left, [kept.as_str()]);
+        for table in [
+            "disks",
+            "snapshots",
+            "jobs",
+            "blueprints",
+            "retention",
+            "lifecycle_log",
+            "tokens",
+        ] {
+            let n: i64 = cat
+                .with(|c| {
+                    c.query_row(
+                        &format!("SELECT COUNT(*) FROM {table} WHERE machine_id = ?1"),
+                        [gone.as_str()],
+                        |r| r.get(0),
+                    )
+                })
+                .unwrap();
+            assert_eq!(n, 0, "{table} rows of the deleted machine");
+        }
+        let orphans: i64 = cat
+            .with(|c| {
+                c.query_row(
+                    "SELECT (SELECT COUNT(*) FROM job_log) + (SELECT COUNT(*) FROM snapshot_disks
+                       WHERE snapshot_id NOT IN (SELECT id FROM snapshots))",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(orphans, 0);
+        assert_eq!(cat.snapshots(kept.as_str()).unwrap().len(), 1);
+        assert!(cat.blueprint(kept.as_str()).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_version_5_catalog_gains_the_agents_life_cycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&format!(
+                "{} PRAGMA user_version = 5;",
+                LADDER[..5].join("\n")
+            ))
+            .unwrap();
+            c.execute(
+                "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at, lifecycle)
+                 VALUES ('m-00000000000000aa', 'old-host', x'01', x'02', 't', 1, 'archived')",
+                [],
+            )
+            .unwrap();
+        }
+        let cat = Catalog::open(&path).unwrap();
+        let (m, _) = cat.machines().unwrap().remove(0);
+        assert_eq!(
+            (m.hostname.as_str(), m.lifecycle.as_str()),
+            ("old-host", "archived")
+        );
+        assert_eq!(
+            (m.agent_version, m.detached_at, m.detached_reason),
+            (None, None, None)
+        );
+
+        let id = MachineId::parse(&m.id).unwrap();
+        cat.detach_machine(&id, "0.0.1", "agent uninstalled")
+            .unwrap();
+        let (m, _) = cat.machines().unwrap().remove(0);
+        assert_eq!(m.agent_version.as_deref(), Some("0.0.1"));
+        assert_eq!(m.detached_reason.as_deref(), Some("agent uninstalled"));
+        assert!(m.detached_at.is_some());
+        let log = cat.lifecycle_log(&m.id).unwrap();
+        assert_eq!(
+            (
+                log[0].from.as_str(),
+                log[0].to.as_str(),
+                log[0].reason.as_str()
+            ),
+            ("archived", "archived", "agent uninstalled")
+        );
+        cat.agent_connected(&id, "0.0.2").unwrap();
+        let (m, _) = cat.machines().unwrap().remove(0);
+        assert_eq!(m.agent_version.as_deref(), Some("0.0.2"));
+        assert_eq!((m.detached_at, m.detached_reason), (None, None));
     }
 }

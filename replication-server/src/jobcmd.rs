@@ -460,11 +460,15 @@ pub fn history(admin: &str, data_dir: &Path, machine: &str, json: bool) -> anyho
     }
     println!("lifecycle of {}", v.machine_id);
     for t in &v.transitions {
+        // An event that left the lifecycle as it was (the agent was uninstalled).
+        let states = if t.from == t.to {
+            t.to.clone()
+        } else {
+            format!("{} -> {}", t.from, t.to)
+        };
         println!(
-            "  {}  {} -> {}  ({})",
+            "  {}  {states}  ({})",
             rehost_server::human::datetime(t.at),
-            t.from,
-            t.to,
             t.reason
         );
     }

@@ -115,6 +115,10 @@ enum Cmd {
         /// Machine-readable output (format documented in the README).
         #[arg(long)]
         json: bool,
+        /// Only machines whose agent (the one last seen) is older than this server, with the
+        /// version each runs.
+        #[arg(long)]
+        outdated: bool,
     },
     /// Act on one machine.
     #[command(subcommand)]
@@ -228,6 +232,17 @@ enum MachineCmd {
         /// Megabits per second (0: no cap).
         #[arg(long)]
         mbps: u64,
+    },
+    /// Delete a machine for good: its staging volumes, its recovery points (then garbage
+    /// collection frees the store data only they used) and its catalog rows (disks, reinstall
+    /// tokens, jobs, history). Launched targets in the target dir are left alone. Refused while
+    /// its agent is connected and while a launch job of it runs.
+    Delete {
+        /// Machine id or hostname.
+        machine: String,
+        /// Do not ask for confirmation (needed when not on a terminal).
+        #[arg(long)]
+        yes: bool,
     },
     /// Every lifecycle transition of a machine, with its reason.
     History {
@@ -358,6 +373,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         ),
         Cmd::Mark { machine, state } => jobcmd::mark(&cli.admin, &cli.data_dir, machine, *state),
         Cmd::Test(cmd) => jobcmd::test(cmd, &cli.admin, &cli.data_dir),
+        Cmd::Machine(MachineCmd::Delete { machine, yes }) => {
+            delete_machine(&client()?, machine, *yes)
+        }
         Cmd::Machine(MachineCmd::History { machine, json }) => {
             jobcmd::history(&cli.admin, &cli.data_dir, machine, *json)
         }
@@ -476,8 +494,32 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Machines { json } => {
-            let v: MachinesView = client()?.get("/v1/machines")?;
+        Cmd::Machines { json, outdated } => {
+            let mut v: MachinesView = client()?.get("/v1/machines")?;
+            if *outdated {
+                let server = v.server_version.clone();
+                v.machines.retain(|m| {
+                    m.agent_version
+                        .as_deref()
+                        .and_then(|a| rehost_server::admin::older_version(a, &server))
+                        == Some(true)
+                });
+                if !*json {
+                    if v.machines.is_empty() {
+                        println!("no machine runs an agent older than this server ({server})");
+                    }
+                    for m in &v.machines {
+                        println!(
+                            "{}  {}  agent {} (server {server}){}",
+                            m.machine_id,
+                            m.hostname,
+                            m.agent_version.as_deref().unwrap_or("?"),
+                            if m.connected { "" } else { "  disconnected" }
+                        );
+                    }
+                    return Ok(());
+                }
+            }
             if *json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
@@ -492,6 +534,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     (_, true) => "revoked".to_string(),
                     (Some(a), _) => format!("connected from {a}"),
                     (None, _) => match m.last_seen {
+                        Some(t) if m.disconnected_reason.is_some() => format!(
+                            "disconnected ({}) since {}",
+                            m.disconnected_reason.as_deref().unwrap_or_default(),
+                            human::when(t, rehost_server::catalog::now())
+                        ),
                         Some(t) => format!(
                             "disconnected since {}",
                             human::when(t, rehost_server::catalog::now())
@@ -536,6 +583,70 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `machine delete`: says what goes, asks on a terminal (or needs `--yes`), deletes.
+fn delete_machine(c: &AdminClient, machine: &str, yes: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let v: MachinesView = c.get("/v1/machines")?;
+    let by_id = v.machines.iter().find(|m| m.machine_id == machine);
+    let mut by_name = v.machines.iter().filter(|m| m.hostname == machine);
+    let m = match (by_id, by_name.next(), by_name.next()) {
+        (Some(m), _, _) | (None, Some(m), None) => m,
+        (None, None, _) => anyhow::bail!("no machine {machine}"),
+        (None, Some(_), Some(_)) => {
+            anyhow::bail!("several machines are named {machine}: give the machine id")
+        }
+    };
+    let id = &m.machine_id;
+    if m.connected {
+        anyhow::bail!(
+            "the agent of machine {id} is connected: uninstall the agent or `rehost-server machine revoke {id}` it first"
+        );
+    }
+    let points: serde_json::Value = c.get(&format!("/v1/machines/{id}/snapshots"))?;
+    let points = points["snapshots"].as_array().map_or(0, Vec::len);
+    let data: u64 = m.disks.iter().map(|d| d.replicated_bytes).sum();
+    let what = format!(
+        "machine {id} ({}): {} disks, {points} recovery points, {} of replica data",
+        m.hostname,
+        m.disks.len(),
+        human::bytes(data)
+    );
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!("not deleting {what}: not on a terminal to confirm (pass --yes)");
+        }
+        eprint!("Delete {what}? [y/N] ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+            anyhow::bail!("not deleted");
+        }
+    }
+    let d: rehost_server::admin::MachineDeleted =
+        c.post_long(&format!("/v1/machines/{id}/delete"), &serde_json::json!({}))?;
+    println!(
+        "machine {} ({}) deleted: {} disks ({} of volumes), {} recovery points",
+        d.machine_id,
+        d.hostname,
+        d.disks,
+        human::bytes(d.volume_bytes),
+        d.recovery_points
+    );
+    match (&d.gc, &d.gc_error) {
+        (Some(g), _) => println!(
+            "gc: removed {} store objects ({})",
+            g.removed_objects,
+            human::bytes(g.removed_bytes)
+        ),
+        (None, Some(e)) => println!(
+            "gc did not run ({e}): `rehost-server gc` or the scheduler frees the store data"
+        ),
+        (None, None) => {}
+    }
+    Ok(())
 }
 
 /// The address to bind from `HOST:PORT` or `SCHEME://HOST:PORT`.

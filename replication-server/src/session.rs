@@ -34,7 +34,7 @@ pub enum SessionError {
     Frame(#[from] FrameError),
     #[error("protocol violation: {0}")]
     Protocol(String),
-    #[error("no common protocol version (agent speaks {0}..={1}, server {min}..={max})", min = rehost_proto::MIN_PROTOCOL_VERSION, max = rehost_proto::PROTOCOL_VERSION)]
+    #[error("{}", version_mismatch(*.0, *.1))]
     Version(u32, u32),
     #[error("{0}")]
     Unauthorized(String),
@@ -92,6 +92,22 @@ impl SessionError {
             | SessionError::Frame(FrameError::Io(_))
             | SessionError::Agent(_) => return None,
         })
+    }
+}
+
+/// Why an agent speaking `min..=max` has no version in common with this server, and which side
+/// to upgrade.
+fn version_mismatch(min: u32, max: u32) -> String {
+    let (smin, smax) = (
+        rehost_proto::MIN_PROTOCOL_VERSION,
+        rehost_proto::PROTOCOL_VERSION,
+    );
+    if min > smax {
+        format!("this agent speaks protocol {min}..={max}, newer than this server ({smin}..={smax}): upgrade the server")
+    } else if max < smin {
+        format!("this agent speaks protocol {min}..={max}, older than this server supports ({smin}..={smax}): upgrade the agent")
+    } else {
+        format!("no common protocol version (agent speaks {min}..={max}, server {smin}..={smax})")
     }
 }
 
@@ -253,10 +269,28 @@ async fn session<R: AsyncRead + Unpin>(
         },
     };
     let version = negotiate(&hello)?;
+    if hello.detach.is_some() {
+        if version < rehost_proto::DETACH_VERSION {
+            return Err(SessionError::Protocol(format!(
+                "detach in a hello of protocol {version} (detach needs {})",
+                rehost_proto::DETACH_VERSION
+            )));
+        }
+        if !matches!(hello.auth, Auth::Machine { .. }) {
+            return Err(SessionError::Protocol(
+                "detach needs the machine's credential, not an install token".into(),
+            ));
+        }
+    }
     let (machine, secret) = authenticate(shared, &hello).await?;
     ticket.authenticated();
-    let mut rd = BufReader::with_capacity(1 << 20, rd);
     tracing::Span::current().record("machine", machine.as_str());
+    // An agent being uninstalled: handled before the lifecycle check, since a machine that was
+    // cut over or archived is exactly the one whose agent is then removed.
+    if let Some(reason) = hello.detach.clone() {
+        return detach(shared, &machine, &hello.agent_version, reason, &out).await;
+    }
+    let mut rd = BufReader::with_capacity(1 << 20, rd);
     // A machine that was cut over (or archived) is no longer replicated.
     let lifecycle = {
         let (s, m) = (shared.clone(), machine.clone());
@@ -276,6 +310,10 @@ async fn session<R: AsyncRead + Unpin>(
         let (shared, machine, disks) = (shared.clone(), machine.clone(), hello.disks.clone());
         blocking(move || open_disks(&shared, &machine, &disks)).await?
     };
+    {
+        let (s, m, v) = (shared.clone(), machine.clone(), hello.agent_version.clone());
+        blocking(move || s.catalog.agent_connected(&m, &v).map_err(internal)).await?;
+    }
     info!(
         version,
         agent = %hello.agent_version,
@@ -357,6 +395,32 @@ async fn session<R: AsyncRead + Unpin>(
         Err(e) => Err(e.into()),
         Ok(()) => result,
     }
+}
+
+/// Records that `machine`'s agent is being uninstalled, ends its live session if one remains,
+/// and answers `Detach` (the caller then closes).
+async fn detach(
+    shared: &Arc<Shared>,
+    machine: &MachineId,
+    agent_version: &str,
+    reason: String,
+    out: &mpsc::Sender<Message>,
+) -> Result<(), SessionError> {
+    {
+        let (s, m, v, r) = (
+            shared.clone(),
+            machine.clone(),
+            agent_version.to_string(),
+            reason.clone(),
+        );
+        blocking(move || s.catalog.detach_machine(&m, &v, &r).map_err(internal)).await?;
+    }
+    // A session this machine still has (the agent's service, stopped just before) ends now.
+    shared.slot(machine).kick.kick(Kick::Stopped(format!(
+        "machine {machine} was detached by its agent ({reason})"
+    )));
+    info!(agent = %agent_version, %reason, "agent detached its machine");
+    out.send(Message::Detach { reason }).await.map_err(internal)
 }
 
 /// Fails the points still awaited from this session's agent when the session ends.
