@@ -199,6 +199,17 @@ impl Server {
     }
 
     /// The JSON of one machine's disk, by device path.
+    /// One machine of `machines --json`, by id; panics when it is not listed.
+    pub fn machine(&self, id: &str) -> Value {
+        self.machines()["machines"]
+            .as_array()
+            .expect("machines")
+            .iter()
+            .find(|m| m["machine_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("machine {id} is not listed"))
+    }
+
     pub fn disk(&self, device: &Path) -> Option<Value> {
         let m = self.machines();
         let dev = device.display().to_string();

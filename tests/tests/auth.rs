@@ -64,16 +64,6 @@ fn text(o: &std::process::Output) -> String {
     )
 }
 
-fn machine(server: &Server, id: &str) -> Value {
-    server.machines()["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["machine_id"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("machine {id} is listed"))
-}
-
 fn machine_count(server: &Server) -> usize {
     server.machines()["machines"].as_array().unwrap().len()
 }
@@ -104,11 +94,11 @@ fn a_valid_token_and_the_victims_name_make_a_new_machine_and_the_victim_keeps_re
         .to_string();
     assert_ne!(xid, vid, "the attacker must not get the victim's machine");
     assert_eq!(machine_count(&server), 2);
-    let x = machine(&server, &xid);
+    let x = server.machine(&xid);
     assert_eq!(x["duplicate_of"], vid.as_str());
     assert_eq!(x["disks"].as_array().unwrap().len(), 1);
     assert_eq!(
-        machine(&server, &vid)["disks"].as_array().unwrap().len(),
+        server.machine(&vid)["disks"].as_array().unwrap().len(),
         1,
         "the attacker's disk is not added to the victim"
     );
@@ -159,7 +149,7 @@ fn a_revoked_machine_stays_revoked_until_unrevoked() {
         .status
         .success());
     assert_ne!(fresh.state_json()["machine_id"], mid.as_str());
-    assert_eq!(machine(&server, &mid)["revoked"], true);
+    assert_eq!(server.machine(&mid)["revoked"], true);
     // A reinstall token for a revoked machine is refused with the way out.
     let out = server.cli(&["token", "create", "--reinstall", &mid]);
     assert!(!out.status.success());
@@ -169,7 +159,7 @@ fn a_revoked_machine_stays_revoked_until_unrevoked() {
     let out = server.cli(&["machine", "unrevoke", &mid]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("unrevoked"));
-    assert_eq!(machine(&server, &mid)["revoked"], false);
+    assert_eq!(server.machine(&mid)["revoked"], false);
     a.run(&[]);
     write_at(&img, 0, &random_bytes(5, 64 << 10));
     wait_replicated(&server, &img, LIMIT);
@@ -217,7 +207,7 @@ fn a_reinstall_token_works_once_and_only_for_its_machine() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(a2.state_json()["machine_id"], ma.as_str());
     assert_eq!(machine_count(&server), 2);
-    let disks = machine(&server, &ma)["disks"].clone();
+    let disks = server.machine(&ma)["disks"].clone();
     assert_eq!(disks.as_array().unwrap().len(), 1);
     assert_eq!(disks[0]["disk_id"], da);
     assert_eq!(disks[0]["sync_complete"], true, "the replica is kept");
@@ -261,7 +251,7 @@ fn declared_disks_are_capped_and_a_failed_volume_leaves_no_row_and_no_file() {
         .status
         .success());
     let mid = a.state_json()["machine_id"].as_str().unwrap().to_string();
-    let first = machine(&server, &mid)["disks"][0]["disk_id"]
+    let first = server.machine(&mid)["disks"][0]["disk_id"]
         .as_u64()
         .unwrap();
     let own = DiskInfo {
@@ -277,7 +267,7 @@ fn declared_disks_are_capped_and_a_failed_volume_leaves_no_row_and_no_file() {
     let (code, msg) = hello_as(&server, &a, vec![own.clone(), extra(1 << 50)]).unwrap_err();
     assert_eq!(code, ErrorCode::OutOfRange, "{msg}");
     assert!(msg.contains("max-disk-size"), "{msg}");
-    assert_eq!(machine(&server, &mid)["disks"].as_array().unwrap().len(), 1);
+    assert_eq!(server.machine(&mid)["disks"].as_array().unwrap().len(), 1);
 
     // A volume that cannot be made (its index path is taken by a directory): no row, no file.
     let next = first + 1;
@@ -287,7 +277,7 @@ fn declared_disks_are_capped_and_a_failed_volume_leaves_no_row_and_no_file() {
     let (code, msg) = hello_as(&server, &a, vec![own.clone(), extra(1 << 20)]).unwrap_err();
     assert_eq!(code, ErrorCode::Internal, "{msg}");
     assert!(msg.contains("staging volume"), "{msg}");
-    assert_eq!(machine(&server, &mid)["disks"].as_array().unwrap().len(), 1);
+    assert_eq!(server.machine(&mid)["disks"].as_array().unwrap().len(), 1);
     assert!(!vol.exists(), "{} is left behind", vol.display());
     assert!(
         server.volume(&mid, first).exists(),
@@ -298,7 +288,7 @@ fn declared_disks_are_capped_and_a_failed_volume_leaves_no_row_and_no_file() {
     std::fs::remove_dir(&idx).unwrap();
     let w = hello_as(&server, &a, vec![own, extra(1 << 20)]).expect("welcome");
     assert_eq!(w.disks.len(), 2);
-    assert_eq!(machine(&server, &mid)["disks"].as_array().unwrap().len(), 2);
+    assert_eq!(server.machine(&mid)["disks"].as_array().unwrap().len(), 2);
     assert!(vol.exists() && idx.is_file());
 }
 

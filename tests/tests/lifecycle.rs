@@ -88,16 +88,6 @@ fn instances(machine: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn machine(server: &Server, id: &str) -> serde_json::Value {
-    server.machines()["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["machine_id"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("machine {id} not listed"))
-}
-
 /// An agent installed (not started) for `device` under `name`, and its machine id.
 fn installed(
     server: &Server,
@@ -180,7 +170,7 @@ fn uninstall_leaves_nothing_behind_and_the_server_shows_why() {
     );
     assert!(!agent.state.exists());
     // The server keeps the replica and shows why the machine is disconnected.
-    let m = machine(&server, &mid);
+    let m = server.machine(&mid);
     assert_eq!(m["connected"], false, "{m}");
     assert_eq!(m["disconnected_reason"], "agent uninstalled", "{m}");
     assert_eq!(m["disks"][0]["state"], "disconnected", "{m}");
@@ -319,7 +309,7 @@ fn an_upgraded_agent_resumes_without_a_rescan() {
     agent.run(&[]);
     wait_replicated(&server, &disk.dev, LIMIT);
     assert_eq!(
-        machine(&server, &mid)["agent_version"],
+        server.machine(&mid)["agent_version"],
         env!("CARGO_PKG_VERSION")
     );
     // A clean stop, as a service stop or the installer's restart makes; the disk changes while
@@ -346,7 +336,7 @@ fn an_upgraded_agent_resumes_without_a_rescan() {
         serde_json::Value::Null,
         "{st}"
     );
-    assert_eq!(machine(&server, &mid)["agent_version"], newer.as_str());
+    assert_eq!(server.machine(&mid)["agent_version"], newer.as_str());
     let human = Command::new(&agent.exe)
         .args(["status", "--state-dir"])
         .arg(&agent.state)
@@ -463,7 +453,7 @@ fn after_its_replication_ends_the_agent_offers_to_uninstall_and_can() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("Told the server"), "{}", text(&out));
     assert!(!agent.state.exists());
-    let m = machine(&server, &mid);
+    let m = server.machine(&mid);
     assert_eq!(m["lifecycle"], "archived", "{m}");
     assert_eq!(m["disconnected_reason"], "agent uninstalled", "{m}");
 }

@@ -403,7 +403,7 @@ fn machine_delete_removes_volumes_points_and_rows_and_frees_the_store() {
 
     a.kill(nix::sys::signal::Signal::SIGTERM);
     wait_until("the stopped agent shows disconnected", LIMIT, || {
-        (machine_by_id(&server, &ma)["connected"] == false).then_some(())
+        (server.machine(&ma)["connected"] == false).then_some(())
     });
     // Not on a terminal (the test's stdin is none) and no --yes: refused, nothing removed.
     let out = server.cli(&["machine", "delete", "gone-1"]);
@@ -441,7 +441,7 @@ fn machine_delete_removes_volumes_points_and_rows_and_frees_the_store() {
     let out = server.cli(&["snapshots", &ma]);
     assert!(!out.status.success(), "{}", output(&out));
     // The other machine's session went on throughout.
-    assert_eq!(machine_by_id(&server, &mb)["connected"], true);
+    assert_eq!(server.machine(&mb)["connected"], true);
     assert!(!b.log_text().contains("disconnected"), "{}", b.log_text());
     b.kill(nix::sys::signal::Signal::SIGTERM);
 }
@@ -467,16 +467,6 @@ fn admin_post(server: &Server, path: &str) -> (u16, String) {
         .unwrap_or(0);
     let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, body.to_string())
-}
-
-fn machine_by_id(server: &Server, id: &str) -> Value {
-    server.machines()["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["machine_id"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("machine {id} is listed"))
 }
 
 const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
