@@ -547,10 +547,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     },
                 };
                 println!(
-                    "{}  {}  {}  agent {}{}",
+                    "{}  {}  {}  agent {}{}{}",
                     m.machine_id,
                     m.hostname,
                     m.lifecycle,
+                    m.agent_version
+                        .as_ref()
+                        .map(|v| format!("{v} "))
+                        .unwrap_or_default(),
                     agent,
                     m.duplicate_of
                         .as_ref()

@@ -337,6 +337,11 @@ fn an_upgraded_agent_resumes_without_a_rescan() {
         "{st}"
     );
     assert_eq!(server.machine(&mid)["agent_version"], newer.as_str());
+    let table = server.ok(&["machines"]);
+    assert!(
+        table.contains(&format!("agent {newer} connected from")),
+        "{table}"
+    );
     let human = Command::new(&agent.exe)
         .args(["status", "--state-dir"])
         .arg(&agent.state)

@@ -178,7 +178,7 @@ fn an_uninstalled_agent_detaches_its_machine_until_a_reinstall() {
     assert_eq!(m["disks"][0]["state"], "disconnected");
     let table = server.ok(&["machines"]);
     assert!(
-        table.contains("agent disconnected (agent uninstalled) since"),
+        table.contains("agent 0.0.1 disconnected (agent uninstalled) since"),
         "{table}"
     );
     let history = server.ok(&["machine", "history", a.id.as_str()]);
