@@ -88,6 +88,15 @@ fn instances(machine: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `rehost-agent status` as an operator reads it, from the agent's own binary.
+fn human_status(agent: &Agent) -> String {
+    text(&run_ok(
+        Command::new(&agent.exe)
+            .args(["status", "--state-dir"])
+            .arg(&agent.state),
+    ))
+}
+
 /// An agent installed (not started) for `device` under `name`, and its machine id.
 fn installed(
     server: &Server,
@@ -342,16 +351,8 @@ fn an_upgraded_agent_resumes_without_a_rescan() {
         table.contains(&format!("agent {newer} connected from")),
         "{table}"
     );
-    let human = Command::new(&agent.exe)
-        .args(["status", "--state-dir"])
-        .arg(&agent.state)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&human.stdout).contains(&format!("agent {newer}")),
-        "{}",
-        text(&human)
-    );
+    let human = human_status(&agent);
+    assert!(human.contains(&format!("agent {newer}")), "{human}");
     // A newer agent is not "outdated"; the machines count is unchanged.
     let outdated = server.ok(&["machines", "--outdated", "--json"]);
     assert!(!outdated.contains(&mid), "{outdated}");
@@ -444,16 +445,8 @@ fn after_its_replication_ends_the_agent_offers_to_uninstall_and_can() {
         offer.contains("is archived") && offer.contains("rehost-agent uninstall"),
         "{status}"
     );
-    let human = Command::new(&agent.exe)
-        .args(["status", "--state-dir"])
-        .arg(&agent.state)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&human.stdout).contains("replication ended:"),
-        "{}",
-        text(&human)
-    );
+    let human = human_status(&agent);
+    assert!(human.contains("replication ended:"), "{human}");
     let out = uninstall(&agent);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("Told the server"), "{}", text(&out));
