@@ -389,8 +389,16 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// Kills the agent, then removes its machine's kernel trace instances: only once no agent
+    /// holds an instance's pipe open can it be removed (a [`TraceCleanup`] dropped before the
+    /// agent it covers would fail with EBUSY and leave the instance in the kernel).
     fn drop(&mut self) {
         self.kill(nix::sys::signal::Signal::SIGKILL);
+        let machine = std::fs::read(self.state.join("agent.json"))
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<Value>(&raw).ok())
+            .and_then(|v| v["machine_id"].as_str().map(String::from));
+        drop(TraceCleanup(machine));
     }
 }
 
