@@ -357,14 +357,13 @@ pub const INSTALLED_BINARY: &str = "/usr/local/sbin/rehost-agent";
 /// not restart on it.
 pub const EXIT_FATAL: i32 = 3;
 
-/// What `install` put on the machine outside the state dir, for `uninstall`:
-/// `install.json` in the state dir.
+/// What `install` put on the machine outside the state dir and outside fixed paths (the unit
+/// is always [`UNIT_PATH`]), for `uninstall`: `install.json` in the state dir.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct InstallManifest {
     /// The binary the installer copied into place (none when it ran from there already, or
     /// with `--no-service`).
     pub binary: Option<PathBuf>,
-    pub unit: Option<PathBuf>,
 }
 
 pub const MANIFEST_FILE: &str = "install.json";
@@ -468,7 +467,6 @@ fn install_service(state_dir: &Path, out: &mut impl Write) -> anyhow::Result<()>
     let previous = InstallManifest::load(state_dir);
     InstallManifest {
         binary: placed.or(previous.and_then(|m| m.binary)),
-        unit: Some(path.to_path_buf()),
     }
     .save(state_dir)?;
     let unit = unit_text(&exe, state_dir);

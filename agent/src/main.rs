@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use rehost_agent::install::{install, InstallOptions};
 use rehost_agent::replicate::{self, Agent, Options};
-use rehost_agent::state::{AgentState, Status};
+use rehost_agent::state::{AgentState, Status, DEFAULT_STATE_DIR};
 
 /// rehost agent: replicates this machine's disks, block by block over TLS, to a rehost
 /// replication server. No kernel module, no reboot.
@@ -19,6 +19,14 @@ use rehost_agent::state::{AgentState, Status};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `--state-dir`, the same for every command that reads or writes the agent's state.
+#[derive(clap::Args)]
+struct StateDir {
+    /// The agent's state dir: its state and the machine's credential (as given to `install`).
+    #[arg(long, default_value = DEFAULT_STATE_DIR, env = "REHOST_AGENT_STATE_DIR")]
+    state_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -45,26 +53,16 @@ enum Cmd {
         /// Do not install a systemd service; run `rehost-agent run` yourself.
         #[arg(long)]
         no_service: bool,
-        /// Where the agent keeps its state and credential.
-        #[arg(
-            long,
-            default_value = "/var/lib/rehost-agent",
-            env = "REHOST_AGENT_STATE_DIR"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        dir: StateDir,
         /// Name to register under (default: the system hostname).
         #[arg(long)]
         hostname: Option<String>,
     },
     /// Run the replication daemon in the foreground (what the service runs).
     Run {
-        /// Where `install` put the agent's state and credential.
-        #[arg(
-            long,
-            default_value = "/var/lib/rehost-agent",
-            env = "REHOST_AGENT_STATE_DIR"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        dir: StateDir,
         /// Seconds between passes of the scan tracker once the initial sync is done.
         #[arg(long, default_value_t = 60)]
         scan_interval: u64,
@@ -105,13 +103,8 @@ enum Cmd {
     /// the state dir with the machine's credential. Safe to run again, or after an install that
     /// stopped half-way. Refused while a filesystem freeze is in progress.
     Uninstall {
-        /// The agent's state dir (as given to `install`).
-        #[arg(
-            long,
-            default_value = "/var/lib/rehost-agent",
-            env = "REHOST_AGENT_STATE_DIR"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        dir: StateDir,
         /// Keep the state dir (and the machine's credential in it); remove everything else.
         #[arg(long)]
         keep_state: bool,
@@ -123,7 +116,7 @@ enum Cmd {
     /// configuration management).
     ServiceUnit {
         /// The state dir the service is to use.
-        #[arg(long, default_value = "/var/lib/rehost-agent")]
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// The binary the service runs (default: where `install` places it).
         #[arg(long, default_value = rehost_agent::install::INSTALLED_BINARY)]
@@ -137,13 +130,8 @@ enum Cmd {
     },
     /// Show the replication state of each disk, as the running agent last reported it.
     Status {
-        /// Where `install` put the agent's state and credential.
-        #[arg(
-            long,
-            default_value = "/var/lib/rehost-agent",
-            env = "REHOST_AGENT_STATE_DIR"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        dir: StateDir,
         /// Machine-readable output (format documented in the README).
         #[arg(long)]
         json: bool,
@@ -207,7 +195,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             devices,
             no_prompt,
             no_service,
-            state_dir,
+            dir: StateDir { state_dir },
             hostname,
         } => {
             let opts = InstallOptions {
@@ -222,7 +210,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(async { install(&opts, &mut std::io::stdout()).await.map(drop) })
         }
         Cmd::Run {
-            state_dir,
+            dir: StateDir { state_dir },
             scan_interval,
             workers,
             max_mbps,
@@ -267,9 +255,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     .map_err(anyhow::Error::from)
             })
         }
-        Cmd::Status { state_dir, json } => status(&state_dir, json),
+        Cmd::Status {
+            dir: StateDir { state_dir },
+            json,
+        } => status(&state_dir, json),
         Cmd::Uninstall {
-            state_dir,
+            dir: StateDir { state_dir },
             keep_state,
             stop_timeout,
         } => {

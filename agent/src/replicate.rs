@@ -79,7 +79,7 @@ impl RunError {
             RunError::Conn(ConnError::Refused {
                 code: rehost_proto::msg::ErrorCode::Forbidden,
                 message,
-            }) if message.contains("its replication has stopped") => Some(format!(
+            }) if message.contains(rehost_proto::msg::REPLICATION_ENDED) => Some(format!(
                 "{message}. Nothing more will be replicated from this machine: remove the agent \
                  with `rehost-agent uninstall` (the server keeps the replica and its recovery \
                  points)"

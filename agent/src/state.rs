@@ -9,6 +9,8 @@ use rehost_proto::fsutil::{read_capped, write_atomic};
 use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "agent.json";
+/// Where the agent keeps its state unless told otherwise (`--state-dir`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/rehost-agent";
 pub const STATUS_FILE: &str = "status.json";
 const STATE_VERSION: u32 = 1;
 

@@ -68,7 +68,7 @@ fn running_agent(state_dir: &Path) -> Option<u32> {
         Some(i) => args
             .get(i + 1)
             .is_some_and(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.into()) == dir),
-        None => dir == Path::new("/var/lib/rehost-agent"),
+        None => dir == Path::new(crate::state::DEFAULT_STATE_DIR),
     };
     (is_agent && is_run && same_dir).then_some(st.pid)
 }
@@ -133,7 +133,7 @@ fn unit_is_ours(path: &Path, state_dir: &Path) -> bool {
         l.starts_with("ExecStart=")
             && l.contains(" run ")
             && (l.contains(&format!("--state-dir {dir}"))
-                || (!l.contains("--state-dir") && dir == "/var/lib/rehost-agent"))
+                || (!l.contains("--state-dir") && dir == crate::state::DEFAULT_STATE_DIR))
     })
 }
 

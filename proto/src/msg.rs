@@ -77,6 +77,10 @@ pub struct DiskInfo {
     pub size_bytes: u64,
 }
 
+/// How the server's refusal of a machine that was cut over or archived ends (agents recognise it
+/// and offer to be uninstalled).
+pub const REPLICATION_ENDED: &str = "its replication has stopped (the agent can be uninstalled)";
+
 /// How the server's `Error` frame begins when a session ends because another agent keeps
 /// connecting with the same machine credential (agents show it in their status).
 pub const SHARED_CREDENTIAL: &str = "another agent is using this machine's credential";

@@ -298,7 +298,8 @@ async fn session<R: AsyncRead + Unpin>(
     };
     if let Some(lc @ ("cutover-complete" | "archived")) = lifecycle.as_deref() {
         return Err(SessionError::Forbidden(format!(
-            "machine {machine} is {lc}: its replication has stopped (the agent can be uninstalled)"
+            "machine {machine} is {lc}: {}",
+            rehost_proto::msg::REPLICATION_ENDED
         )));
     }
 

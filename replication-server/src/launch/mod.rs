@@ -389,9 +389,13 @@ async fn run(
             }
             if mode == Mode::Cutover {
                 // The agent's session ends now, and its reconnects are refused.
-                shared.slot(&machine).kick.kick(crate::auth::Kick::Stopped(format!(
-                    "machine {machine} is cutover-complete: it was cut over and its replication has stopped (the agent can be uninstalled)"
-                )));
+                shared
+                    .slot(&machine)
+                    .kick
+                    .kick(crate::auth::Kick::Stopped(format!(
+                        "machine {machine} is cutover-complete: it was cut over and {}",
+                        rehost_proto::msg::REPLICATION_ENDED
+                    )));
             }
         }
         Err(why) => {
@@ -699,9 +703,13 @@ pub fn mark(shared: &Shared, machine: &MachineId, to: &str) -> Result<String, La
         })?;
     if to == "archived" {
         // An archived machine's agent is refused from now on.
-        shared.slot(machine).kick.kick(crate::auth::Kick::Stopped(format!(
-            "machine {machine} is archived: its replication has stopped (the agent can be uninstalled)"
-        )));
+        shared
+            .slot(machine)
+            .kick
+            .kick(crate::auth::Kick::Stopped(format!(
+                "machine {machine} is archived: {}",
+                rehost_proto::msg::REPLICATION_ENDED
+            )));
     }
     Ok(prev)
 }
