@@ -17,6 +17,7 @@ use serde_json::Value;
 
 pub mod flood;
 pub mod partitions;
+pub mod pins;
 
 /// Path of a workspace binary: target/<profile>/NAME, next to target/<profile>/deps/<test>.
 pub fn bin(name: &str) -> PathBuf {
