@@ -321,7 +321,7 @@ pub fn machines_view(s: &Shared) -> Result<MachinesView, ApiError> {
         machines.push(MachineView {
             machine_id: m.id,
             hostname: m.hostname,
-            lifecycle: m.lifecycle,
+            lifecycle: m.lifecycle.to_string(),
             connected: live.is_some(),
             agent_address: live.as_ref().map(|l| l.peer.clone()),
             agent_version: live

@@ -11,7 +11,7 @@
 //! - A revoked machine stays revoked: no token un-revokes it; a reinstall token for it is refused
 //!   (when created and when used) until an operator runs `machine unrevoke`.
 //!
-//! Also here: catalog version 5 (the schema these rules need), and [`Kicker`], which ends a
+//! Also here: [`Kicker`], which ends a
 //! machine's live session with its reason and notices two agents sharing one credential.
 
 use std::collections::VecDeque;
@@ -20,36 +20,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rehost_proto::{Hash, MachineId};
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension};
 
 use crate::catalog::{now, now_ms, secret_hash, Catalog, CatalogError};
-
-/// Version 5: `machines.source_id` is no longer UNIQUE (a duplicate is a machine of its own), and
-/// a token may be bound to one machine (a reinstall token). SQLite cannot drop a constraint, so
-/// the machines table is rebuilt with the same columns and rows.
-pub(crate) const MIGRATE_5: &str = "
-CREATE TABLE machines_v5 (
-    id TEXT PRIMARY KEY,
-    hostname TEXT NOT NULL,
-    source_id BLOB NOT NULL,
-    secret_hash BLOB NOT NULL,
-    token_id TEXT NOT NULL,
-    registered_at INTEGER NOT NULL,
-    last_seen INTEGER,
-    revoked_at INTEGER,
-    lifecycle TEXT NOT NULL DEFAULT 'not-ready',
-    max_mbps INTEGER
-);
-INSERT INTO machines_v5 (id, hostname, source_id, secret_hash, token_id, registered_at,
-                         last_seen, revoked_at, lifecycle, max_mbps)
-    SELECT id, hostname, source_id, secret_hash, token_id, registered_at,
-           last_seen, revoked_at, lifecycle, max_mbps FROM machines ORDER BY rowid;
-DROP TABLE machines;
-ALTER TABLE machines_v5 RENAME TO machines;
-CREATE INDEX machines_by_source ON machines (source_id);
-CREATE INDEX machines_by_hostname ON machines (hostname);
-ALTER TABLE tokens ADD COLUMN machine_id TEXT REFERENCES machines(id);
-";
 
 /// What a registration did. (Registration order is the machines table's rowid order, which
 /// the v5 rebuild keeps.)
@@ -73,30 +46,6 @@ pub enum RegisterRefusal {
     MachineRevoked(String),
 }
 
-/// Inserts a new machine. Returns its id and the oldest machine it duplicates, if any.
-pub(crate) fn insert_machine(
-    tx: &Transaction<'_>,
-    hostname: &str,
-    source_id: &Hash,
-    token_id: &str,
-    secret: &[u8],
-) -> rusqlite::Result<(MachineId, Option<String>)> {
-    let duplicate_of: Option<String> = tx
-        .query_row(
-            "SELECT id FROM machines WHERE source_id = ?1 OR hostname = ?2
-             ORDER BY rowid LIMIT 1",
-            params![&source_id[..], hostname],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let id = MachineId::random();
-    tx.execute(
-        "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![id.as_str(), hostname, &source_id[..], secret_hash(secret), token_id, now()],
-    )?;
-    Ok((id, duplicate_of))
-}
-
 impl Catalog {
     /// Registers with the install token `token_id` (already checked: known, not revoked, not
     /// expired), giving the machine `secret`: a new machine, or, for a reinstall token, its
@@ -118,7 +67,7 @@ impl Catalog {
             let registered = match bound {
                 None => {
                     let (machine, duplicate_of) =
-                        insert_machine(&tx, hostname, source_id, token_id, secret)?;
+                        crate::catalog::insert_machine(&tx, hostname, source_id, token_id, secret)?;
                     Registered {
                         machine,
                         reinstalled: false,

@@ -280,7 +280,11 @@ fn print_jobs(jobs: &[JobRow]) {
             if j.active { "active" } else { "-" },
             j.error
                 .as_deref()
-                .unwrap_or(if j.state == "succeeded" { "ok" } else { "" })
+                .unwrap_or(if j.state.as_str() == "succeeded" {
+                    "ok"
+                } else {
+                    ""
+                })
         );
     }
 }
@@ -305,7 +309,7 @@ fn show_job(client: &AdminClient, id: i64, follow: bool) -> anyhow::Result<JobRo
             print_line(l, s);
             after = l.seq;
         }
-        if !follow || v.job.state != "running" {
+        if !follow || v.job.state.as_str() != "running" {
             // A last read catches lines written between the two reads of a finished job.
             if follow {
                 let tail: JobView = client.get(&format!("/v1/jobs/{id}?after={after}"))?;
@@ -314,7 +318,7 @@ fn show_job(client: &AdminClient, id: i64, follow: bool) -> anyhow::Result<JobRo
                 }
             }
             let j = v.job;
-            match (&j.state[..], &j.error) {
+            match (j.state.as_str(), &j.error) {
                 ("running", _) => println!("job {id} is running (follow it with --follow)"),
                 ("failed", Some(e)) => println!("job {id} failed: {e}"),
                 (state, _) => println!("job {id} {state}"),
@@ -365,7 +369,7 @@ pub fn launch(cmd: &LaunchCmd, admin: &str, data_dir: &Path) -> anyhow::Result<(
     if json {
         println!("{}", serde_json::to_string_pretty(&end)?);
     }
-    if end.state != "succeeded" {
+    if end.state.as_str() != "succeeded" {
         // The log above ends with the error; saying it a third time would not help.
         std::process::exit(1);
     }
@@ -388,7 +392,7 @@ pub fn jobs(
         }
         Some(id) => {
             let end = show_job(&client, id, follow)?;
-            if follow && end.state == "failed" {
+            if follow && end.state.as_str() == "failed" {
                 std::process::exit(1);
             }
         }
@@ -462,7 +466,7 @@ pub fn history(admin: &str, data_dir: &Path, machine: &str, json: bool) -> anyho
     for t in &v.transitions {
         // An event that left the lifecycle as it was (the agent was uninstalled).
         let states = if t.from == t.to {
-            t.to.clone()
+            t.to.to_string()
         } else {
             format!("{} -> {}", t.from, t.to)
         };

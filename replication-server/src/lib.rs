@@ -38,6 +38,7 @@ pub mod private;
 pub mod retention;
 pub mod session;
 pub mod snapshot;
+pub mod states;
 pub mod store;
 pub mod volume;
 pub mod writer;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::snapshot::{self, Consistency, SnapshotError};
+use crate::states::SnapshotState;
 use crate::Shared;
 
 pub const DEFAULT_POLICY: &str = "10m:1h,1h:24h,1d:7d";
@@ -190,7 +191,7 @@ async fn round(shared: &Arc<Shared>, gc_anyway: bool) -> Result<(), SnapshotErro
                 .catalog
                 .snapshots(m.as_str())?
                 .into_iter()
-                .filter(|p| p.state == "complete" && p.reason == SCHEDULED)
+                .filter(|p| p.state == SnapshotState::Complete && p.reason == SCHEDULED)
                 .map(|p| (p.id, p.created_at))
                 .collect();
             Ok((policy, points))

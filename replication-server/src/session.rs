@@ -296,7 +296,7 @@ async fn session<R: AsyncRead + Unpin>(
         let (s, m) = (shared.clone(), machine.clone());
         blocking(move || s.catalog.lifecycle(m.as_str()).map_err(internal)).await?
     };
-    if let Some(lc @ ("cutover-complete" | "archived")) = lifecycle.as_deref() {
+    if let Some(lc) = lifecycle.filter(|l| l.ends_replication()) {
         return Err(SessionError::Forbidden(format!(
             "machine {machine} is {lc}: {}",
             rehost_proto::msg::REPLICATION_ENDED

@@ -173,7 +173,7 @@ fn find(catalog: &Catalog, machine: &str, snapshot: &str) -> anyhow::Result<Snap
         .map_err(anyhow::Error::msg)?;
     let snaps = catalog.snapshots(id.as_str()).context("read catalog")?;
     let s = select(&snaps, snapshot).map_err(anyhow::Error::msg)?;
-    if s.state != "complete" {
+    if s.state.as_str() != "complete" {
         bail!("snapshot {} is {}, not complete", s.id, s.state);
     }
     Ok(s.clone())

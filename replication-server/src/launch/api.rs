@@ -11,10 +11,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::blueprint::Blueprint;
-use super::rows::{JobRow, LogLine, Transition};
-use super::{blueprint_of, LaunchError, Mode};
+use super::rows::{JobRow, LogLine};
+use super::{blueprint_of, LaunchError};
 use crate::admin::{authorize, blocking, internal, resolve, ApiError};
+use crate::catalog::Transition;
 use crate::retention::chain;
+use crate::states::JobMode;
 use crate::Shared;
 
 pub fn routes() -> Router<Arc<Shared>> {
@@ -125,10 +127,12 @@ async fn launch(
     Json(req): Json<LaunchRequest>,
 ) -> Result<Json<JobRow>, ApiError> {
     authorize(&s, &h)?;
-    let mode: Mode = req
-        .mode
-        .parse()
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let mode: JobMode = req.mode.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("mode `{}` is neither test nor cutover", req.mode),
+        )
+    })?;
     let action = req
         .source_action
         .as_deref()

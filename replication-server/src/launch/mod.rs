@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use rehost_proto::MachineId;
 
+use crate::states::{Cause, JobMode, Lifecycle};
 use crate::Shared;
 use blueprint::Blueprint;
 pub use rows::{JobRow, LogLine};
@@ -66,47 +67,6 @@ impl Default for LaunchOptions {
             snapshot: None,
             source_action: None,
             final_point_timeout: FINAL_POINT_BOUND,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Test,
-    Cutover,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Test => "test",
-            Mode::Cutover => "cutover",
-        }
-    }
-
-    /// Lifecycles a launch of this mode may start from.
-    pub fn allowed_from(self) -> &'static [&'static str] {
-        match self {
-            Mode::Test => &["ready-for-testing", "testing", "ready-for-cutover"],
-            Mode::Cutover => &["testing", "ready-for-cutover"],
-        }
-    }
-
-    fn running_state(self) -> &'static str {
-        match self {
-            Mode::Test => "testing",
-            Mode::Cutover => "cutting-over",
-        }
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "test" => Ok(Mode::Test),
-            "cutover" => Ok(Mode::Cutover),
-            _ => Err(format!("mode `{s}` is neither test nor cutover")),
         }
     }
 }
@@ -239,10 +199,10 @@ pub fn converter_path() -> PathBuf {
 pub async fn start(
     shared: Arc<Shared>,
     machine: MachineId,
-    mode: Mode,
+    mode: JobMode,
     opts: LaunchOptions,
 ) -> Result<JobRow, LaunchError> {
-    if opts.source_action.is_some() && mode != Mode::Cutover {
+    if opts.source_action.is_some() && mode != JobMode::Cutover {
         return Err(LaunchError::Refused(
             "a source action (stop services, power off) belongs to a cutover, not a test".into(),
         ));
@@ -257,17 +217,11 @@ pub async fn start(
         let launch = format!("{:?}", bp.launch).to_lowercase();
         let job = s
             .catalog
-            .begin_job(
-                m.as_str(),
-                mode.as_str(),
-                mode.allowed_from(),
-                mode.running_state(),
-                &launch,
-            )?
+            .begin_job(m.as_str(), mode, &launch)?
             .map_err(|why| {
                 let hint = if why.ends_with("not-ready") {
                     " (its initial sync has not finished)"
-                } else if mode == Mode::Cutover && why.ends_with("ready-for-testing") {
+                } else if mode == JobMode::Cutover && why.ends_with("ready-for-testing") {
                     " (launch a test first, or `rehost-server mark MACHINE ready-for-cutover`)"
                 } else {
                     ""
@@ -324,7 +278,7 @@ async fn run(
     shared: Arc<Shared>,
     job: JobRow,
     machine: MachineId,
-    mode: Mode,
+    mode: JobMode,
     bp: Blueprint,
     opts: LaunchOptions,
 ) {
@@ -362,20 +316,17 @@ async fn run(
     let (s, id) = (shared.clone(), job.id);
     match result {
         Ok(()) => {
-            if mode == Mode::Cutover {
+            if mode == JobMode::Cutover {
                 let why = "the cutover target runs";
                 if let Err(e) = remove_test_target(&shared, &log, &machine, why).await {
                     log.log("cleanup", format!("could not remove the test target: {e}"))
                         .await;
                 }
             }
-            let to = match mode {
-                Mode::Test => "testing",
-                Mode::Cutover => "cutover-complete",
-            };
+            let to = mode.done_state();
             let end = match mode {
-                Mode::Test => format!("test launch complete in {secs:.1} s; the machine is testing (replication goes on)"),
-                Mode::Cutover => format!("cutover complete in {secs:.1} s; the machine is cutover-complete and its replication has stopped"),
+                JobMode::Test => format!("test launch complete in {secs:.1} s; the machine is testing (replication goes on)"),
+                JobMode::Cutover => format!("cutover complete in {secs:.1} s; the machine is cutover-complete and its replication has stopped"),
             };
             log.log("job-end", end).await;
             let r = blocking(move || {
@@ -387,7 +338,7 @@ async fn run(
             if let Err(e) = r {
                 tracing::error!(job = id, error = %e, "record the end of a job");
             }
-            if mode == Mode::Cutover {
+            if mode == JobMode::Cutover {
                 // The agent's session ends now, and its reconnects are refused.
                 shared
                     .slot(&machine)
@@ -420,10 +371,10 @@ async fn run(
                 None => format!("failed after {secs:.1} s"),
             };
             log.log("job-end", end).await;
-            let back = restore_to(&job.prev_lifecycle, removed_test);
+            let back = restore_to(job.prev_lifecycle, removed_test);
             let r = blocking(move || {
                 s.catalog
-                    .finish_job(id, Some(&why), &back)
+                    .finish_job(id, Some(&why), back)
                     .map_err(|e| e.to_string())
             })
             .await;
@@ -442,8 +393,12 @@ async fn remove_test_target(
     why: &str,
 ) -> Result<bool, String> {
     let (s, m) = (shared.clone(), machine.to_string());
-    let prev =
-        blocking(move || s.catalog.active_job(&m, "test").map_err(|e| e.to_string())).await?;
+    let prev = blocking(move || {
+        s.catalog
+            .active_job(&m, JobMode::Test)
+            .map_err(|e| e.to_string())
+    })
+    .await?;
     let Some(p) = prev else {
         return Ok(false);
     };
@@ -465,11 +420,11 @@ async fn remove_test_target(
 
 /// Where a failed job leaves the machine: where it was, except that a machine whose test target
 /// the job removed is no longer testing.
-fn restore_to(prev: &str, removed_test: bool) -> String {
-    if prev == "testing" && removed_test {
-        "ready-for-testing".into()
+fn restore_to(prev: Lifecycle, removed_test: bool) -> Lifecycle {
+    if prev == Lifecycle::Testing && removed_test {
+        Lifecycle::ReadyForTesting
     } else {
-        prev.into()
+        prev
     }
 }
 
@@ -493,14 +448,14 @@ async fn steps(
     log: &JobLog,
     job: &JobRow,
     machine: &MachineId,
-    mode: Mode,
+    mode: JobMode,
     bp: &Blueprint,
     opts: &LaunchOptions,
     made: &mut Made,
     removed_test: &mut bool,
 ) -> Result<(), String> {
     // cleanup: a new test replaces the previous one.
-    if mode == Mode::Test {
+    if mode == JobMode::Test {
         *removed_test =
             remove_test_target(shared, log, machine, "the new test replaces it").await?;
         if !*removed_test {
@@ -622,15 +577,15 @@ pub fn recover(shared: &Shared) -> Result<Vec<i64>, crate::catalog::CatalogError
                 .log_job(job.id, "cleanup", &done.join("; "))?;
         }
         // A test that had replaced the previous one removed it already.
-        let removed_test = job.mode == "test"
+        let removed_test = job.mode == JobMode::Test
             && shared
                 .catalog
-                .active_job(&job.machine_id, "test")?
+                .active_job(&job.machine_id, JobMode::Test)?
                 .is_none();
         shared.catalog.finish_job(
             job.id,
             Some("interrupted: the server stopped while the job ran"),
-            &restore_to(&job.prev_lifecycle, removed_test),
+            restore_to(job.prev_lifecycle, removed_test),
         )?;
         tracing::warn!(job = job.id, machine = %job.machine_id, "launch job interrupted by a server stop: marked failed and cleaned up");
         ids.push(job.id);
@@ -644,13 +599,13 @@ pub fn revert_test(shared: &Shared, machine: &str) -> Result<Vec<String>, Launch
         .catalog
         .lifecycle(machine)?
         .ok_or_else(|| LaunchError::NotFound(format!("no machine {machine}")))?;
-    if !["testing", "ready-for-cutover"].contains(&cur.as_str()) {
+    if !Lifecycle::sources(Lifecycle::ReadyForTesting, Cause::Revert).contains(&cur) {
         return Err(LaunchError::Refused(format!(
             "{machine} is {cur}: only a machine in testing or ready-for-cutover has a test to revert"
         )));
     }
     let mut done = Vec::new();
-    if let Some(job) = shared.catalog.active_job(machine, "test")? {
+    if let Some(job) = shared.catalog.active_job(machine, JobMode::Test)? {
         if let Some(dir) = &job.target_dir {
             done = target::remove(Path::new(dir))
                 .map_err(|e| LaunchError::Refused(crate::retention::chain(&e)))?;
@@ -666,8 +621,8 @@ pub fn revert_test(shared: &Shared, machine: &str) -> Result<Vec<String>, Launch
         .catalog
         .transition(
             machine,
-            &["testing", "ready-for-cutover"],
-            "ready-for-testing",
+            Lifecycle::ReadyForTesting,
+            Cause::Revert,
             "test reverted",
         )?
         .map_err(|cur| LaunchError::Refused(format!("{machine} is {cur}")))?;
@@ -675,33 +630,28 @@ pub fn revert_test(shared: &Shared, machine: &str) -> Result<Vec<String>, Launch
 }
 
 /// `mark MACHINE STATE`: the operator's own transitions.
-pub fn mark(shared: &Shared, machine: &MachineId, to: &str) -> Result<String, LaunchError> {
-    let from: &[&str] = match to {
-        "ready-for-cutover" => &["ready-for-testing", "testing"],
-        "ready-for-testing" => &["ready-for-cutover", "archived"],
-        "archived" => &[
-            "not-ready",
-            "ready-for-testing",
-            "testing",
-            "ready-for-cutover",
-            "cutover-complete",
-        ],
-        other => {
-            return Err(LaunchError::Refused(format!(
-                "`{other}` cannot be set by hand (use ready-for-cutover, ready-for-testing or archived)"
-            )))
-        }
+pub fn mark(shared: &Shared, machine: &MachineId, to: &str) -> Result<Lifecycle, LaunchError> {
+    let refuse = || {
+        LaunchError::Refused(format!(
+            "`{to}` cannot be set by hand (use ready-for-cutover, ready-for-testing or archived)"
+        ))
     };
+    let to: Lifecycle = to.parse().map_err(|_| refuse())?;
+    let from = Lifecycle::sources(to, Cause::Mark);
+    if from.is_empty() {
+        return Err(refuse());
+    }
     let prev = shared
         .catalog
-        .transition(machine.as_str(), from, to, &format!("marked {to}"))?
+        .transition(machine.as_str(), to, Cause::Mark, &format!("marked {to}"))?
         .map_err(|cur| {
+            let from: Vec<_> = from.iter().map(|l| l.as_str()).collect();
             LaunchError::Refused(format!(
                 "{machine} is {cur}; it can be marked {to} only from {}",
                 from.join(", ")
             ))
         })?;
-    if to == "archived" {
+    if to == Lifecycle::Archived {
         // An archived machine's agent is refused from now on.
         shared
             .slot(machine)
@@ -740,8 +690,9 @@ mod tests {
 
     #[test]
     fn a_failed_job_puts_the_machine_back() {
-        assert_eq!(restore_to("testing", true), "ready-for-testing");
-        assert_eq!(restore_to("testing", false), "testing");
-        assert_eq!(restore_to("ready-for-cutover", true), "ready-for-cutover");
+        use Lifecycle::*;
+        assert_eq!(restore_to(Testing, true), ReadyForTesting);
+        assert_eq!(restore_to(Testing, false), Testing);
+        assert_eq!(restore_to(ReadyForCutover, true), ReadyForCutover);
     }
 }

@@ -1,50 +1,12 @@
-//! The catalog's side of launches (schema version 4, see `catalog`): blueprints, jobs and their
-//! progress logs, and every lifecycle transition of a machine.
+//! The catalog's side of launches (schema version 4, see `catalog::migrations`): blueprints, jobs
+//! and their progress logs. A job's start and end move the machine's lifecycle (see
+//! `catalog::lifecycle`).
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{now, now_ms, Catalog, CatalogError};
-
-/// Schema version 4.
-pub(crate) const MIGRATE_4: &str = "
-CREATE TABLE blueprints (
-    machine_id TEXT PRIMARY KEY REFERENCES machines(id),
-    body TEXT NOT NULL
-);
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    machine_id TEXT NOT NULL REFERENCES machines(id),
-    mode TEXT NOT NULL CHECK (mode IN ('test', 'cutover')),
-    state TEXT NOT NULL CHECK (state IN ('running', 'succeeded', 'failed')),
-    created_at INTEGER NOT NULL,
-    ended_at INTEGER,
-    prev_lifecycle TEXT NOT NULL,
-    snapshot_id INTEGER,
-    target_dir TEXT,
-    launch TEXT NOT NULL DEFAULT '',
-    child_pid INTEGER,
-    error TEXT,
-    active INTEGER NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX one_running_job_per_machine ON jobs (machine_id) WHERE state = 'running';
-CREATE TABLE job_log (
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    seq INTEGER NOT NULL,
-    at_ms INTEGER NOT NULL,
-    step TEXT NOT NULL,
-    message TEXT NOT NULL,
-    PRIMARY KEY (job_id, seq)
-);
-CREATE TABLE lifecycle_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    machine_id TEXT NOT NULL REFERENCES machines(id),
-    at INTEGER NOT NULL,
-    from_state TEXT NOT NULL,
-    to_state TEXT NOT NULL,
-    reason TEXT NOT NULL
-);
-";
+use crate::catalog::{lifecycle_of, now, now_ms, set_lifecycle, Catalog, CatalogError};
+use crate::states::{Cause, JobMode, JobState, Lifecycle};
 
 /// One job as `jobs --json` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,10 +14,8 @@ pub struct JobRow {
     pub id: i64,
     pub machine_id: String,
     pub hostname: String,
-    /// `test` or `cutover`.
-    pub mode: String,
-    /// `running`, `succeeded` or `failed`.
-    pub state: String,
+    pub mode: JobMode,
+    pub state: JobState,
     pub created_at: i64,
     pub ended_at: Option<i64>,
     /// The recovery point the target was made from, once chosen.
@@ -67,7 +27,7 @@ pub struct JobRow {
     /// Whether this job's target (VM and images) is the machine's current one of its mode.
     pub active: bool,
     #[serde(skip)]
-    pub prev_lifecycle: String,
+    pub prev_lifecycle: Lifecycle,
     #[serde(skip)]
     pub child_pid: Option<u32>,
 }
@@ -78,14 +38,6 @@ pub struct LogLine {
     pub at_ms: i64,
     pub step: String,
     pub message: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Transition {
-    pub at: i64,
-    pub from: String,
-    pub to: String,
-    pub reason: String,
 }
 
 const JOB_COLS: &str = "j.id, j.machine_id, m.hostname, j.mode, j.state, j.created_at, j.ended_at, j.snapshot_id, j.target_dir, j.launch, j.error, j.active, j.prev_lifecycle, j.child_pid";
@@ -107,36 +59,6 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         prev_lifecycle: r.get(12)?,
         child_pid: r.get(13)?,
     })
-}
-
-fn set_lifecycle(
-    tx: &Transaction<'_>,
-    machine: &str,
-    from: &str,
-    to: &str,
-    reason: &str,
-) -> rusqlite::Result<()> {
-    if from == to {
-        return Ok(());
-    }
-    tx.execute(
-        "UPDATE machines SET lifecycle = ?2 WHERE id = ?1",
-        params![machine, to],
-    )?;
-    tx.execute(
-        "INSERT INTO lifecycle_log (machine_id, at, from_state, to_state, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![machine, now(), from, to, reason],
-    )?;
-    Ok(())
-}
-
-fn lifecycle_of(tx: &Transaction<'_>, machine: &str) -> rusqlite::Result<Option<String>> {
-    tx.query_row(
-        "SELECT lifecycle FROM machines WHERE id = ?1",
-        [machine],
-        |r| r.get(0),
-    )
-    .optional()
 }
 
 impl Catalog {
@@ -162,78 +84,21 @@ impl Catalog {
         })
     }
 
-    pub fn lifecycle(&self, machine: &str) -> Result<Option<String>, CatalogError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            lifecycle_of(&tx, machine)
-        })
-    }
-
-    /// Moves `machine` to `to` if its lifecycle is one of `from` and no job runs on it.
-    /// `Ok(Err(current))` when the move is not allowed.
-    pub fn transition(
-        &self,
-        machine: &str,
-        from: &[&str],
-        to: &str,
-        reason: &str,
-    ) -> Result<Result<String, String>, CatalogError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let Some(cur) = lifecycle_of(&tx, machine)? else {
-                return Ok(Err("unknown".into()));
-            };
-            let running: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM jobs WHERE machine_id = ?1 AND state = 'running')",
-                [machine],
-                |r| r.get(0),
-            )?;
-            if running || !from.contains(&cur.as_str()) {
-                return Ok(Err(if running {
-                    format!("{cur} (a job is running)")
-                } else {
-                    cur
-                }));
-            }
-            set_lifecycle(&tx, machine, &cur, to, reason)?;
-            tx.commit()?;
-            Ok(Ok(cur))
-        })
-    }
-
-    pub fn lifecycle_log(&self, machine: &str) -> Result<Vec<Transition>, CatalogError> {
-        self.with(|c| {
-            c.prepare(
-                "SELECT at, from_state, to_state, reason FROM lifecycle_log WHERE machine_id = ?1 ORDER BY id",
-            )?
-            .query_map([machine], |r| {
-                Ok(Transition {
-                    at: r.get(0)?,
-                    from: r.get(1)?,
-                    to: r.get(2)?,
-                    reason: r.get(3)?,
-                })
-            })?
-            .collect()
-        })
-    }
-
-    /// Creates a running job of `mode` if the machine's lifecycle is one of `from` and no other
-    /// job runs on it, and moves the machine to `running_state`. `Ok(Err(why))` when refused.
+    /// Creates a running job of `mode` if the machine's lifecycle allows the launch and no other
+    /// job runs on it, and moves the machine to the mode's running state. `Ok(Err(why))` when
+    /// refused.
     pub fn begin_job(
         &self,
         machine: &str,
-        mode: &str,
-        from: &[&str],
-        running_state: &str,
+        mode: JobMode,
         launch: &str,
     ) -> Result<Result<JobRow, String>, CatalogError> {
-        self.with(|c| {
+        self.try_with(|c| {
             let tx = c.transaction()?;
             let Some(cur) = lifecycle_of(&tx, machine)? else {
                 return Ok(Err(format!("no machine {machine}")));
             };
-            let running: Option<(i64, String)> = tx
+            let running: Option<(i64, JobMode)> = tx
                 .query_row(
                     "SELECT id, mode FROM jobs WHERE machine_id = ?1 AND state = 'running'",
                     [machine],
@@ -245,7 +110,9 @@ impl Catalog {
                     "job {id} ({m}) is still running on this machine; one job at a time (see `rehost-server jobs {id}`)"
                 )));
             }
-            if !from.contains(&cur.as_str()) {
+            let from = mode.allowed_from();
+            if !from.contains(&cur) {
+                let from: Vec<_> = from.iter().map(|l| l.as_str()).collect();
                 return Ok(Err(format!(
                     "a {mode} launch needs the machine in {}, and it is {cur}",
                     from.join(" or ")
@@ -259,8 +126,9 @@ impl Catalog {
             set_lifecycle(
                 &tx,
                 machine,
-                &cur,
-                running_state,
+                cur,
+                mode.running_state(),
+                Cause::Launch(mode),
                 &format!("{mode} job {id} started"),
             )?;
             let row = tx.query_row(
@@ -324,11 +192,11 @@ impl Catalog {
         &self,
         job: i64,
         error: Option<&str>,
-        lifecycle: &str,
+        lifecycle: Lifecycle,
     ) -> Result<(), CatalogError> {
-        self.with(|c| {
+        self.try_with(|c| {
             let tx = c.transaction()?;
-            let (machine, mode): (String, String) = tx.query_row(
+            let (machine, mode): (String, JobMode) = tx.query_row(
                 "SELECT machine_id, mode FROM jobs WHERE id = ?1",
                 [job],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -340,19 +208,21 @@ impl Catalog {
                     params![machine, mode],
                 )?;
             }
+            let state = if ok { JobState::Succeeded } else { JobState::Failed };
             tx.execute(
                 "UPDATE jobs SET state = ?2, ended_at = ?3, error = ?4, active = ?5, child_pid = NULL WHERE id = ?1",
-                params![job, if ok { "succeeded" } else { "failed" }, now(), error, ok],
+                params![job, state, now(), error, ok],
             )?;
             if let Some(cur) = lifecycle_of(&tx, &machine)? {
-                let why = if ok {
-                    format!("{mode} job {job} succeeded")
+                let (why, cause) = if ok {
+                    (format!("{mode} job {job} succeeded"), Cause::Succeeded(mode))
                 } else {
-                    format!("{mode} job {job} failed")
+                    (format!("{mode} job {job} failed"), Cause::Failed)
                 };
-                set_lifecycle(&tx, &machine, &cur, lifecycle, &why)?;
+                set_lifecycle(&tx, &machine, cur, lifecycle, cause, &why)?;
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(())
         })
     }
 
@@ -364,7 +234,7 @@ impl Catalog {
         })
     }
 
-    pub fn active_job(&self, machine: &str, mode: &str) -> Result<Option<JobRow>, CatalogError> {
+    pub fn active_job(&self, machine: &str, mode: JobMode) -> Result<Option<JobRow>, CatalogError> {
         self.with(|c| {
             c.query_row(
                 &format!("SELECT {JOB_COLS} FROM jobs j JOIN machines m ON m.id = j.machine_id WHERE j.machine_id = ?1 AND j.mode = ?2 AND j.active = 1 ORDER BY j.id DESC LIMIT 1"),
@@ -434,6 +304,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::states::Lifecycle::*;
 
     fn catalog() -> (tempfile::TempDir, Catalog, String) {
         let dir = tempfile::tempdir().unwrap();
@@ -445,22 +316,18 @@ mod tests {
     #[test]
     fn one_running_job_per_machine_and_guarded_lifecycle() {
         let (_d, cat, m) = catalog();
-        let from = ["ready-for-testing", "testing", "ready-for-cutover"];
-        let refused = cat.begin_job(&m, "test", &from, "testing", "qemu").unwrap();
+        let refused = cat.begin_job(&m, JobMode::Test, "qemu").unwrap();
         assert!(refused.unwrap_err().contains("it is not-ready"));
-        cat.transition(&m, &["not-ready"], "ready-for-testing", "synced")
+        cat.transition(&m, ReadyForTesting, Cause::InitialSync, "synced")
             .unwrap()
             .unwrap();
-        let job = cat
-            .begin_job(&m, "test", &from, "testing", "qemu")
-            .unwrap()
-            .unwrap();
-        assert_eq!(cat.lifecycle(&m).unwrap().unwrap(), "testing");
-        let again = cat.begin_job(&m, "test", &from, "testing", "qemu").unwrap();
+        let job = cat.begin_job(&m, JobMode::Test, "qemu").unwrap().unwrap();
+        assert_eq!(cat.lifecycle(&m).unwrap().unwrap(), Testing);
+        let again = cat.begin_job(&m, JobMode::Test, "qemu").unwrap();
         assert!(again.unwrap_err().contains("still running"));
         // No manual transition while a job runs.
         assert!(cat
-            .transition(&m, &["testing"], "ready-for-cutover", "mark")
+            .transition(&m, ReadyForCutover, Cause::Mark, "mark")
             .unwrap()
             .is_err());
         cat.log_job(job.id, "snapshot", "one").unwrap();
@@ -470,18 +337,21 @@ mod tests {
             (log.len(), log[0].seq, log[0].message.as_str()),
             (1, 2, "two")
         );
-        cat.finish_job(job.id, None, "testing").unwrap();
+        cat.finish_job(job.id, None, Testing).unwrap();
         let j = cat.job(job.id).unwrap().unwrap();
-        assert_eq!((j.state.as_str(), j.active), ("succeeded", true));
-        assert_eq!(cat.active_job(&m, "test").unwrap().unwrap().id, job.id);
+        assert_eq!((j.state, j.active), (JobState::Succeeded, true));
+        assert_eq!(
+            cat.active_job(&m, JobMode::Test).unwrap().unwrap().id,
+            job.id
+        );
         // A second test replaces the first as the active target.
-        let job2 = cat
-            .begin_job(&m, "test", &from, "testing", "qemu")
-            .unwrap()
+        let job2 = cat.begin_job(&m, JobMode::Test, "qemu").unwrap().unwrap();
+        cat.finish_job(job2.id, Some("boot failed"), ReadyForTesting)
             .unwrap();
-        cat.finish_job(job2.id, Some("boot failed"), "ready-for-testing")
-            .unwrap();
-        assert_eq!(cat.active_job(&m, "test").unwrap().unwrap().id, job.id);
+        assert_eq!(
+            cat.active_job(&m, JobMode::Test).unwrap().unwrap().id,
+            job.id
+        );
         let t = cat.lifecycle_log(&m).unwrap();
         let path: Vec<_> = t.iter().map(|t| t.to.as_str()).collect();
         assert_eq!(path, ["ready-for-testing", "testing", "ready-for-testing"]);

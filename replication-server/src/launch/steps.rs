@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use rehost_proto::MachineId;
 
 use super::blueprint::{self, Blueprint, BootMode, LaunchMethod};
-use super::{blocking, converter_path, target, JobLog, JobRow, LaunchOptions, Mode};
+use super::{blocking, converter_path, target, JobLog, JobRow, LaunchOptions};
 use crate::snapshot::{Consistency, SnapshotInfo};
+use crate::states::JobMode;
+use crate::states::SnapshotState;
 use crate::Shared;
 
 pub(super) async fn choose_point(
@@ -19,7 +21,7 @@ pub(super) async fn choose_point(
     log: &JobLog,
     job: &JobRow,
     machine: &MachineId,
-    mode: Mode,
+    mode: JobMode,
     opts: &LaunchOptions,
 ) -> Result<SnapshotInfo, String> {
     let (s, m) = (shared.clone(), machine.to_string());
@@ -37,14 +39,14 @@ pub(super) async fn choose_point(
     let point = match (opts.snapshot.as_deref(), mode) {
         (Some(sel), _) => {
             let p = crate::snapshot::api::select(&snaps, sel)?.clone();
-            if p.state != "complete" {
+            if p.state != SnapshotState::Complete {
                 return Err(format!("snapshot {} is {}, not complete", p.id, p.state));
             }
             log.log("snapshot", format!("using the chosen {}", describe(&p)))
                 .await;
             p
         }
-        (None, Mode::Test) => match latest {
+        (None, JobMode::Test) => match latest {
             Some(p) => {
                 log.log("snapshot", format!("using the latest {}", describe(&p)))
                     .await;
@@ -67,7 +69,7 @@ pub(super) async fn choose_point(
                 p
             }
         },
-        (None, Mode::Cutover) => {
+        (None, JobMode::Cutover) => {
             log.log(
                 "snapshot",
                 "snapshot start: asking the agent for a final consistency point (freeze, drain, mark, thaw)",
@@ -386,7 +388,7 @@ fn source_is_uefi(report: &serde_json::Value) -> bool {
 pub(super) async fn launch(
     log: &JobLog,
     job: &JobRow,
-    mode: Mode,
+    mode: JobMode,
     bp: &Blueprint,
     dir: &Path,
     report: &serde_json::Value,

@@ -135,7 +135,7 @@ pub fn select<'a>(snaps: &'a [SnapshotInfo], sel: &str) -> Result<&'a SnapshotIn
         return snaps
             .iter()
             .rev()
-            .find(|s| s.state == "complete")
+            .find(|s| s.state == crate::states::SnapshotState::Complete)
             .ok_or_else(|| "no complete snapshot yet".to_string());
     }
     let id: i64 = sel
@@ -261,7 +261,11 @@ async fn set_retention(
 pub fn metrics(s: &Shared) -> Result<String, ApiError> {
     use std::collections::BTreeMap;
     let mut per: BTreeMap<String, (u64, i64)> = BTreeMap::new();
-    for p in s.catalog.snapshots_in(&["complete"]).map_err(internal)? {
+    for p in s
+        .catalog
+        .snapshots_in(&[crate::states::SnapshotState::Complete])
+        .map_err(internal)?
+    {
         let e = per.entry(p.machine_id).or_default();
         e.0 += 1;
         e.1 = e.1.max(p.completed_at.unwrap_or(p.created_at));

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{SnapshotError, SnapshotInfo};
 use crate::catalog::Catalog;
+use crate::states::SnapshotState;
 use crate::store::object::Kind;
 use crate::store::tree::ZERO;
 use crate::store::{Store, StoreError};
@@ -269,7 +270,7 @@ fn affected_ranges(
             _ => v.push(a),
         }
     };
-    for s in catalog.snapshots_in(&["complete"])? {
+    for s in catalog.snapshots_in(&[SnapshotState::Complete])? {
         for d in &s.disks {
             let Some(root_id) = d.root_id() else { continue };
             let range = |start: u64, end: u64, block_size: u32| Affected {

@@ -38,6 +38,7 @@ use rehost_proto::{DiskId, Hash, MachineId};
 use tokio::sync::oneshot;
 
 use crate::catalog::CatalogError;
+pub use crate::states::Consistency;
 use crate::store::object::Kind;
 use crate::store::tree::{self, Root, PAGE_ENTRIES, ZERO};
 use crate::store::{Batch, Store, StoreError};
@@ -45,23 +46,6 @@ use crate::volume::{Volume, VolumeError};
 use crate::writer::Job;
 use crate::Shared;
 pub use rows::{SnapshotDisk, SnapshotInfo};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Consistency {
-    /// A point in the stream with no cooperation from the source.
-    Crash,
-    /// A point the agent made with the source's filesystems frozen.
-    App,
-}
-
-impl Consistency {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Consistency::Crash => "crash",
-            Consistency::App => "app",
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -104,7 +88,7 @@ pub fn take_snapshot(
     let quarantined = store.quarantined_missing()?;
     let id = shared
         .catalog
-        .begin_snapshot(machine, consistency.as_str(), reason)?;
+        .begin_snapshot(machine, consistency, reason)?;
     let result = (|| {
         let mut batch = store.batch();
         let mut roots = Vec::new();

@@ -6,6 +6,7 @@ use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{now, Catalog, CatalogError};
+use crate::states::{Consistency, SnapshotState};
 
 /// One recovery point as `snapshots --json` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -14,10 +15,8 @@ pub struct SnapshotInfo {
     pub machine_id: String,
     pub created_at: i64,
     pub completed_at: Option<i64>,
-    /// `crash` or `app`.
-    pub consistency: String,
-    /// `creating`, `complete` or `deleting`.
-    pub state: String,
+    pub consistency: Consistency,
+    pub state: SnapshotState,
     /// `manual`, `scheduled`, or what requested it.
     pub reason: String,
     /// Bytes of new store objects this snapshot wrote (including those stored just before its
@@ -85,7 +84,7 @@ impl Catalog {
     pub fn begin_snapshot(
         &self,
         machine: &MachineId,
-        consistency: &str,
+        consistency: Consistency,
         reason: &str,
     ) -> Result<i64, CatalogError> {
         self.with(|c| {
@@ -185,15 +184,15 @@ impl Catalog {
     }
 
     /// Every snapshot in the given states, of all machines, with their disks.
-    pub fn snapshots_in(&self, states: &[&str]) -> Result<Vec<SnapshotInfo>, CatalogError> {
+    pub fn snapshots_in(
+        &self,
+        states: &[SnapshotState],
+    ) -> Result<Vec<SnapshotInfo>, CatalogError> {
         self.with(|c| {
             let mut rows = c
                 .prepare(&format!("SELECT {COLUMNS} FROM snapshots ORDER BY id"))?
                 .query_map([], info_row)?
-                .filter(|r| {
-                    r.as_ref()
-                        .map_or(true, |s| states.contains(&s.state.as_str()))
-                })
+                .filter(|r| r.as_ref().map_or(true, |s| states.contains(&s.state)))
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             fill_disks(c, &mut rows)?;
             Ok(rows)

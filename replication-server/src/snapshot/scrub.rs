@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::export::{check, damaged_list, Checked, Damaged, VerifyReport};
 use super::{SnapshotError, SnapshotInfo};
 use crate::catalog::Catalog;
+use crate::states::SnapshotState;
 use crate::store::object::{self, Kind};
 use crate::store::quarantine::Quarantined;
 use crate::store::{Store, StoreError};
@@ -215,7 +216,7 @@ pub fn scrub(
     data_dir: &Path,
 ) -> Result<ScrubResult, SnapshotError> {
     let start = Instant::now();
-    let snaps = catalog.snapshots_in(&["complete"])?;
+    let snaps = catalog.snapshots_in(&[SnapshotState::Complete])?;
     let mut c = Checked::default();
     let mut counts = VerifyReport::default();
     let damaged = {

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use super::object::Kind;
 use super::{Store, StoreError};
 use crate::catalog::{Catalog, CatalogError};
+use crate::states::SnapshotState;
 
 const BATCH: usize = 2048;
 
@@ -82,16 +83,16 @@ impl Live {
 
     /// Marks snapshots not marked yet. Without the exclusive lock only complete ones.
     fn mark(&mut self, store: &Store, catalog: &Catalog, locked: bool) -> Result<(), GcError> {
-        let states: &[&str] = if locked {
-            &["complete", "creating"]
+        let states: &[SnapshotState] = if locked {
+            &[SnapshotState::Complete, SnapshotState::Creating]
         } else {
-            &["complete"]
+            &[SnapshotState::Complete]
         };
         for s in catalog.snapshots_in(states)? {
             if self.marked.contains(&s.id) {
                 continue;
             }
-            let tolerant = s.state == "creating";
+            let tolerant = s.state == SnapshotState::Creating;
             for d in &s.disks {
                 let Some(root_id) = d.root_id() else { continue };
                 if let Err(source) = self.mark_root(store, &root_id) {
@@ -249,7 +250,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert_eq!(s2.consistency, "app");
+        assert_eq!(s2.consistency, Consistency::App);
         // A leftover of a crashed writer.
         let junk = shared.store.dir().join("chunks").join("00");
         std::fs::create_dir_all(&junk).unwrap();

@@ -7,8 +7,19 @@ use std::sync::Mutex;
 
 use rehost_proto::msg::DiskInfo;
 use rehost_proto::{DiskId, Hash, MachineId};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
+
+mod lifecycle;
+mod migrations;
+pub use lifecycle::Transition;
+pub(crate) use lifecycle::{lifecycle_of, set_lifecycle};
+use migrations::migrate;
+#[cfg(test)]
+pub(crate) use migrations::LADDER;
+pub(crate) use migrations::SCHEMA_VERSION;
+
+use crate::states::{Cause, IllegalTransition, Lifecycle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -18,114 +29,9 @@ pub enum CatalogError {
     Schema(i64),
     #[error("catalog migration from version {0} left rows of table {1} without their parent")]
     Migration(i64, String),
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
 }
-
-pub(crate) const SCHEMA_VERSION: i64 = 6;
-
-use crate::auth::MIGRATE_5;
-use crate::launch::rows::MIGRATE_4;
-
-/// The migration ladder: step `i` takes a catalog from version `i` to version `i + 1` (a new
-/// catalog climbs every step). Each run of steps is one transaction.
-pub(crate) const LADDER: [&str; SCHEMA_VERSION as usize] = [
-    SCHEMA, MIGRATE_2, MIGRATE_3, MIGRATE_4, MIGRATE_5, MIGRATE_6,
-];
-
-/// Climbs the ladder from `from` to [`SCHEMA_VERSION`] in one transaction. Foreign keys are off
-/// meanwhile (a step may rebuild a table others refer to, as v5 does) and checked before the
-/// commit.
-fn migrate(conn: &mut Connection, from: i64) -> Result<(), CatalogError> {
-    conn.pragma_update(None, "foreign_keys", "OFF")?;
-    let tx = conn.transaction()?;
-    for step in &LADDER[from as usize..] {
-        tx.execute_batch(step)?;
-    }
-    let broken: Option<String> = tx
-        .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
-        .optional()?;
-    if let Some(table) = broken {
-        return Err(CatalogError::Migration(from, table));
-    }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    tx.commit()?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    Ok(())
-}
-
-/// Version 1: tokens, machines, disks.
-const SCHEMA: &str = "
-CREATE TABLE tokens (
-    id TEXT PRIMARY KEY,
-    secret_hash BLOB NOT NULL,
-    description TEXT NOT NULL DEFAULT '',
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER,
-    revoked_at INTEGER,
-    registrations INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE machines (
-    id TEXT PRIMARY KEY,
-    hostname TEXT NOT NULL,
-    source_id BLOB NOT NULL UNIQUE,
-    secret_hash BLOB NOT NULL,
-    token_id TEXT NOT NULL,
-    registered_at INTEGER NOT NULL,
-    last_seen INTEGER,
-    revoked_at INTEGER,
-    lifecycle TEXT NOT NULL DEFAULT 'not-ready'
-);
-CREATE TABLE disks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    machine_id TEXT NOT NULL REFERENCES machines(id),
-    device TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    block_size INTEGER NOT NULL,
-    durable_bytes INTEGER NOT NULL DEFAULT 0,
-    sync_complete INTEGER NOT NULL DEFAULT 0,
-    last_rescan_at INTEGER,
-    UNIQUE (machine_id, device)
-);
-";
-
-/// Version 3: the bandwidth cap the operator set for a machine's agent.
-const MIGRATE_3: &str = "ALTER TABLE machines ADD COLUMN max_mbps INTEGER;";
-
-/// Version 6: the agent's life cycle: the version of the agent last seen (set at each successful
-/// handshake, kept while it is disconnected) and when and why an agent being uninstalled
-/// detached its machine (cleared by the machine's next normal connection).
-const MIGRATE_6: &str = "
-ALTER TABLE machines ADD COLUMN agent_version TEXT;
-ALTER TABLE machines ADD COLUMN detached_at INTEGER;
-ALTER TABLE machines ADD COLUMN detached_reason TEXT;
-";
-
-/// Version 2: recovery points (see `snapshot`) and retention policies.
-const MIGRATE_2: &str = "
-CREATE TABLE snapshots (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    machine_id TEXT NOT NULL REFERENCES machines(id),
-    created_at INTEGER NOT NULL,
-    completed_at INTEGER,
-    consistency TEXT NOT NULL CHECK (consistency IN ('crash', 'app')),
-    state TEXT NOT NULL CHECK (state IN ('creating', 'complete', 'deleting')),
-    reason TEXT NOT NULL DEFAULT 'manual',
-    bytes_added INTEGER NOT NULL DEFAULT 0,
-    duration_ms INTEGER
-);
-CREATE INDEX snapshots_by_machine ON snapshots (machine_id, id);
-CREATE TABLE snapshot_disks (
-    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
-    disk_id INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    root BLOB NOT NULL,
-    PRIMARY KEY (snapshot_id, disk_id)
-);
-CREATE TABLE retention (
-    machine_id TEXT PRIMARY KEY,
-    policy TEXT NOT NULL
-);
-";
 
 /// Seconds since the epoch.
 pub fn now() -> i64 {
@@ -163,7 +69,7 @@ pub struct MachineRow {
     pub registered_at: i64,
     pub last_seen: Option<i64>,
     pub revoked_at: Option<i64>,
-    pub lifecycle: String,
+    pub lifecycle: Lifecycle,
     /// The oldest other machine registered before this one with the same source id or hostname:
     /// a reinstall without the machine's credential, a cloned source, or someone claiming its
     /// name. Shown, never merged.
@@ -232,6 +138,16 @@ impl Catalog {
     ) -> Result<T, CatalogError> {
         let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         Ok(f(&mut c)?)
+    }
+
+    /// [`Self::with`] for work that can fail in other ways than SQLite's (a lifecycle move the
+    /// table refuses).
+    pub(crate) fn try_with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, CatalogError>,
+    ) -> Result<T, CatalogError> {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut c)
     }
 
     pub fn create_token(
@@ -315,7 +231,7 @@ impl Catalog {
     ) -> Result<(MachineId, Option<String>), CatalogError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let r = crate::auth::insert_machine(&tx, hostname, source_id, token_id, secret)?;
+            let r = insert_machine(&tx, hostname, source_id, token_id, secret)?;
             tx.commit()?;
             Ok(r)
         })
@@ -557,24 +473,28 @@ impl Catalog {
     }
 
     pub fn set_sync_complete(&self, id: DiskId) -> Result<(), CatalogError> {
-        self.with(|c| {
+        self.try_with(|c| {
             let tx = c.transaction()?;
             tx.execute("UPDATE disks SET sync_complete = 1, durable_bytes = size_bytes WHERE id = ?1", [id.0])?;
             // A machine whose disks have all finished their initial sync can be tested.
-            tx.execute(
-                "INSERT INTO lifecycle_log (machine_id, at, from_state, to_state, reason)
-                   SELECT id, ?2, 'not-ready', 'ready-for-testing', 'initial sync complete' FROM machines
-                   WHERE lifecycle = 'not-ready' AND id = (SELECT machine_id FROM disks WHERE id = ?1)
-                   AND NOT EXISTS (SELECT 1 FROM disks d WHERE d.machine_id = machines.id AND d.sync_complete = 0)",
-                params![id.0, now()],
-            )?;
-            tx.execute(
-                "UPDATE machines SET lifecycle = 'ready-for-testing' WHERE lifecycle = 'not-ready'
-                   AND id = (SELECT machine_id FROM disks WHERE id = ?1)
-                   AND NOT EXISTS (SELECT 1 FROM disks d WHERE d.machine_id = machines.id AND d.sync_complete = 0)",
+            let (machine, all_synced): (String, bool) = tx.query_row(
+                "SELECT machine_id, NOT EXISTS (SELECT 1 FROM disks d WHERE d.machine_id = disks.machine_id AND d.sync_complete = 0)
+                   FROM disks WHERE id = ?1",
                 [id.0],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            tx.commit()
+            if all_synced && lifecycle_of(&tx, &machine)? == Some(Lifecycle::NotReady) {
+                set_lifecycle(
+                    &tx,
+                    &machine,
+                    Lifecycle::NotReady,
+                    Lifecycle::ReadyForTesting,
+                    Cause::InitialSync,
+                    "initial sync complete",
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
         })
     }
 
@@ -628,6 +548,30 @@ impl Catalog {
     }
 }
 
+/// Inserts a new machine. Returns its id and the oldest machine it duplicates, if any.
+pub(crate) fn insert_machine(
+    tx: &Transaction<'_>,
+    hostname: &str,
+    source_id: &Hash,
+    token_id: &str,
+    secret: &[u8],
+) -> rusqlite::Result<(MachineId, Option<String>)> {
+    let duplicate_of: Option<String> = tx
+        .query_row(
+            "SELECT id FROM machines WHERE source_id = ?1 OR hostname = ?2
+             ORDER BY rowid LIMIT 1",
+            params![&source_id[..], hostname],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let id = MachineId::random();
+    tx.execute(
+        "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id.as_str(), hostname, &source_id[..], secret_hash(secret), token_id, now()],
+    )?;
+    Ok((id, duplicate_of))
+}
+
 fn disk_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DiskRow> {
     Ok(DiskRow {
         id: r.get(0)?,
@@ -640,177 +584,4 @@ fn disk_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DiskRow> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_version_1_catalog_is_migrated_and_keeps_its_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("catalog.sqlite");
-        {
-            let c = Connection::open(&path).unwrap();
-            c.execute_batch(&format!("{SCHEMA} PRAGMA user_version = 1;"))
-                .unwrap();
-            c.execute(
-                "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at)
-                 VALUES ('m-old', 'old-host', x'01', x'02', 't', 1)",
-                [],
-            )
-            .unwrap();
-        }
-        let cat = Catalog::open(&path).unwrap();
-        let v: i64 = cat
-            .with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))
-            .unwrap();
-        assert_eq!(v, SCHEMA_VERSION);
-        assert_eq!(cat.machines().unwrap()[0].0.hostname, "old-host");
-        let (m, dup) = cat
-            .register_machine("new-host", &[3; 32], "t", b"s")
-            .unwrap();
-        assert_eq!(dup, None);
-        let id = cat.begin_snapshot(&m, "crash", "manual").unwrap();
-        cat.finish_snapshot(id, &[(DiskId(1), 10, [9; 32])], 5, 1)
-            .unwrap();
-        assert_eq!(cat.snapshots(m.as_str()).unwrap()[0].state, "complete");
-        drop(cat);
-        // Reopening a current catalog changes nothing.
-        let cat = Catalog::open(&path).unwrap();
-        assert_eq!(cat.snapshots(m.as_str()).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn deleting_a_machine_removes_its_rows_only_and_waits_for_its_job() {
-        let dir = tempfile::tempdir().unwrap();
-        let cat = Catalog::open(&dir.path().join("catalog.sqlite")).unwrap();
-        let (gone, _) = cat.register_machine("gone", &[1; 32], "t", b"s").unwrap();
-        let (kept, _) = cat.register_machine("kept", &[2; 32], "t", b"s").unwrap();
-        let disk = |d: &str| DiskInfo {
-            device: d.into(),
-            size_bytes: 1 << 20,
-        };
-        cat.ensure_disks(&gone, &[disk("/dev/a"), disk("/dev/b")], 65536)
-            .unwrap();
-        let kept_disk = cat.ensure_disks(&kept, &[disk("/dev/a")], 65536).unwrap()[0].id;
-        for m in [&gone, &kept] {
-            let s = cat.begin_snapshot(m, "crash", "manual").unwrap();
-            cat.finish_snapshot(s, &[(DiskId(kept_disk), 10, [9; 32])], 5, 1)
-                .unwrap();
-            cat.set_blueprint(m.as_str(), "{}").unwrap();
-        }
-        cat.with(|c| {
-            c.execute_batch(&format!(
-                "INSERT INTO tokens (id, secret_hash, created_at, machine_id) VALUES ('r', x'00', 1, '{gone}');
-                 INSERT INTO retention (machine_id, policy) VALUES ('{gone}', 'p');
-                 INSERT INTO jobs (id, machine_id, mode, state, created_at, prev_lifecycle)
-                   VALUES (7, '{gone}', 'test', 'running', 1, 'ready-for-testing');
-                 INSERT INTO job_log (job_id, seq, at_ms, step, message) VALUES (7, 1, 1, 'job-start', '');"
-            ))
-        })
-        .unwrap();
-        cat.detach_machine(&gone, "0.0.1", "agent uninstalled")
-            .unwrap();
-
-        let refused = cat.delete_machine(gone.as_str()).unwrap().unwrap_err();
-        assert!(refused.contains("test job 7"), "{refused}");
-        assert_eq!(cat.machines().unwrap().len(), 2, "nothing removed");
-        cat.with(|c| c.execute("UPDATE jobs SET state = 'failed' WHERE id = 7", []))
-            .unwrap();
-        let creating = cat.begin_snapshot(&gone, "crash", "manual").unwrap();
-        let refused = cat.delete_machine(gone.as_str()).unwrap().unwrap_err();
-        assert!(refused.contains("being taken"), "{refused}");
-        cat.remove_snapshot(creating).unwrap();
-
-        assert_eq!(cat.delete_machine(gone.as_str()).unwrap().unwrap().len(), 2);
-        let left: Vec<String> = cat
-            .machines()
-            .unwrap()
-            .into_iter()
-            .map(|(m, _)| m.id)
-            .collect();
-        assert_eq!(left, [kept.as_str()]);
-        for table in [
-            "disks",
-            "snapshots",
-            "jobs",
-            "blueprints",
-            "retention",
-            "lifecycle_log",
-            "tokens",
-        ] {
-            let n: i64 = cat
-                .with(|c| {
-                    c.query_row(
-                        &format!("SELECT COUNT(*) FROM {table} WHERE machine_id = ?1"),
-                        [gone.as_str()],
-                        |r| r.get(0),
-                    )
-                })
-                .unwrap();
-            assert_eq!(n, 0, "{table} rows of the deleted machine");
-        }
-        let orphans: i64 = cat
-            .with(|c| {
-                c.query_row(
-                    "SELECT (SELECT COUNT(*) FROM job_log) + (SELECT COUNT(*) FROM snapshot_disks
-                       WHERE snapshot_id NOT IN (SELECT id FROM snapshots))",
-                    [],
-                    |r| r.get(0),
-                )
-            })
-            .unwrap();
-        assert_eq!(orphans, 0);
-        assert_eq!(cat.snapshots(kept.as_str()).unwrap().len(), 1);
-        assert!(cat.blueprint(kept.as_str()).unwrap().is_some());
-    }
-
-    #[test]
-    fn a_version_5_catalog_gains_the_agents_life_cycle() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("catalog.sqlite");
-        {
-            let c = Connection::open(&path).unwrap();
-            c.execute_batch(&format!(
-                "{} PRAGMA user_version = 5;",
-                LADDER[..5].join("\n")
-            ))
-            .unwrap();
-            c.execute(
-                "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at, lifecycle)
-                 VALUES ('m-00000000000000aa', 'old-host', x'01', x'02', 't', 1, 'archived')",
-                [],
-            )
-            .unwrap();
-        }
-        let cat = Catalog::open(&path).unwrap();
-        let (m, _) = cat.machines().unwrap().remove(0);
-        assert_eq!(
-            (m.hostname.as_str(), m.lifecycle.as_str()),
-            ("old-host", "archived")
-        );
-        assert_eq!(
-            (m.agent_version, m.detached_at, m.detached_reason),
-            (None, None, None)
-        );
-
-        let id = MachineId::parse(&m.id).unwrap();
-        cat.detach_machine(&id, "0.0.1", "agent uninstalled")
-            .unwrap();
-        let (m, _) = cat.machines().unwrap().remove(0);
-        assert_eq!(m.agent_version.as_deref(), Some("0.0.1"));
-        assert_eq!(m.detached_reason.as_deref(), Some("agent uninstalled"));
-        assert!(m.detached_at.is_some());
-        let log = cat.lifecycle_log(&m.id).unwrap();
-        assert_eq!(
-            (
-                log[0].from.as_str(),
-                log[0].to.as_str(),
-                log[0].reason.as_str()
-            ),
-            ("archived", "archived", "agent uninstalled")
-        );
-        cat.agent_connected(&id, "0.0.2").unwrap();
-        let (m, _) = cat.machines().unwrap().remove(0);
-        assert_eq!(m.agent_version.as_deref(), Some("0.0.2"));
-        assert_eq!((m.detached_at, m.detached_reason), (None, None));
-    }
-}
+mod tests;
