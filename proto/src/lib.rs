@@ -37,6 +37,7 @@
 //! durable in the `Welcome`, so whatever was not acknowledged is sent again. Any protocol violation
 //! is answered with an `Error` frame and the connection is closed.
 
+pub mod error;
 pub mod frame;
 pub mod fsutil;
 pub mod human;

@@ -464,7 +464,7 @@ async fn delete_machine(
     match gc {
         Ok(st) => deleted.gc = Some(st),
         Err(e) => {
-            let e = crate::retention::chain(&e);
+            let e = rehost_proto::error::chain(&e);
             tracing::warn!(error = %e, "garbage collection after a machine delete");
             deleted.gc_error = Some(e);
         }

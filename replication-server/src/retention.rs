@@ -20,6 +20,7 @@ use std::time::Duration;
 use crate::snapshot::{self, Consistency, SnapshotError};
 use crate::states::SnapshotState;
 use crate::Shared;
+use rehost_proto::error::chain;
 
 pub const DEFAULT_POLICY: &str = "10m:1h,1h:24h,1d:7d";
 /// The reason tag of points the scheduler takes (and the only ones it expires).
@@ -35,23 +36,6 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub rules: Vec<Rule>,
-}
-
-pub(crate) fn parse_secs(s: &str) -> Result<u64, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 10m, 1h or 7d"))?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("`{s}` needs a unit: s, m, h or d")),
-    };
-    n.checked_mul(mult)
-        .filter(|v| *v > 0)
-        .ok_or_else(|| format!("`{s}` is not a usable duration"))
 }
 
 fn fmt_secs(s: u64) -> String {
@@ -78,8 +62,8 @@ impl FromStr for Policy {
                 .split_once(':')
                 .ok_or_else(|| format!("`{part}` is not EVERY:FOR (e.g. 1h:24h)"))?;
             let rule = Rule {
-                every: parse_secs(every)?,
-                keep_for: parse_secs(keep)?,
+                every: rehost_proto::human::parse_secs(every)?,
+                keep_for: rehost_proto::human::parse_secs(keep)?,
             };
             if rule.keep_for < rule.every {
                 return Err(format!(
@@ -244,17 +228,6 @@ async fn round(shared: &Arc<Shared>, gc_anyway: bool) -> Result<(), SnapshotErro
         }
     }
     Ok(())
-}
-
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use crate::catalog::Refusal;
 use crate::volume::Volume;
 use crate::writer::{self, DiskCtx, Job};
 use crate::Shared;
+use rehost_proto::error::chain;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// An agent that says nothing for this long is gone (agents ping every few seconds).
@@ -109,18 +110,6 @@ fn version_mismatch(min: u32, max: u32) -> String {
     } else {
         format!("no common protocol version (agent speaks {min}..={max}, server {smin}..={smax})")
     }
-}
-
-/// `error: cause: cause`, for logs and for the `Error` frame.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 fn internal(e: impl std::fmt::Display) -> SessionError {
@@ -598,13 +587,14 @@ async fn stream<R: AsyncRead + Unpin>(
                             _ => crate::snapshot::Consistency::Crash,
                         };
                         info!(point = id, freeze_ms, %note, consistency = consistency.as_str(), "consistency point from the agent");
-                        Job::Snapshot {
-                            machine: machine.clone(),
+                        crate::snapshot::point_job(
+                            shared,
+                            machine,
                             consistency,
-                            reason: p.reason,
-                            reply: Some(p.reply),
-                            seq: Some(seq),
-                        }
+                            p.reason,
+                            Some(p.reply),
+                            Some(seq),
+                        )
                     }
                     None => {
                         warn!(

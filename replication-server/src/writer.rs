@@ -19,7 +19,6 @@ use crate::Shared;
 const GROUP_BYTES: u64 = 32 << 20;
 const GROUP_TIME: Duration = Duration::from_millis(50);
 
-#[derive(Debug)]
 pub enum Job {
     Block(Block),
     Zero {
@@ -34,18 +33,12 @@ pub enum Job {
         kind: MarkKind,
         generation: u64,
     },
-    /// A recovery point of all the session's disks at this point of the stream (see `snapshot`).
-    /// The result goes to `reply` when there is one; a failed snapshot does not end the session.
-    Snapshot {
-        machine: rehost_proto::MachineId,
-        consistency: crate::snapshot::Consistency,
-        reason: String,
-        reply: Option<
-            tokio::sync::oneshot::Sender<
-                Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError>,
-            >,
-        >,
-        /// The agent's `Point` frame this snapshot answers, acknowledged once it is taken.
+    /// A recovery point of all the session's disks at this point of the stream (made by
+    /// `snapshot::point_job`): the writer makes everything before it durable, runs `take` on the
+    /// session's disks, and goes on; a failed point does not end the session.
+    Point {
+        take: PointFn,
+        /// The agent's `Point` frame this point answers, acknowledged once it is taken.
         seq: Option<u64>,
     },
     /// A sequenced frame with nothing to write (a point nobody waits for any more).
@@ -53,6 +46,13 @@ pub enum Job {
         seq: u64,
     },
 }
+
+/// A session's disk as a point sees it: its id, its volume, whether its initial sync is done.
+pub type PointDisk<'a> = (DiskId, &'a Volume, bool);
+
+/// What a [`Job::Point`] runs on the session's disks, in disk order: the id of the point it
+/// took, or why it could not.
+pub type PointFn = Box<dyn FnOnce(&[PointDisk<'_>]) -> Result<i64, String> + Send>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -201,14 +201,8 @@ impl Writer {
                 }
                 (seq, 0)
             }
-            Job::Snapshot {
-                machine,
-                consistency,
-                reason,
-                reply,
-                seq,
-            } => {
-                self.snapshot(&machine, consistency, &reason, reply)?;
+            Job::Point { take, seq } => {
+                self.point(take)?;
                 if let Some(seq) = seq {
                     self.pending_seq = Some(seq);
                     self.commit()?;
@@ -228,39 +222,25 @@ impl Writer {
         Ok(())
     }
 
-    /// Commits everything before the point, snapshots every disk, then lets the stream go on.
-    fn snapshot(
-        &mut self,
-        machine: &rehost_proto::MachineId,
-        consistency: crate::snapshot::Consistency,
-        reason: &str,
-        reply: Option<
-            tokio::sync::oneshot::Sender<
-                Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError>,
-            >,
-        >,
-    ) -> Result<(), WriteError> {
+    /// Commits everything before the point, runs it on every disk, then lets the stream go on.
+    fn point(&mut self, take: PointFn) -> Result<(), WriteError> {
         let paused = Instant::now();
         self.commit()?;
-        let mut disks: Vec<_> = self
+        let mut disks: Vec<PointDisk<'_>> = self
             .disks
             .iter()
             .map(|(id, d)| (*id, &d.volume, d.complete))
             .collect();
         disks.sort_by_key(|d| d.0);
-        let r =
-            crate::snapshot::snapshot_session(&self.shared, machine, &disks, consistency, reason);
+        let r = take(&disks);
         let pause_ms = paused.elapsed().as_millis() as u64;
-        match &r {
-            Ok(s) => tracing::info!(
-                snapshot = s.id,
+        match r {
+            Ok(id) => tracing::info!(
+                snapshot = id,
                 pause_ms,
                 "replication stream paused for a recovery point"
             ),
             Err(e) => tracing::warn!(error = %e, pause_ms, "recovery point failed"),
-        }
-        if let Some(reply) = reply {
-            let _ = reply.send(r);
         }
         self.pending_since = Instant::now();
         Ok(())

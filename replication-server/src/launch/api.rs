@@ -15,9 +15,9 @@ use super::rows::{JobRow, LogLine};
 use super::{blueprint_of, LaunchError};
 use crate::admin::{authorize, blocking, internal, resolve, ApiError};
 use crate::catalog::Transition;
-use crate::retention::chain;
 use crate::states::JobMode;
 use crate::Shared;
+use rehost_proto::error::chain;
 
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()

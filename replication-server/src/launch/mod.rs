@@ -436,7 +436,7 @@ fn cleanup(log: &JobLog, dir: &Path) {
             "cleanup",
             format!(
                 "could not remove everything: {}",
-                crate::retention::chain(&e)
+                rehost_proto::error::chain(&e)
             ),
         ),
     }
@@ -567,7 +567,7 @@ pub fn recover(shared: &Shared) -> Result<Vec<i64>, crate::catalog::CatalogError
                 Ok(d) => done.extend(d),
                 Err(e) => done.push(format!(
                     "could not remove everything: {}",
-                    crate::retention::chain(&e)
+                    rehost_proto::error::chain(&e)
                 )),
             }
         }
@@ -608,7 +608,7 @@ pub fn revert_test(shared: &Shared, machine: &str) -> Result<Vec<String>, Launch
     if let Some(job) = shared.catalog.active_job(machine, JobMode::Test)? {
         if let Some(dir) = &job.target_dir {
             done = target::remove(Path::new(dir))
-                .map_err(|e| LaunchError::Refused(crate::retention::chain(&e)))?;
+                .map_err(|e| LaunchError::Refused(rehost_proto::error::chain(&e)))?;
         }
         shared.catalog.deactivate_job(job.id)?;
         shared.catalog.log_job(

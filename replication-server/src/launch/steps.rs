@@ -63,7 +63,7 @@ pub(super) async fn choose_point(
                     true,
                 )
                 .await
-                .map_err(|e| format!("snapshot failed: {}", crate::retention::chain(&e)))?;
+                .map_err(|e| format!("snapshot failed: {}", rehost_proto::error::chain(&e)))?;
                 log.log("snapshot", format!("snapshot end: {}", describe(&p)))
                     .await;
                 p
@@ -177,7 +177,7 @@ pub(super) async fn export(
                     }
                 },
             )
-            .map_err(|e| format!("export {}: {}", d.device, crate::retention::chain(&e)))?;
+            .map_err(|e| format!("export {}: {}", d.device, rehost_proto::error::chain(&e)))?;
             l.line(
                 "export",
                 format!(
@@ -474,7 +474,7 @@ pub(super) async fn launch(
             .await;
             let (d, a) = (dir.to_path_buf(), args.clone());
             let pid = blocking(move || {
-                target::start_qemu(&d, &a).map_err(|e| crate::retention::chain(&e))
+                target::start_qemu(&d, &a).map_err(|e| rehost_proto::error::chain(&e))
             })
             .await
             .map_err(|e| format!("launch failed: {e}"))?;
@@ -493,7 +493,7 @@ pub(super) async fn launch(
                 .await;
             let (d, x, n) = (dir.to_path_buf(), xml.clone(), t.name.clone());
             blocking(move || {
-                target::start_libvirt(&d, &x, &n).map_err(|e| crate::retention::chain(&e))
+                target::start_libvirt(&d, &x, &n).map_err(|e| rehost_proto::error::chain(&e))
             })
             .await
             .map_err(|e| format!("launch failed: {e}"))?;

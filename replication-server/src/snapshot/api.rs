@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Consistency, SnapshotError, SnapshotInfo};
 use crate::admin::{authorize, blocking, internal, resolve, ApiError};
-use crate::retention::{chain, policy_for, Policy};
+use crate::retention::{policy_for, Policy};
 use crate::Shared;
+use rehost_proto::error::chain;
 
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()

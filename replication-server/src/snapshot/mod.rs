@@ -1,8 +1,8 @@
 //! Recovery points: a snapshot of all disks of a machine at one point of its replication stream.
 //!
 //! **Where the point is.** One agent connection carries all of a machine's disks, and the
-//! session's writer thread applies its jobs in stream order. A snapshot is a [`Job::Snapshot`]
-//! in that queue: the writer commits everything before it, runs [`take_snapshot`] on every disk,
+//! session's writer thread applies its jobs in stream order. A snapshot is a [`Job::Point`]
+//! ([`point_job`]) in that queue: the writer commits everything before it, runs [`take_snapshot`] on every disk,
 //! replies, and goes on; so no write the agent sent after the point is in it and none sent before
 //! is missing (a multi-disk consistency group). The stream pauses for the length of the snapshot,
 //! which is logged (`pause_ms`). A machine with no live session is snapshotted from its volumes
@@ -43,7 +43,7 @@ use crate::store::object::Kind;
 use crate::store::tree::{self, Root, PAGE_ENTRIES, ZERO};
 use crate::store::{Batch, Store, StoreError};
 use crate::volume::{Volume, VolumeError};
-use crate::writer::Job;
+use crate::writer::{Job, PointDisk};
 use crate::Shared;
 pub use rows::{SnapshotDisk, SnapshotInfo};
 
@@ -420,12 +420,12 @@ pub fn prepare(shared: &Shared, machine: &MachineId) -> Result<u64, SnapshotErro
     Ok(batch.bytes)
 }
 
-/// What the writer thread runs for a [`Job::Snapshot`]: all the session's disks, which must have
+/// What the writer thread runs for a [`Job::Point`]: all the session's disks, which must have
 /// finished their initial sync.
 pub fn snapshot_session(
     shared: &Shared,
     machine: &MachineId,
-    disks: &[(DiskId, &Volume, bool)],
+    disks: &[PointDisk<'_>],
     consistency: Consistency,
     reason: &str,
 ) -> Result<SnapshotInfo, SnapshotError> {
@@ -481,25 +481,32 @@ fn snapshot_offline(
     snapshot_session(shared, machine, &refs, consistency, reason)
 }
 
-/// The job for a point the session itself chooses (an agent's consistency point, made with the
-/// source's filesystems frozen): queue it on the session's writer queue where the point is in the
-/// stream, e.g. `jobs.send(job).await`; the receiver yields the snapshot once it is complete
-/// (dropping it is fine). Calling [`prepare`] on a blocking thread first, while the stream still
-/// flows, shortens the pause.
+/// The writer's job for a recovery point at this place of a live session's stream: queue it on
+/// the session's writer queue (`jobs.send(job).await`); the snapshot goes to `reply`, when there
+/// is one, once it is complete (dropping the receiver is fine). `seq` is the agent's `Point`
+/// frame it answers, if any. Calling [`prepare`] on a blocking thread first, while the stream
+/// still flows, shortens the pause.
 pub fn point_job(
+    shared: &Arc<Shared>,
     machine: &MachineId,
     consistency: Consistency,
-    reason: &str,
-) -> (Job, oneshot::Receiver<Result<SnapshotInfo, SnapshotError>>) {
-    let (tx, rx) = oneshot::channel();
-    let job = Job::Snapshot {
-        machine: machine.clone(),
-        consistency,
-        reason: reason.into(),
-        reply: Some(tx),
-        seq: None,
+    reason: String,
+    reply: Option<oneshot::Sender<Result<SnapshotInfo, SnapshotError>>>,
+    seq: Option<u64>,
+) -> Job {
+    let (shared, machine) = (shared.clone(), machine.clone());
+    let take = move |disks: &[PointDisk<'_>]| {
+        let r = snapshot_session(&shared, &machine, disks, consistency, &reason);
+        let outcome = r.as_ref().map(|s| s.id).map_err(|e| e.to_string());
+        if let Some(reply) = reply {
+            let _ = reply.send(r);
+        }
+        outcome
     };
-    (job, rx)
+    Job::Point {
+        take: Box::new(take),
+        seq,
+    }
 }
 
 /// How long the agent gets to answer a consistency-point request before the server takes a point
@@ -609,7 +616,7 @@ pub async fn final_point(
     }
     if !synced(&shared, &machine)
         .await
-        .map_err(|e| crate::retention::chain(&e))?
+        .map_err(|e| rehost_proto::error::chain(&e))?
     {
         return Err("not every disk has finished its initial sync".into());
     }
@@ -623,7 +630,7 @@ pub async fn final_point(
             "the agent gave no consistency point within {} s",
             timeout.as_secs()
         )),
-        Err(e) => Err(crate::retention::chain(&e)),
+        Err(e) => Err(rehost_proto::error::chain(&e)),
     }
 }
 
@@ -651,7 +658,15 @@ pub async fn request(
     }
     loop {
         if let Some(jobs) = slot.jobs() {
-            let (job, rx) = point_job(&machine, consistency, &reason);
+            let (tx, rx) = oneshot::channel();
+            let job = point_job(
+                &shared,
+                &machine,
+                consistency,
+                reason.clone(),
+                Some(tx),
+                None,
+            );
             if jobs.send(job).await.is_ok() {
                 drop(jobs);
                 match rx.await {

@@ -283,7 +283,7 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    crate::retention::parse_secs(s.trim()).map(Duration::from_secs)
+    rehost_proto::human::parse_secs(s.trim()).map(Duration::from_secs)
 }
 
 /// Runs [`scrub`] every `every` (counted from the last run, also across restarts; a fresh
@@ -301,7 +301,7 @@ pub async fn scheduler(shared: Arc<crate::Shared>, every: Duration) {
         let r = tokio::task::spawn_blocking(move || scrub(&s.store, &s.catalog, &s.data_dir)).await;
         match r {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %crate::retention::chain(&e), "scrub failed"),
+            Ok(Err(e)) => tracing::warn!(error = %rehost_proto::error::chain(&e), "scrub failed"),
             Err(e) => tracing::warn!(error = %e, "scrub failed"),
         }
         next = crate::catalog::now() + secs;
