@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use rehost_proto::MachineId;
 
 use super::blueprint::{self, Blueprint, BootMode, LaunchMethod};
-use super::{blocking, converter_path, target, JobLog, JobRow, LaunchOptions};
+use super::job::{blocking, JobLog};
+use super::{converter_path, target, JobRow, LaunchOptions};
 use crate::snapshot::{Consistency, SnapshotInfo};
 use crate::states::JobMode;
 use crate::states::SnapshotState;
