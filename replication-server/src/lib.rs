@@ -40,6 +40,7 @@ pub mod session;
 pub mod snapshot;
 pub mod states;
 pub mod store;
+pub mod task;
 pub mod volume;
 pub mod writer;
 
@@ -61,9 +62,43 @@ pub struct Slot {
     /// The live session's frames to its agent (weak, like `jobs`).
     agent: Mutex<Option<tokio::sync::mpsc::WeakSender<rehost_proto::Message>>>,
     /// Consistency points asked of the agent and not yet marked in its stream.
-    points: Mutex<(u64, HashMap<u64, PendingPoint>)>,
+    points: Pending<PendingPoint>,
     /// Source actions (planned failover) asked of the agent and not yet answered.
-    actions: Mutex<(u64, HashMap<u64, ActionReply>)>,
+    actions: Pending<ActionReply>,
+}
+
+/// Requests asked of an agent and not yet answered, by the id sent with each (ids start at 1).
+struct Pending<V>(Mutex<(u64, HashMap<u64, V>)>);
+
+impl<V> Default for Pending<V> {
+    fn default() -> Self {
+        Pending(Mutex::new((0, HashMap::new())))
+    }
+}
+
+impl<V> Pending<V> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<u64, V>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `v` under a new id, and returns the id.
+    fn insert(&self, v: V) -> u64 {
+        let mut p = self.lock();
+        p.0 += 1;
+        let id = p.0;
+        p.1.insert(id, v);
+        id
+    }
+
+    /// The request `id`, if it is still awaited.
+    fn take(&self, id: u64) -> Option<V> {
+        self.lock().1.remove(&id)
+    }
+
+    /// Drops every pending request: their requesters hear at once that no answer comes.
+    fn clear(&self) {
+        self.lock().1.clear();
+    }
 }
 
 /// Where the agent's answer to a source action goes: whether it succeeded, and what it said.
@@ -106,26 +141,16 @@ impl Slot {
         tokio::sync::oneshot::Receiver<Result<snapshot::SnapshotInfo, snapshot::SnapshotError>>,
     ) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut p = self.points.lock().unwrap_or_else(|p| p.into_inner());
-        p.0 += 1;
-        let id = p.0;
-        p.1.insert(
-            id,
-            PendingPoint {
-                reason: reason.to_string(),
-                reply: tx,
-            },
-        );
+        let id = self.points.insert(PendingPoint {
+            reason: reason.to_string(),
+            reply: tx,
+        });
         (id, rx)
     }
 
     /// The pending point `id`, if it is still awaited.
     pub fn take_point(&self, id: u64) -> Option<PendingPoint> {
-        self.points
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .remove(&id)
+        self.points.take(id)
     }
 
     pub fn forget_point(&self, id: u64) {
@@ -135,35 +160,19 @@ impl Slot {
     /// Drops every pending point and source action (their requesters hear at once that no
     /// answer comes): the session ended.
     pub fn clear_points(&self) {
-        self.points
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .clear();
-        self.actions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .clear();
+        self.points.clear();
+        self.actions.clear();
     }
 
     /// Registers a source action to send to the agent; returns its id and where the answer comes.
     pub fn expect_action(&self) -> (u64, tokio::sync::oneshot::Receiver<(bool, String)>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut a = self.actions.lock().unwrap_or_else(|p| p.into_inner());
-        a.0 += 1;
-        let id = a.0;
-        a.1.insert(id, tx);
-        (id, rx)
+        (self.actions.insert(tx), rx)
     }
 
     /// The pending source action `id`, if it is still awaited.
     pub fn take_action(&self, id: u64) -> Option<ActionReply> {
-        self.actions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .remove(&id)
+        self.actions.take(id)
     }
 
     /// The live session's writer queue, if a session is running.
@@ -207,8 +216,8 @@ impl Shared {
                     kick: auth::Kicker::default(),
                     jobs: Mutex::new(None),
                     agent: Mutex::new(None),
-                    points: Mutex::new((0, HashMap::new())),
-                    actions: Mutex::new((0, HashMap::new())),
+                    points: Pending::default(),
+                    actions: Pending::default(),
                 })
             })
             .clone()

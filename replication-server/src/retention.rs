@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crate::snapshot::{self, Consistency, SnapshotError};
 use crate::states::SnapshotState;
+use crate::task::blocking;
 use crate::Shared;
 use rehost_proto::error::chain;
 
@@ -155,17 +156,9 @@ pub async fn scheduler(shared: Arc<Shared>, tick: Duration) {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, SnapshotError> + Send + 'static,
-) -> Result<T, SnapshotError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| SnapshotError::Internal(e.to_string()))?
-}
-
 async fn round(shared: &Arc<Shared>, gc_anyway: bool) -> Result<(), SnapshotError> {
     let s = shared.clone();
-    let ready = blocking(move || Ok(s.catalog.machines_ready()?)).await?;
+    let ready = blocking(move || Ok::<_, SnapshotError>(s.catalog.machines_ready()?)).await?;
     let mut expired = 0;
     for machine in ready {
         let (s, m) = (shared.clone(), machine.clone());
@@ -178,7 +171,7 @@ async fn round(shared: &Arc<Shared>, gc_anyway: bool) -> Result<(), SnapshotErro
                 .filter(|p| p.state == SnapshotState::Complete && p.reason == SCHEDULED)
                 .map(|p| (p.id, p.created_at))
                 .collect();
-            Ok((policy, points))
+            Ok::<_, SnapshotError>((policy, points))
         })
         .await?;
         let now = crate::catalog::now();
@@ -209,7 +202,7 @@ async fn round(shared: &Arc<Shared>, gc_anyway: bool) -> Result<(), SnapshotErro
                 if s.catalog.mark_deleting(id)? {
                     s.catalog.remove_snapshot(id)?;
                 }
-                Ok(())
+                Ok::<_, SnapshotError>(())
             })
             .await?;
             tracing::info!(%machine, snapshot = id, "recovery point expired");

@@ -11,6 +11,7 @@ use super::blueprint::{self, Blueprint};
 use super::source::{source_action, SourceAction};
 use super::{steps, target, JobRow, LaunchOptions};
 use crate::states::{JobMode, Lifecycle};
+pub(super) use crate::task::blocking;
 use crate::Shared;
 
 /// Writes the job's log lines (and mirrors them to the server log).
@@ -54,14 +55,6 @@ struct Launch<'a> {
     mode: JobMode,
     bp: &'a Blueprint,
     opts: &'a LaunchOptions,
-}
-
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("task failed: {e}"))?
 }
 
 pub(super) async fn run(
@@ -151,7 +144,7 @@ pub(super) async fn run(
                     let (l, d) = (log.clone(), dir.clone());
                     let _ = blocking(move || {
                         cleanup(&l, &d);
-                        Ok(())
+                        Ok::<_, String>(())
                     })
                     .await;
                     format!("failed after {secs:.1} s (JOB_DIR: {})", dir.display())

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::admission::Ticket;
 use crate::auth::Kick;
+pub(crate) use crate::task::blocking;
 use crate::writer::{self, Job};
 use crate::Shared;
 use disks::{open_disks, Granted};
@@ -68,6 +69,12 @@ pub enum SessionError {
     HelloTooLarge(usize),
     #[error("closed to make room: the server is near its open-file limit and this connection had not logged in")]
     Shed,
+}
+
+impl From<crate::task::TaskFailed> for SessionError {
+    fn from(e: crate::task::TaskFailed) -> Self {
+        internal(e)
+    }
 }
 
 impl SessionError {
@@ -119,12 +126,6 @@ fn version_mismatch(min: u32, max: u32) -> String {
 
 fn internal(e: impl std::fmt::Display) -> SessionError {
     SessionError::Internal(e.to_string())
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, SessionError> + Send + 'static,
-) -> Result<T, SessionError> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
 }
 
 /// Serves one TCP connection until it ends; logs the outcome once.

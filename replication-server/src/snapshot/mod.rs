@@ -47,6 +47,12 @@ use crate::writer::{Job, PointDisk};
 use crate::Shared;
 pub use rows::{SnapshotDisk, SnapshotInfo};
 
+impl From<crate::task::TaskFailed> for SnapshotError {
+    fn from(e: crate::task::TaskFailed) -> Self {
+        SnapshotError::Internal(e.0)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("snapshot catalog")]
