@@ -253,7 +253,7 @@ pub async fn install(
     }
     for d in &chosen {
         if state.disk(&d.path).is_none() {
-            state.disks.push(crate::state::DiskState {
+            state.disks.push(crate::state::DiskRecord {
                 device: d.path.clone(),
                 disk_id: 0,
                 phase: Phase::InitialSync,
@@ -286,7 +286,7 @@ fn upgrade_in_place(opts: &InstallOptions, chosen: &[Disk]) -> Option<AgentState
     let failed = crate::state::Status::load(&opts.state_dir)
         .ok()
         .flatten()
-        .is_some_and(|s| s.connection == "failed");
+        .is_some_and(|s| s.connection == crate::state::ConnectionState::Failed);
     (same_name && !failed && have == want && state.disks.iter().all(|d| d.disk_id != 0))
         .then_some(state)
 }
