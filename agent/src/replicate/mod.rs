@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rehost_proto::msg::{Auth, DiskGrant, DiskInfo, Hello, MarkKind, ReplicationState};
+use rehost_proto::msg::{Auth, DiskGrant, MarkKind, ReplicationState};
 use rehost_proto::Message;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -52,6 +52,8 @@ const LAGGING_AFTER: Duration = Duration::from_secs(10);
 /// A round not acknowledged for this long shows the disk as `stalled`.
 const STALLED_AFTER: Duration = Duration::from_secs(30);
 const ROUND: Duration = Duration::from_millis(100);
+/// The target of every phase's log lines: this module's, as before the phases had modules.
+const LOG: &str = module_path!();
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -301,20 +303,10 @@ async fn session(
     }
     agent.status().connection = ConnectionState::Connecting;
     let mut tls = conn::connect_with(&state.server, pin, &opts.timeouts).await?;
-    let hello = Hello {
-        min_version: rehost_proto::MIN_PROTOCOL_VERSION,
-        max_version: rehost_proto::PROTOCOL_VERSION,
-        agent_version: crate::VERSION.into(),
-        detach: None,
-        auth: Auth::Machine { machine_id, secret },
-        disks: disks
-            .iter()
-            .map(|d| DiskInfo {
-                device: d.path.display().to_string(),
-                size_bytes: d.size,
-            })
-            .collect(),
-    };
+    let hello = conn::hello(
+        Auth::Machine { machine_id, secret },
+        disks.iter().map(|d| (d.path.as_path(), d.size)),
+    );
     let welcome = conn::handshake(&mut tls, hello).await?;
     let mut conn = Conn::start(tls, opts.max_mbps, opts.timeouts);
     info!(server = %state.server, machine = %welcome.machine_id, "connected");

@@ -10,7 +10,7 @@ use rehost_proto::Message;
 use tracing::{info, warn};
 
 use super::start::{Tracked, Tracker};
-use super::{now, Link, OpenDisk, RunError};
+use super::{now, Link, OpenDisk, RunError, LOG};
 
 impl Link<'_> {
     /// Sends what is dirty, in rounds, until a round finds nothing new: every write completed
@@ -37,7 +37,7 @@ impl Link<'_> {
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
                                 .merge(&taken);
-                            warn!(disk = %g.device, reason, "no consistency point: change tracking lost events");
+                            warn!(target: LOG, disk = %g.device, reason, "no consistency point: change tracking lost events");
                             return Ok(false);
                         }
                         if taken.count() > 0 {
@@ -142,7 +142,7 @@ impl Link<'_> {
                             .to_string()
                     }
                 });
-                info!(point = id, consistency = ?consistency, freeze_ms, note, "consistency point marked");
+                info!(target: LOG, point = id, consistency = ?consistency, freeze_ms, note, "consistency point marked");
                 let text = note.clone();
                 let r = self
                     .conn
@@ -167,7 +167,7 @@ impl Link<'_> {
                 if let Some(f) = frozen.as_mut() {
                     f.thaw();
                 }
-                warn!(point = id, "no quiet moment for a consistency point; the server falls back to a point of the stream");
+                warn!(target: LOG, point = id, "no quiet moment for a consistency point; the server falls back to a point of the stream");
                 Ok(())
             }
             Err(e) => Err(e),

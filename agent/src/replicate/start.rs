@@ -6,7 +6,7 @@ use std::time::Instant;
 use rehost_proto::msg::{DiskGrant, MarkKind, ReplicationState};
 use tracing::{info, warn};
 
-use super::{Agent, DiskRun, OpenDisk, RunError};
+use super::{Agent, DiskRun, OpenDisk, RunError, LOG};
 use crate::cleanstop;
 use crate::pipeline::Plan;
 use crate::state::{Phase, StartKind};
@@ -114,14 +114,14 @@ pub(super) fn track(agent: &Agent, g: &DiskGrant, d: &OpenDisk) -> Tracked {
         ) {
             Ok((t, c)) => (Tracker::Trace(t), c),
             Err(e) => {
-                warn!(disk = %g.device, error = %format!("{:#}", anyhow::Error::from(e)), "kernel block tracepoints unavailable; using the scan tracker");
+                warn!(target: LOG, disk = %g.device, error = %format!("{:#}", anyhow::Error::from(e)), "kernel block tracepoints unavailable; using the scan tracker");
                 (Tracker::Scan { last_pass: None }, Continuity::Unbroken)
             }
         }
     } else {
         (Tracker::Scan { last_pass: None }, Continuity::Unbroken)
     };
-    info!(disk = %g.device, tracker = match tracker { Tracker::Trace(_) => "tracepoint", _ => "scan" }, "tracking changes");
+    info!(target: LOG, disk = %g.device, tracker = match tracker { Tracker::Trace(_) => "tracepoint", _ => "scan" }, "tracking changes");
     Tracked {
         tracker,
         pending: None,
@@ -141,7 +141,7 @@ impl DiskRun<'_, '_> {
         let started = Instant::now();
         if g.sync_complete {
             if self.t.vouched {
-                info!(disk = %g.device, dirty_blocks = self.t.dirty_count(), "resuming continuous replication without a rescan");
+                info!(target: LOG, disk = %g.device, dirty_blocks = self.t.dirty_count(), "resuming continuous replication without a rescan");
                 agent.set_start(
                     g,
                     StartKind::Resume,
@@ -165,7 +165,7 @@ impl DiskRun<'_, '_> {
                 agent.set_start(g, StartKind::Rescan, &reason);
                 self.rescan(g.durable_bytes, &reason).await?;
             } else if g.durable_bytes > 0 {
-                info!(disk = %g.device, from = g.durable_bytes, "resuming initial sync from the server's durable watermark");
+                info!(target: LOG, disk = %g.device, from = g.durable_bytes, "resuming initial sync from the server's durable watermark");
                 agent.set_start(
                     g,
                     StartKind::Resume,
@@ -195,7 +195,7 @@ impl DiskRun<'_, '_> {
             };
             self.stream(plan).await?;
             self.send_mark(MarkKind::InitialSyncDone).await?;
-            info!(disk = %g.device, secs = started.elapsed().as_secs_f64(), "initial sync complete");
+            info!(target: LOG, disk = %g.device, secs = started.elapsed().as_secs_f64(), "initial sync complete");
         }
         {
             let mut st = agent.state.lock().unwrap_or_else(|p| p.into_inner());

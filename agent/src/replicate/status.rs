@@ -9,7 +9,7 @@ use rehost_proto::msg::{DiskGrant, Progress, ReplicationState};
 use rehost_proto::{DiskId, Message};
 use tracing::warn;
 
-use super::{now, LAGGING_AFTER};
+use super::{now, LAGGING_AFTER, LOG};
 use crate::state::{
     AgentState, ConnectionState, DiskStatus, StartKind, StartReport, StateError, Status,
 };
@@ -91,7 +91,7 @@ impl Agent {
             d.backlog_lower_bound = d.tracker == "scan" && matches!(d.state, Continuous | Lagging);
         }
         if let Err(e) = s.save(&self.dir) {
-            warn!(error = %e, "cannot write status file");
+            warn!(target: LOG, error = %e, "cannot write status file");
         }
     }
 
@@ -143,7 +143,7 @@ impl Agent {
     pub(super) fn note_slow(&self, slow: Option<String>) {
         let mut s = self.status();
         if slow.is_some() && s.stall.is_none() {
-            warn!(
+            warn!(target: LOG,
                 reason = slow.as_deref().unwrap_or_default(),
                 "replication stalled"
             );

@@ -8,7 +8,7 @@ use rehost_proto::Message;
 use tracing::{info, warn};
 
 use super::start::Tracker;
-use super::DiskRun;
+use super::{DiskRun, LOG};
 use crate::cleanstop;
 use crate::tracker::DirtySet;
 
@@ -32,7 +32,7 @@ impl DiskRun<'_, '_> {
             dirty.merge(&p);
         }
         if let Some(reason) = &dirty.lost {
-            warn!(disk = %g.device, reason, "events were lost: the next start will rescan");
+            warn!(target: LOG, disk = %g.device, reason, "events were lost: the next start will rescan");
             return;
         }
         let mut generation = 0u64;
@@ -50,7 +50,7 @@ impl DiskRun<'_, '_> {
             dirty,
         };
         if let Err(e) = cleanstop::save(&self.link.agent.dir, &saved) {
-            warn!(disk = %g.device, error = %e, "cannot save the dirty bitmap: the next start will rescan");
+            warn!(target: LOG, disk = %g.device, error = %e, "cannot save the dirty bitmap: the next start will rescan");
             return;
         }
         let conn = &mut *self.link.conn;
@@ -67,13 +67,13 @@ impl DiskRun<'_, '_> {
         };
         match tokio::time::timeout(Duration::from_secs(10), told).await {
             Ok(Ok(())) => {
-                info!(disk = %g.device, dirty_blocks = count, generation = format!("{generation:016x}"), "clean stop recorded: the next start resumes without a rescan")
+                info!(target: LOG, disk = %g.device, dirty_blocks = count, generation = format!("{generation:016x}"), "clean stop recorded: the next start resumes without a rescan")
             }
             Ok(Err(e)) => {
-                warn!(disk = %g.device, error = %e, "the server did not record the clean stop: the next start will rescan")
+                warn!(target: LOG, disk = %g.device, error = %e, "the server did not record the clean stop: the next start will rescan")
             }
             Err(_) => {
-                warn!(disk = %g.device, "the server did not acknowledge the clean stop in time: the next start will rescan")
+                warn!(target: LOG, disk = %g.device, "the server did not acknowledge the clean stop in time: the next start will rescan")
             }
         }
     }

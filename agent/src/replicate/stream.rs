@@ -9,7 +9,7 @@ use rehost_proto::msg::{Block, MarkKind, ReplicationState};
 use rehost_proto::{DiskId, Message, MAX_INDEX_CHUNK};
 use tracing::{info, warn};
 
-use super::{DiskRun, RunError, STALLED_AFTER};
+use super::{DiskRun, RunError, LOG, STALLED_AFTER};
 use crate::conn::Conn;
 use crate::pipeline::{self, Item, Plan};
 use crate::state::RescanReport;
@@ -75,7 +75,7 @@ impl DiskRun<'_, '_> {
 
     pub(super) async fn rescan(&mut self, upto: u64, reason: &str) -> Result<(), RunError> {
         let (agent, g) = (self.link.agent, self.g);
-        warn!(disk = %g.device, bytes = upto, reason, "rescan: comparing every block with the server's hash index");
+        warn!(target: LOG, disk = %g.device, bytes = upto, reason, "rescan: comparing every block with the server's hash index");
         agent.disk_status(g.disk_id.0, |s| {
             s.state = ReplicationState::Rescan;
             s.last_rescan = Some(RescanReport {
@@ -92,7 +92,7 @@ impl DiskRun<'_, '_> {
                 r.finished = true;
             }
         });
-        info!(disk = %g.device, scanned = upto, differing_blocks = sent.blocks, sent_bytes = sent.bytes, "rescan complete");
+        info!(target: LOG, disk = %g.device, scanned = upto, differing_blocks = sent.blocks, sent_bytes = sent.bytes, "rescan complete");
         Ok(())
     }
 
@@ -133,7 +133,7 @@ impl DiskRun<'_, '_> {
         let (g, d) = (self.g, self.d);
         let started = Instant::now();
         let blocks: Vec<u64> = taken.iter().collect();
-        tracing::debug!(disk = %g.device, ?blocks, "sending dirty blocks");
+        tracing::debug!(target: LOG, disk = %g.device, ?blocks, "sending dirty blocks");
         self.t.pending = Some(taken);
         let plan = Plan {
             start: 0,
