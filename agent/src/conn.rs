@@ -3,11 +3,12 @@
 //! turns `Ack`s into a watermark and routes `IndexChunk`s, and a send window so that at most
 //! [`WINDOW`] frames are unacknowledged.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rehost_proto::frame::{encode, read_message};
-use rehost_proto::msg::{ErrorCode, Hello, Welcome};
+use rehost_proto::msg::{Auth, DiskInfo, ErrorCode, Hello, Welcome};
 use rehost_proto::{DiskId, FrameError, Hash, Message};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf};
 use tokio::net::TcpStream;
@@ -112,6 +113,25 @@ async fn answers_http(server: &str) -> bool {
 /// A frame length that spells `HTTP`: the peer is an HTTP server behind TLS, not a rehost one.
 fn http_reply(e: &FrameError) -> bool {
     matches!(e, FrameError::TooLarge(len) if (*len as u32).to_be_bytes() == *b"HTTP")
+}
+
+/// This agent's `Hello`: the protocol versions it speaks, its version, `auth`, and its disks
+/// as (device, size in bytes).
+pub fn hello<'a>(auth: Auth, disks: impl IntoIterator<Item = (&'a Path, u64)>) -> Hello {
+    Hello {
+        min_version: rehost_proto::MIN_PROTOCOL_VERSION,
+        max_version: rehost_proto::PROTOCOL_VERSION,
+        agent_version: crate::VERSION.into(),
+        detach: None,
+        auth,
+        disks: disks
+            .into_iter()
+            .map(|(device, size_bytes)| DiskInfo {
+                device: device.display().to_string(),
+                size_bytes,
+            })
+            .collect(),
+    }
 }
 
 /// Sends `hello`, returns the server's `Welcome` (or its refusal).

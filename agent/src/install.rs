@@ -11,7 +11,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use rehost_proto::msg::{Auth, DiskInfo, Hello};
+use rehost_proto::msg::Auth;
 use rehost_proto::token::InstallToken;
 
 use crate::disks::{self, human_bytes, Disk};
@@ -192,20 +192,10 @@ pub async fn install(
     let mut tls = crate::conn::connect(&server, token.server_pin)
         .await
         .context("reach the replication server")?;
-    let hello = Hello {
-        min_version: rehost_proto::MIN_PROTOCOL_VERSION,
-        max_version: rehost_proto::PROTOCOL_VERSION,
-        agent_version: crate::VERSION.into(),
-        detach: None,
+    let hello = crate::conn::hello(
         auth,
-        disks: chosen
-            .iter()
-            .map(|d| DiskInfo {
-                device: d.path.display().to_string(),
-                size_bytes: d.size_bytes,
-            })
-            .collect(),
-    };
+        chosen.iter().map(|d| (d.path.as_path(), d.size_bytes)),
+    );
     let welcome =
         crate::conn::handshake(&mut tls, hello)
             .await
@@ -253,7 +243,7 @@ pub async fn install(
     }
     for d in &chosen {
         if state.disk(&d.path).is_none() {
-            state.disks.push(crate::state::DiskState {
+            state.disks.push(crate::state::DiskRecord {
                 device: d.path.clone(),
                 disk_id: 0,
                 phase: Phase::InitialSync,
@@ -286,7 +276,7 @@ fn upgrade_in_place(opts: &InstallOptions, chosen: &[Disk]) -> Option<AgentState
     let failed = crate::state::Status::load(&opts.state_dir)
         .ok()
         .flatten()
-        .is_some_and(|s| s.connection == "failed");
+        .is_some_and(|s| s.connection == crate::state::ConnectionState::Failed);
     (same_name && !failed && have == want && state.disks.iter().all(|d| d.disk_id != 0))
         .then_some(state)
 }

@@ -1,5 +1,6 @@
 //! `rehost-agent`: the source side of replication. No kernel module: it reads the disks.
 //!
+//! - [`direct`]: reading a disk past the page cache (`O_DIRECT`, aligned buffers);
 //! - [`disks`]: whole-disk discovery (`/sys/block`, `BLKGETSIZE64`), image files for tests;
 //! - [`install`]: the installer (disks shown, registration with the install token, service);
 //! - [`state`]: the persisted agent state (credential 0600) and the status file;
@@ -16,6 +17,7 @@
 
 pub mod cleanstop;
 pub mod conn;
+pub mod direct;
 pub mod disks;
 pub mod freeze;
 pub mod install;

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use rehost_agent::install::{install, InstallOptions};
 use rehost_agent::replicate::{self, Agent, Options};
-use rehost_agent::state::{AgentState, Status, DEFAULT_STATE_DIR};
+use rehost_agent::state::{AgentState, ConnectionState, Status, DEFAULT_STATE_DIR};
 
 /// rehost agent: replicates this machine's disks, block by block over TLS, to a rehost
 /// replication server. No kernel module, no reboot.
@@ -293,19 +293,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 // A block device is read with O_DIRECT, as the agent reads it: its page cache
                 // can differ from the device while a filesystem is mounted from it.
                 let direct = rehost_agent::tracker::kernel_dev(&p).is_some();
-                let mut o = std::fs::OpenOptions::new();
-                o.read(true);
-                if direct {
-                    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut o, libc::O_DIRECT);
-                }
-                let f = o
-                    .open(&p)
+                let f = rehost_agent::direct::open_read(&p, direct)
                     .with_context(|| format!("open {}", p.display()))?;
                 let (size, _) = rehost_agent::disks::size_of(&f, &p)?;
                 let mut h = blake3::Hasher::new();
-                let mut backing = vec![0u8; (1 << 20) + 4096];
-                let at = backing.as_ptr().align_offset(4096);
-                let buf = &mut backing[at..at + (1 << 20)];
+                let mut buf = rehost_agent::direct::Aligned::new(1 << 20);
                 let mut off = 0u64;
                 while off < size {
                     let n = (size - off).min(buf.len() as u64) as usize;
@@ -331,16 +323,19 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         machine_id: state.machine_id.clone(),
         hostname: state.hostname.clone(),
         server: state.server.clone(),
-        connection: "never started".into(),
+        connection: ConnectionState::NeverStarted,
         agent_version: rehost_agent::VERSION.into(),
         ..Default::default()
     });
     let fresh = replicate::now() - st.updated_at <= 10;
     st.running = st.running && fresh && alive(st.pid);
-    if !st.running && st.connection != "failed" && st.connection != "never started" {
-        st.connection = "stopped".into();
+    if !st.running
+        && st.connection != ConnectionState::Failed
+        && st.connection != ConnectionState::NeverStarted
+    {
+        st.connection = ConnectionState::Stopped;
         for d in &mut st.disks {
-            d.state = "disconnected".into();
+            d.state = rehost_proto::msg::ReplicationState::Disconnected;
         }
     }
     if json {
@@ -390,7 +385,7 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     }
     use rehost_agent::disks::human_bytes as hb;
     if st.disks.is_empty() {
-        if st.connection == "never started" {
+        if st.connection == ConnectionState::NeverStarted {
             println!("replication: not started yet (start it with `rehost-agent run` or the rehost-agent service)");
         } else {
             println!("replication: no disk granted by the server yet");

@@ -124,20 +124,14 @@ fn reader(
     ordered: mpsc::Sender<oneshot::Receiver<SegmentResult>>,
     jobs: std_mpsc::SyncSender<Job>,
 ) {
-    let mut aligned = if plan.uncached {
-        vec![0u8; SEGMENT as usize + 4096]
-    } else {
-        Vec::new()
-    };
+    let mut aligned = crate::direct::Aligned::new(if plan.uncached { SEGMENT as usize } else { 0 });
     for (offset, len) in plan.reads() {
         let (done, rx) = oneshot::channel();
         if ordered.blocking_send(rx).is_err() {
             return;
         }
         let data = if plan.uncached {
-            // O_DIRECT wants a buffer aligned to the logical block size; 4 KiB covers them all.
-            let at = aligned.as_ptr().align_offset(4096);
-            let buf = &mut aligned[at..at + len as usize];
+            let buf = &mut aligned[..len as usize];
             if let Err(e) = file.read_exact_at(buf, offset) {
                 let _ = done.send(Err(e));
                 return;

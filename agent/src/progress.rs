@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rehost_proto::msg::ReplicationState;
+
 use crate::disks::human_bytes;
 use crate::replicate::Agent;
 
@@ -102,9 +104,9 @@ pub async fn report(agent: Arc<Agent>, every: Duration) {
             .disks
             .clone();
         for d in disks {
-            let (what, done) = match d.state.as_str() {
-                "initial-sync" => ("initial sync", d.replicated_bytes),
-                "rescan" => (
+            let (what, done) = match d.state {
+                ReplicationState::InitialSync => ("initial sync", d.replicated_bytes),
+                ReplicationState::Rescan => (
                     "rescan",
                     (d.progress_percent / 100.0 * d.size_bytes as f64) as u64,
                 ),

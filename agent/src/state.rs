@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use rehost_proto::fsutil::{read_capped, write_atomic};
+use rehost_proto::msg::ReplicationState;
 use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "agent.json";
@@ -37,8 +38,9 @@ pub enum Phase {
     Synced,
 }
 
+/// A disk as `agent.json` records it: the device, its id on the server, its phase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiskState {
+pub struct DiskRecord {
     pub device: PathBuf,
     pub disk_id: u64,
     pub phase: Phase,
@@ -54,7 +56,7 @@ pub struct AgentState {
     /// The machine's own credential, hex.
     pub machine_secret: String,
     pub hostname: String,
-    pub disks: Vec<DiskState>,
+    pub disks: Vec<DiskRecord>,
 }
 
 impl AgentState {
@@ -104,17 +106,87 @@ impl AgentState {
         hex::decode(&self.machine_secret).ok()?.try_into().ok()
     }
 
-    pub fn disk(&self, device: &Path) -> Option<&DiskState> {
+    pub fn disk(&self, device: &Path) -> Option<&DiskRecord> {
         self.disks.iter().find(|d| d.device == device)
     }
 
     pub fn set_disk(&mut self, device: &Path, disk_id: u64, phase: Phase) {
         self.disks.retain(|d| d.device != device);
-        self.disks.push(DiskState {
+        self.disks.push(DiskRecord {
             device: device.into(),
             disk_id,
             phase,
         });
+    }
+}
+
+/// The agent's connection to the server, as `rehost-agent status` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectionState {
+    /// Connecting (or about to): no session yet.
+    #[default]
+    Connecting,
+    Connected,
+    /// The server went silent (the agent reconnects) or acknowledges nothing.
+    Stalled,
+    /// The last session failed (see `last_error`); the agent retries after a backoff.
+    Reconnecting,
+    /// The agent stopped (asked to, or found not running).
+    Stopped,
+    /// The agent stopped on an error a restart cannot fix.
+    Failed,
+    /// `rehost-agent run` never wrote a status in this state dir.
+    #[serde(rename = "never started")]
+    NeverStarted,
+}
+
+impl ConnectionState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Stalled => "stalled",
+            Self::Reconnecting => "reconnecting",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+            Self::NeverStarted => "never started",
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// How this agent process picked up a disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartKind {
+    /// The server held nothing of the disk.
+    #[default]
+    InitialSync,
+    /// The tracker vouched for every change (or the initial sync went on from the watermark).
+    Resume,
+    /// Every block compared with the server's index.
+    Rescan,
+}
+
+impl StartKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InitialSync => "initial-sync",
+            Self::Resume => "resume",
+            Self::Rescan => "rescan",
+        }
+    }
+}
+
+impl std::fmt::Display for StartKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -130,7 +202,7 @@ pub struct Status {
     pub agent_version: String,
     pub running: bool,
     /// connecting, connected, stalled, reconnecting (with the last error), stopped, failed
-    pub connection: String,
+    pub connection: ConnectionState,
     pub last_error: Option<String>,
     pub updated_at: i64,
     pub disks: Vec<DiskStatus>,
@@ -187,8 +259,8 @@ pub struct DiskStatus {
     pub device: String,
     pub disk_id: u64,
     pub size_bytes: u64,
-    /// initial-sync, rescan, continuous, lagging, stalled, disconnected
-    pub state: String,
+    /// initial-sync, rescan, continuous, lagging, stalled, disconnected (connecting: not started)
+    pub state: ReplicationState,
     pub progress_percent: f64,
     /// Bytes the server has acknowledged as durable (initial sync), or the whole disk once synced.
     pub replicated_bytes: u64,
@@ -213,7 +285,7 @@ pub struct DiskStatus {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StartReport {
-    pub kind: String,
+    pub kind: StartKind,
     pub reason: String,
 }
 
@@ -242,5 +314,61 @@ impl Status {
         serde_json::from_slice(&raw)
             .map(Some)
             .map_err(|e| StateError::Parse(p, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_keep_their_documented_names() {
+        use ReplicationState::*;
+        for (s, name) in [
+            (Connecting, "connecting"),
+            (InitialSync, "initial-sync"),
+            (Rescan, "rescan"),
+            (Continuous, "continuous"),
+            (Lagging, "lagging"),
+            (Stalled, "stalled"),
+            (Disconnected, "disconnected"),
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), name);
+            assert_eq!(s.to_string(), name);
+            assert_eq!(
+                serde_json::from_value::<ReplicationState>(name.into()).unwrap(),
+                s
+            );
+            if let Some(w) = s.wire() {
+                assert_eq!(ReplicationState::try_from(w), Ok(s));
+            }
+        }
+        use ConnectionState as C;
+        for (s, name) in [
+            (C::Connecting, "connecting"),
+            (C::Connected, "connected"),
+            (C::Stalled, "stalled"),
+            (C::Reconnecting, "reconnecting"),
+            (C::Stopped, "stopped"),
+            (C::Failed, "failed"),
+            (C::NeverStarted, "never started"),
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), name);
+            assert_eq!(s.to_string(), name);
+            assert_eq!(
+                serde_json::from_value::<ConnectionState>(name.into()).unwrap(),
+                s
+            );
+        }
+        for (s, name) in [
+            (StartKind::InitialSync, "initial-sync"),
+            (StartKind::Resume, "resume"),
+            (StartKind::Rescan, "rescan"),
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), name);
+            assert_eq!(s.to_string(), name);
+        }
+        // The status table pads the state to its column.
+        assert_eq!(format!("{:<13}|", Continuous), "continuous   |");
     }
 }

@@ -146,12 +146,8 @@ async fn tell_server(state: &AgentState) -> anyhow::Result<String> {
         .context("the saved machine credential is damaged")?;
     let mut tls = crate::conn::connect(&state.server, pin).await?;
     let hello = Hello {
-        min_version: rehost_proto::MIN_PROTOCOL_VERSION,
-        max_version: rehost_proto::PROTOCOL_VERSION,
-        agent_version: crate::VERSION.into(),
         detach: Some(REASON.into()),
-        auth: Auth::Machine { machine_id, secret },
-        disks: Vec::new(),
+        ..crate::conn::hello(Auth::Machine { machine_id, secret }, [])
     };
     let reply = crate::conn::hello_reply(&mut tls, hello).await;
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
