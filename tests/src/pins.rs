@@ -140,7 +140,8 @@ pub fn check(name: &str, actual: &Value) {
         }
     }
     for p in want.types.keys() {
-        if !got.types.contains_key(p) && !optional.contains(p) && !under_absent(p, &got, &optional) {
+        if !got.types.contains_key(p) && !optional.contains(p) && !under_absent(p, &got, &optional)
+        {
             problems.push(format!("{p}: missing from the output"));
         }
     }
