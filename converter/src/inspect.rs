@@ -510,7 +510,7 @@ pub fn open_guest(
                 let (lo, m) = match attach_mount(&images[0], p, &root_mount, read_only, None) {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(part = p.part, error = %crate::report::chain(&e), "could not mount candidate root");
+                        tracing::warn!(part = p.part, error = %crate::error::chain(&e), "could not mount candidate root");
                         continue;
                     }
                 };

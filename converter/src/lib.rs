@@ -10,6 +10,7 @@
 //! - [`initramfs`]: which modules an initramfs carries (newc cpio parser, host decompressors).
 //! - [`inspect`]: the guest session (loop devices + mounts) and the inspection.
 //! - [`convert`]: the conversion pipeline; [`report`]: the JSON report and human summary.
+//! - [`error`]: an error with its sources as one line (for logs).
 //! - [`input`]: input formats (raw; qcow2 through a temporary raw copy; others refused by name).
 //! - [`progress`]: a line on stderr per step as it starts.
 //! - [`image`]: sparse copy and qcow2 output; [`bootcheck`]: QEMU boot proof on the serial console.
@@ -19,6 +20,7 @@
 pub mod bootcheck;
 pub mod convert;
 pub mod devmap;
+pub mod error;
 pub mod fsprobe;
 pub mod fstab;
 pub mod grub;
