@@ -1,3 +1,4 @@
+use super::label::MDA_MAGIC;
 use super::*;
 use proptest::prelude::*;
 
