@@ -118,7 +118,7 @@ pub fn open_guest(
         match p.fs.kind {
             FsKind::Luks => luks = Some(format!("partition {}", p.part)),
             k if k.can_be_root() => {
-                let (lo, m) = match attach_mount(&images[0], p, &root_mount, read_only, None) {
+                let (lo, mut m) = match attach_mount(&images[0], p, &root_mount, read_only, None) {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::warn!(part = p.part, error = %crate::error::chain(&e), "could not mount candidate root");
@@ -131,8 +131,9 @@ pub fn open_guest(
                     && k == FsKind::Btrfs
                     && g.kind("/@/etc")? == Some(EntryKind::Dir)
                 {
+                    // The root is the `@` subvolume: mounted again with it.
                     drop(m);
-                    let m2 = Mount::new(
+                    m = Mount::new(
                         &lo.dev,
                         &root_mount,
                         Some("btrfs"),
@@ -141,17 +142,6 @@ pub fn open_guest(
                     )?;
                     g = GuestRoot::open(&root_mount)?;
                     subvol = Some("@".to_string());
-                    if looks_like_root(&g) {
-                        let s = GuestSession {
-                            root: g,
-                            mounts: vec![m2],
-                            loops: vec![lo],
-                            work,
-                            root_mount,
-                        };
-                        return Ok((s, (0, p.part), subvol));
-                    }
-                    continue;
                 }
                 if looks_like_root(&g) {
                     let s = GuestSession {
