@@ -86,6 +86,17 @@ pub fn probe_disk(path: &Path) -> Result<DiskInfo, InspectError> {
     })
 }
 
+/// Why a logical volume of a disk cannot be attached as a loop device (listed as its `refused`).
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    #[error(transparent)]
+    Placement(#[from] lvm::PlacementError),
+    #[error("its physical volume {name} ({uuid}) is not on this disk")]
+    PvElsewhere { name: String, uuid: String },
+    #[error("its extents ({offset}+{len} bytes) lie past the end of partition {part}")]
+    PastPartition { offset: u64, len: u64, part: u32 },
+}
+
 /// Read the LVM metadata of every PV partition of a disk; locate each visible logical volume, and
 /// probe the filesystem of those that are one linear segment on a PV of this disk.
 fn probe_lvm(
@@ -124,19 +135,20 @@ fn probe_lvm(
                 pv_part: None,
                 refused: None,
             };
-            let placed = vg.placement(lv).and_then(|pl| {
+            let placed = vg.placement(lv).map_err(AttachError::from).and_then(|pl| {
                 let (_, part) = pvs.iter().find(|(u, _)| *u == pl.pv.uuid).ok_or_else(|| {
-                    format!(
-                        "its physical volume {} ({}) is not on this disk",
-                        pl.pv.name, pl.pv.uuid
-                    )
+                    AttachError::PvElsewhere {
+                        name: pl.pv.name.clone(),
+                        uuid: pl.pv.uuid.clone(),
+                    }
                 })?;
                 info.pv_part = Some(part.part);
                 if pl.offset.checked_add(pl.len).is_none_or(|e| e > part.len) {
-                    return Err(format!(
-                        "its extents ({}+{} bytes) lie past the end of partition {}",
-                        pl.offset, pl.len, part.part
-                    ));
+                    return Err(AttachError::PastPartition {
+                        offset: pl.offset,
+                        len: pl.len,
+                        part: part.part,
+                    });
                 }
                 Ok((part.start + pl.offset, pl.len))
             });
@@ -152,7 +164,7 @@ fn probe_lvm(
                         lv: Some(format!("{}/{}", vg.name, lv.name)),
                     });
                 }
-                Err(why) => info.refused = Some(why),
+                Err(why) => info.refused = Some(why.to_string()),
             }
             lvs.push(info);
         }

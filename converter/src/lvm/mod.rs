@@ -31,7 +31,7 @@ mod text;
 mod vg;
 
 pub use label::{format_uuid, read_pv, Area, PhysicalVolume};
-pub use placement::Placement;
+pub use placement::{Placement, PlacementError};
 pub use text::{parse_config, Section, Value};
 pub use vg::{LogicalVolume, Segment, VgPv, VolumeGroup};
 
