@@ -21,6 +21,19 @@ pub struct Volume {
 
 #[cfg(test)]
 impl Volume {
+    /// Test data: partition `part` of disk `disk` holding `kind` with `uuid` (no label).
+    pub(crate) fn test_part(disk: usize, part: u32, kind: FsKind, uuid: &str) -> Self {
+        Volume {
+            disk,
+            part,
+            kind,
+            uuid: Some(uuid.into()),
+            label: None,
+            partuuid: None,
+            lv: None,
+        }
+    }
+
     /// Test data: logical volume `vg/lv` of the boot disk; with `uuid`, an ext4 attached as
     /// volume 10001, without, one the converter could not attach.
     pub(crate) fn test_lv(vg_lv: &str, uuid: Option<&str>) -> Self {
@@ -175,32 +188,11 @@ mod tests {
     fn vols() -> Vec<Volume> {
         vec![
             Volume {
-                disk: 0,
-                part: 1,
-                kind: FsKind::Ext4,
-                uuid: Some("aaaa".into()),
                 label: Some("rootfs".into()),
-                partuuid: None,
-                lv: None,
+                ..Volume::test_part(0, 1, FsKind::Ext4, "aaaa")
             },
-            Volume {
-                disk: 0,
-                part: 2,
-                kind: FsKind::Swap,
-                uuid: Some("bbbb".into()),
-                label: None,
-                partuuid: None,
-                lv: None,
-            },
-            Volume {
-                disk: 1,
-                part: 0,
-                kind: FsKind::Xfs,
-                uuid: Some("cccc".into()),
-                label: None,
-                partuuid: None,
-                lv: None,
-            },
+            Volume::test_part(0, 2, FsKind::Swap, "bbbb"),
+            Volume::test_part(1, 0, FsKind::Xfs, "cccc"),
         ]
     }
 

@@ -174,24 +174,8 @@ mod tests {
 
     fn vols() -> Vec<Volume> {
         vec![
-            Volume {
-                disk: 0,
-                part: 1,
-                kind: FsKind::Ext4,
-                uuid: Some("r-uuid".into()),
-                label: None,
-                partuuid: None,
-                lv: None,
-            },
-            Volume {
-                disk: 0,
-                part: 2,
-                kind: FsKind::Swap,
-                uuid: Some("s-uuid".into()),
-                label: None,
-                partuuid: None,
-                lv: None,
-            },
+            Volume::test_part(0, 1, FsKind::Ext4, "r-uuid"),
+            Volume::test_part(0, 2, FsKind::Swap, "s-uuid"),
         ]
     }
 

@@ -207,25 +207,18 @@ mod tests {
 
     fn vols() -> Vec<Volume> {
         vec![
-            Volume {
-                disk: 0,
-                part: 1,
-                kind: FsKind::Ext4,
-                uuid: Some("r".into()),
-                label: None,
-                partuuid: None,
-                lv: None,
-            },
-            Volume {
-                disk: 0,
-                part: 2,
-                kind: FsKind::Swap,
-                uuid: Some("s".into()),
-                label: None,
-                partuuid: None,
-                lv: None,
-            },
+            Volume::test_part(0, 1, FsKind::Ext4, "r"),
+            Volume::test_part(0, 2, FsKind::Swap, "s"),
         ]
+    }
+
+    /// The policy of a conversion whose root is `UUID=r`, ensuring [`ENSURE`].
+    fn policy(volumes: &[Volume]) -> CmdlinePolicy<'_> {
+        CmdlinePolicy {
+            volumes,
+            root_spec: "UUID=r",
+            ensure: ENSURE,
+        }
     }
 
     const ENSURE: &[&str] = &["console=ttyS0,115200", "net.ifnames=0"];
@@ -233,11 +226,7 @@ mod tests {
     #[test]
     fn linux_line_rewritten() {
         let v = vols();
-        let p = CmdlinePolicy {
-            volumes: &v,
-            root_spec: "UUID=r",
-            ensure: ENSURE,
-        };
+        let p = policy(&v);
         let cfg = "menuentry 'Debian' {\n\tsearch --fs-uuid r\n\tlinux\t/boot/vmlinuz-6.1 root=/dev/xvda1 ro resume=/dev/xvda2 console=ttyS0,115200 quiet\n\tinitrd\t/boot/initrd.img-6.1\n}\n";
         let (new, edits) = rewrite_grub_cfg(cfg, &p);
         assert!(new.contains("\tlinux\t/boot/vmlinuz-6.1 root=UUID=r ro resume=UUID=s console=ttyS0,115200 quiet net.ifnames=0\n"));
@@ -252,22 +241,12 @@ mod tests {
     fn lvm_root_and_resume_names_are_kept() {
         let mut v = vols();
         v.push(Volume {
-            disk: 0,
-            part: 10_001,
-            kind: FsKind::Ext4,
-            uuid: Some("lv".into()),
-            label: None,
-            partuuid: None,
             lv: Some("vg0/root".into()),
+            ..Volume::test_part(0, 10_001, FsKind::Ext4, "lv")
         });
         v.push(Volume {
-            disk: 0,
-            part: 10_002,
-            kind: FsKind::Swap,
-            uuid: Some("sw".into()),
-            label: None,
-            partuuid: None,
             lv: Some("vg0/swap".into()),
+            ..Volume::test_part(0, 10_002, FsKind::Swap, "sw")
         });
         let p = CmdlinePolicy {
             volumes: &v,
@@ -300,11 +279,7 @@ mod tests {
     #[test]
     fn default_grub_rewritten() {
         let v = vols();
-        let p = CmdlinePolicy {
-            volumes: &v,
-            root_spec: "UUID=r",
-            ensure: ENSURE,
-        };
+        let p = policy(&v);
         let text = "GRUB_TIMEOUT=1\nGRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\nGRUB_CMDLINE_LINUX=\"resume=/dev/xvda2\"\nGRUB_DISABLE_LINUX_UUID=true\n";
         let (new, edits) = rewrite_default_grub(text, &p);
         assert_eq!(
@@ -322,11 +297,7 @@ mod tests {
     #[test]
     fn other_console_does_not_count() {
         let v = vols();
-        let p = CmdlinePolicy {
-            volumes: &v,
-            root_spec: "UUID=r",
-            ensure: ENSURE,
-        };
+        let p = policy(&v);
         let (args, _) = rewrite_args("console=hvc0 console=ttyS0", &p);
         assert_eq!(args, "console=hvc0 console=ttyS0 net.ifnames=0");
     }
@@ -337,11 +308,7 @@ mod tests {
     #[test]
     fn bare_value_with_a_quote_is_left_alone() {
         let v = vols();
-        let p = CmdlinePolicy {
-            volumes: &v,
-            root_spec: "UUID=r",
-            ensure: ENSURE,
-        };
+        let p = policy(&v);
         let text = "GRUB_CMDLINE_LINUX=quiet\"x\n";
         let (once, _) = rewrite_default_grub(text, &p);
         assert_eq!(
@@ -357,7 +324,7 @@ mod tests {
         #[test]
         fn random_text_never_panics_and_is_idempotent(text in "[ -~\\t\\n]{0,400}") {
             let v = vols();
-            let p = CmdlinePolicy { volumes: &v, root_spec: "UUID=r", ensure: ENSURE };
+            let p = policy(&v);
             let (a, _) = rewrite_grub_cfg(&text, &p);
             let (b, e) = rewrite_grub_cfg(&a, &p);
             prop_assert_eq!(a, b);
@@ -371,7 +338,7 @@ mod tests {
         #[test]
         fn grub_lines_with_random_args(args in proptest::collection::vec("[a-z=/0-9,.]{1,12}", 0..8)) {
             let v = vols();
-            let p = CmdlinePolicy { volumes: &v, root_spec: "UUID=r", ensure: ENSURE };
+            let p = policy(&v);
             let line = format!("linux /vmlinuz {}\n", args.join(" "));
             let (a, _) = rewrite_grub_cfg(&line, &p);
             prop_assert!(a.contains("console=ttyS0"));

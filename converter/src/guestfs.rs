@@ -8,7 +8,7 @@
 
 use nix::errno::Errno;
 use nix::fcntl::{openat2, readlinkat, renameat, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstat, Mode, SFlag};
+use nix::sys::stat::{fstat, FileStat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -59,6 +59,19 @@ fn io_err(path: &str, op: &'static str, e: impl Into<std::io::Error>) -> GuestEr
         op,
         source: e.into(),
     }
+}
+
+/// The status of the file open at `fd`, or an error for `op` on `path` when it is not a regular file.
+fn regular_file(fd: &OwnedFd, path: &str, op: &'static str) -> Result<FileStat, GuestError> {
+    let st = fstat(fd).map_err(|e| io_err(path, "stat", e))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(io_err(
+            path,
+            op,
+            std::io::Error::other("not a regular file"),
+        ));
+    }
+    Ok(st)
 }
 
 impl GuestRoot {
@@ -119,14 +132,7 @@ impl GuestRoot {
             Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => return Ok(None),
             Err(e) => return Err(io_err(path, "open", e)),
         };
-        let st = fstat(&fd).map_err(|e| io_err(path, "stat", e))?;
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-            return Err(io_err(
-                path,
-                "read",
-                std::io::Error::other("not a regular file"),
-            ));
-        }
+        let st = regular_file(&fd, path, "read")?;
         let mut buf = Vec::new();
         File::from(fd)
             .take(cap + 1)
@@ -268,14 +274,7 @@ impl GuestRoot {
             }
             Err(e) => return Err(io_err(path, "open for writing", e)),
         };
-        let st = fstat(&fd).map_err(|e| io_err(path, "stat", e))?;
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-            return Err(io_err(
-                path,
-                "write",
-                std::io::Error::other("not a regular file"),
-            ));
-        }
+        regular_file(&fd, path, "write")?;
         let mut f = File::from(fd);
         f.write_all(data).map_err(|e| io_err(path, "write", e))?;
         f.sync_all().map_err(|e| io_err(path, "fsync", e))

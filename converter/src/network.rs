@@ -29,6 +29,34 @@ fn is_classic(name: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Append `line` (and its newline `nl`) to `out` as `change` says: unchanged when None, else
+/// replaced by the new text or, without one, removed, with the edit recorded.
+fn put_line(
+    out: &mut String,
+    edits: &mut Vec<LineEdit>,
+    line: &str,
+    nl: &str,
+    change: Option<(Option<String>, String)>,
+) {
+    match change {
+        Some((repl, detail)) => {
+            edits.push(LineEdit {
+                old: line.to_string(),
+                new: repl.clone().unwrap_or_default(),
+                detail,
+            });
+            if let Some(r) = repl {
+                out.push_str(&r);
+                out.push_str(nl);
+            }
+        }
+        None => {
+            out.push_str(line);
+            out.push_str(nl);
+        }
+    }
+}
+
 /// Rewrite an ifupdown interfaces file. Returns the new text, the edits, and whether any non-loopback
 /// interface is configured (then `net.ifnames=0` keeps the `ethN` names it uses).
 pub fn rewrite_interfaces(text: &str) -> (String, Vec<LineEdit>, bool) {
@@ -129,23 +157,7 @@ pub fn rewrite_interfaces(text: &str) -> (String, Vec<LineEdit>, bool) {
             }
             _ => {}
         }
-        match new {
-            Some((repl, detail)) => {
-                edits.push(LineEdit {
-                    old: line.to_string(),
-                    new: repl.clone().unwrap_or_default(),
-                    detail,
-                });
-                if let Some(r) = repl {
-                    out.push_str(&r);
-                    out.push_str(nl);
-                }
-            }
-            None => {
-                out.push_str(line);
-                out.push_str(nl);
-            }
-        }
+        put_line(&mut out, &mut edits, line, nl, new);
     }
     (out, edits, any_iface)
 }
@@ -175,23 +187,8 @@ pub fn rewrite_nmconnection(text: &str) -> (String, Vec<LineEdit>) {
             ("connection", "interface-name") => Some((None, "interface binding removed")),
             _ => None,
         };
-        match change {
-            Some((repl, detail)) => {
-                edits.push(LineEdit {
-                    old: line.to_string(),
-                    new: repl.clone().unwrap_or_default(),
-                    detail: detail.into(),
-                });
-                if let Some(r) = repl {
-                    out.push_str(&r);
-                    out.push_str(nl);
-                }
-            }
-            None => {
-                out.push_str(line);
-                out.push_str(nl);
-            }
-        }
+        let change = change.map(|(repl, detail)| (repl, detail.to_string()));
+        put_line(&mut out, &mut edits, line, nl, change);
     }
     (out, edits)
 }
@@ -257,6 +254,20 @@ fn set_aside(
     ))
 }
 
+/// Write the DHCP profile `text` that takes the place of the configurations set aside.
+fn dhcp_profile(g: &GuestRoot, file: &str, text: &str, apply: bool) -> Result<Change, GuestError> {
+    if apply {
+        g.write(file, text.as_bytes())?;
+    }
+    Ok(Change::new(
+        "network",
+        file,
+        None,
+        Some(text.into()),
+        "DHCP on the new NIC",
+    ))
+}
+
 /// What the network pass decided.
 #[derive(Debug, Default)]
 pub struct NetworkOutcome {
@@ -319,16 +330,7 @@ pub fn convert(g: &GuestRoot, apply: bool) -> Result<NetworkOutcome, GuestError>
     }
     if plan_needed {
         let text = "# written by rehost-converter: DHCP on every Ethernet NIC\nnetwork:\n  version: 2\n  ethernets:\n    all-en:\n      match:\n        name: \"e*\"\n      dhcp4: true\n";
-        if apply {
-            g.write(dhcp_plan, text.as_bytes())?;
-        }
-        o.changes.push(Change::new(
-            "network",
-            dhcp_plan,
-            None,
-            Some(text.into()),
-            "DHCP on the new NIC",
-        ));
+        o.changes.push(dhcp_profile(g, dhcp_plan, text, apply)?);
     }
     // systemd-networkd
     let mut networkd_needed = false;
@@ -354,16 +356,7 @@ pub fn convert(g: &GuestRoot, apply: bool) -> Result<NetworkOutcome, GuestError>
     }
     if networkd_needed {
         let text = "# written by rehost-converter\n[Match]\nName=e*\n\n[Network]\nDHCP=yes\n";
-        if apply {
-            g.write(dhcp_net, text.as_bytes())?;
-        }
-        o.changes.push(Change::new(
-            "network",
-            dhcp_net,
-            None,
-            Some(text.into()),
-            "DHCP on the new NIC",
-        ));
+        o.changes.push(dhcp_profile(g, dhcp_net, text, apply)?);
     }
     // NetworkManager keyfiles
     for file in files_in(g, "/etc/NetworkManager/system-connections", "")? {

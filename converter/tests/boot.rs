@@ -19,6 +19,16 @@ fn changes(report: &serde_json::Value) -> Vec<(String, String, String, String)> 
         .collect()
 }
 
+/// The report's boot check says booted, with an address from QEMU's user network.
+fn assert_booted_with_dhcp(report: &serde_json::Value) {
+    assert_eq!(report["boot_check"]["booted"], true);
+    let ip = report["boot_check"]["guest_ipv4"].as_str().unwrap_or("");
+    assert!(
+        ip.starts_with("10.0.2."),
+        "guest address {ip:?} is not from QEMU's user network"
+    );
+}
+
 /// Converts `img` into `dir/name` (qcow2 or raw, by the name) with `--boot-check` to the fixture's
 /// marker, prints the serial console's tail, and returns the exit code and the report (null when
 /// none was written).
@@ -32,20 +42,16 @@ fn convert_and_boot(img: &Path, dir: &Path, name: &str) -> (Option<i32>, serde_j
         "raw"
     };
     let t = Instant::now();
-    let o = run_in(
+    let (o, r) = convert_with_report(
         dir,
+        &[img],
+        &out,
+        &report,
         &[
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
             "--target",
             "kvm-virtio",
             "--format",
             format,
-            "--report",
-            report.to_str().unwrap(),
             "--boot-check",
             "--boot-timeout",
             "300",
@@ -58,10 +64,6 @@ fn convert_and_boot(img: &Path, dir: &Path, name: &str) -> (Option<i32>, serde_j
     eprintln!("convert + boot check took {:?}", t.elapsed());
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     eprintln!("serial tail:\n{}", &log[log.len().saturating_sub(3000)..]);
-    let r = std::fs::read(&report)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null);
     (o.status.code(), r)
 }
 
@@ -107,17 +109,8 @@ fn converted_xen_image_boots_gets_dhcp_and_reports_changes() {
     let (code, r) = convert_and_boot(&img, dir.path(), "xen.qcow2");
     assert_eq!(code, Some(0));
     assert_eq!(file_hash(&img), before, "the input image was modified");
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
-    assert_eq!(r["boot_check"]["booted"], true);
-    let ip = r["boot_check"]["guest_ipv4"].as_str().unwrap_or("");
-    assert!(
-        ip.starts_with("10.0.2."),
-        "guest address {ip:?} is not from QEMU's user network"
-    );
+    assert_no_leftovers(dir.path());
+    assert_booted_with_dhcp(&r);
     let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
     assert!(log.contains("REHOST-BOOT-OK"));
     let ch = changes(&r);
@@ -185,11 +178,7 @@ fn converted_vmware_image_boots_with_tools_disabled() {
     let dir = scratch();
     let (code, r) = convert_and_boot(&img, dir.path(), "vmw.raw");
     assert_eq!(code, Some(0));
-    assert_eq!(r["boot_check"]["booted"], true);
-    assert!(r["boot_check"]["guest_ipv4"]
-        .as_str()
-        .unwrap_or("")
-        .starts_with("10.0.2."));
+    assert_booted_with_dhcp(&r);
     let ch = changes(&r);
     assert!(
         ch.iter()
@@ -216,23 +205,10 @@ fn converting_twice_gives_the_same_output() {
     for i in 0..2 {
         let out = dir.path().join(format!("out{i}.raw"));
         let report = dir.path().join(format!("report{i}.json"));
-        let o = run_in(
-            dir.path(),
-            &[
-                "convert",
-                "--input",
-                img.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-                "--report",
-                report.to_str().unwrap(),
-            ],
-        );
+        let (o, mut r) = convert_with_report(dir.path(), &[&img], &out, &report, &[]);
         assert_eq!(o.status.code(), Some(0));
         let m = run_in(dir.path(), &["manifest", out.to_str().unwrap()]);
         assert!(m.status.success());
-        let mut r: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
         r["outputs"] = serde_json::Value::Null;
         r["seconds"] = serde_json::Value::Null;
         manifests.push((String::from_utf8(m.stdout).unwrap(), r["changes"].clone()));
@@ -276,17 +252,9 @@ fn converted_lvm_image_boots_with_its_lvm_names_kept() {
     let (code, r) = convert_and_boot(&img, dir.path(), "lvm.raw");
     assert_eq!(code, Some(0));
     assert_eq!(file_hash(&img), before, "the input image was modified");
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
     assert_eq!(r["inspection"]["root_lv"], "vg-sys/root");
-    assert_eq!(r["boot_check"]["booted"], true);
-    assert!(r["boot_check"]["guest_ipv4"]
-        .as_str()
-        .unwrap_or("")
-        .starts_with("10.0.2."));
+    assert_booted_with_dhcp(&r);
     let ch = changes(&r);
     // The LVM names are stable: no fstab or kernel command line change touches them.
     assert!(
@@ -319,17 +287,9 @@ fn converted_dracut_image_boots() {
     let dir = scratch();
     let (code, r) = convert_and_boot(&img, dir.path(), "dracut.qcow2");
     assert_eq!(code, Some(0));
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
     assert_eq!(r["inspection"]["initramfs_tool"], "dracut");
-    assert_eq!(r["boot_check"]["booted"], true);
-    assert!(r["boot_check"]["guest_ipv4"]
-        .as_str()
-        .unwrap_or("")
-        .starts_with("10.0.2."));
+    assert_booted_with_dhcp(&r);
     let ch = changes(&r);
     assert!(
         ch.iter().any(|(k, f, _, n)| k == "initramfs"

@@ -40,17 +40,15 @@ fn qcow2_input_is_inspected_and_converted_like_raw() {
     qemu_img_convert(&raw, "qcow2", &qcow);
     let before = file_hash(&qcow);
 
-    let o = run_in(dir.path(), &["inspect", "--json", raw.to_str().unwrap()]);
+    let (o, from_raw) = inspect_json(dir.path(), &raw);
     assert_eq!(o.status.code(), Some(0));
-    let from_raw: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let o = run_in(dir.path(), &["inspect", "--json", qcow.to_str().unwrap()]);
+    let (o, from_qcow) = inspect_json(dir.path(), &qcow);
     assert_eq!(o.status.code(), Some(0));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("converting the qcow2 input") && err.contains("inspecting partitions"),
         "{err}"
     );
-    let from_qcow: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let d = &from_qcow["inspection"]["disks"][0];
     assert_eq!(d["path"], qcow.to_str().unwrap());
     assert_eq!(d["format"], "qcow2");
@@ -69,18 +67,7 @@ fn qcow2_input_is_inspected_and_converted_like_raw() {
 
     let out = dir.path().join("out.raw");
     let report = dir.path().join("report.json");
-    let o = run_in(
-        dir.path(),
-        &[
-            "convert",
-            "--input",
-            qcow.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ],
-    );
+    let (o, r) = convert_with_report(dir.path(), &[&qcow], &out, &report, &[]);
     assert_eq!(o.status.code(), Some(0));
     let err = String::from_utf8_lossy(&o.stderr);
     for step in [
@@ -91,7 +78,6 @@ fn qcow2_input_is_inspected_and_converted_like_raw() {
     ] {
         assert!(err.contains(step), "no step {step:?} on stderr:\n{err}");
     }
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["inputs"][0], qcow.to_str().unwrap());
     // The same changes as planned on the raw image.
     let kinds = |v: &serde_json::Value| -> Vec<(String, String)> {
@@ -103,9 +89,8 @@ fn qcow2_input_is_inspected_and_converted_like_raw() {
     };
     assert_eq!(kinds(&r["changes"]), kinds(&from_raw["planned_changes"]));
     // The result is a raw image that inspects as converted (nothing left to change in fstab).
-    let o = run_in(dir.path(), &["inspect", "--json", out.to_str().unwrap()]);
+    let (o, again) = inspect_json(dir.path(), &out);
     assert_eq!(o.status.code(), Some(0));
-    let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(
         !again["planned_changes"]
             .as_array()
@@ -123,11 +108,7 @@ fn qcow2_input_is_inspected_and_converted_like_raw() {
         ["fx.qcow2", "out.raw", "report.json", "work"]
     );
     assert!(files_in(&dir.path().join("work")).is_empty());
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }
 
 #[test]
@@ -149,20 +130,7 @@ fn other_formats_are_refused_by_name() {
         assert_eq!(o.status.code(), Some(2), "inspect {format}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(&want), "{err}");
-        let out = dir.path().join("out.raw");
-        let o = run_in(
-            dir.path(),
-            &[
-                "convert",
-                "--input",
-                img.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-            ],
-        );
-        assert_eq!(o.status.code(), Some(2), "convert {format}");
-        assert!(String::from_utf8_lossy(&o.stderr).contains(&want));
-        assert!(!out.exists());
+        assert_convert_refused(dir.path(), &img, 2, &want);
         let o = run_in(dir.path(), &["boot-check", img.to_str().unwrap()]);
         assert_eq!(o.status.code(), Some(2), "boot-check {format}");
         assert!(String::from_utf8_lossy(&o.stderr).contains(&want));
@@ -179,9 +147,5 @@ fn other_formats_are_refused_by_name() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr)
         .contains("is a gzip-compressed file; decompress it first"));
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }

@@ -10,18 +10,29 @@ use std::process::Command;
 /// A 64 MiB image with an MBR whose only partition runs far past the end of the disk.
 fn bad_mbr_image(path: &Path) {
     let mut d = vec![0u8; 512];
+    mbr(&mut d, 0x83, 0x7FFF_0000);
+    write_image(path, &d, 64 << 20);
+}
+
+/// An MBR in `d` whose only partition (bootable, of type `kind`) starts at sector 2048 and has
+/// `sectors` sectors.
+fn mbr(d: &mut [u8], kind: u8, sectors: u32) {
     d[446] = 0x80;
-    d[446 + 4] = 0x83;
+    d[446 + 4] = kind;
     d[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
-    d[446 + 12..446 + 16].copy_from_slice(&0x7FFF_0000u32.to_le_bytes());
+    d[446 + 12..446 + 16].copy_from_slice(&sectors.to_le_bytes());
     d[510] = 0x55;
     d[511] = 0xAA;
-    std::fs::write(path, &d).unwrap();
+}
+
+/// `d` written to `path`, which is then extended (sparse) to `size` bytes.
+fn write_image(path: &Path, d: &[u8], size: u64) {
+    std::fs::write(path, d).unwrap();
     std::fs::OpenOptions::new()
         .write(true)
         .open(path)
         .unwrap()
-        .set_len(64 << 20)
+        .set_len(size)
         .unwrap();
 }
 
@@ -63,14 +74,7 @@ fn corrupted_partition_table_is_refused() {
 /// Build a raw disk with one ext4 partition populated from `tree` (mkfs.ext4 -d, nothing mounted).
 fn ext4_image(tree: &Path, img: &Path) {
     partitioned_image(img, 64, "label: dos\nstart=2048, type=83, bootable\n");
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
-        .arg(tree)
-        .arg(img)
-        .arg("60M")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    mkfs_ext4(img, 1 << 20, 60 << 20, Some(tree), &[]);
 }
 
 #[test]
@@ -133,19 +137,7 @@ fn escaping_symlinks_in_the_guest_never_reach_the_host() {
     assert!(blockers.contains("bootloader"), "{blockers}");
     assert!(blockers.contains("virtio"), "{blockers}");
 
-    let out = dir.path().join("out.raw");
-    let o = run(&[
-        "--work-dir",
-        work.to_str().unwrap(),
-        "convert",
-        "--input",
-        img.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be made bootable"));
-    assert!(!out.exists());
+    assert_convert_refused(dir.path(), &img, 3, "cannot be made bootable");
     assert_eq!(
         std::fs::read_to_string(&host_fstab).unwrap(),
         "/dev/sda9 /HOSTSECRET ext4 defaults 0 0\n"
@@ -155,11 +147,7 @@ fn escaping_symlinks_in_the_guest_never_reach_the_host() {
         "linux /vmlinuz root=/dev/HOSTSECRET\n"
     );
     assert_eq!(file_hash(&img), before, "input modified");
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
     // The work directory holds nothing afterwards.
     assert_eq!(std::fs::read_dir(&work).map(|d| d.count()).unwrap_or(0), 0);
 }
@@ -218,18 +206,7 @@ fn escaping_symlinks_in_a_convertible_guest_are_not_followed_out() {
 
     let out = dir.path().join("out.raw");
     let report = dir.path().join("report.json");
-    let o = run_in(
-        dir.path(),
-        &[
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ],
-    );
+    let (o, r) = convert_with_report(dir.path(), &[&img], &out, &report, &[]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(
         std::fs::read_to_string(&host_fstab).unwrap(),
@@ -241,7 +218,6 @@ fn escaping_symlinks_in_a_convertible_guest_are_not_followed_out() {
     );
     assert!(!dir.path().join("host-fstab.rehost-orig").exists());
     assert!(!dir.path().join("host-default-grub.rehost-orig").exists());
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let files: Vec<&str> = r["changes"]
         .as_array()
         .unwrap()
@@ -253,11 +229,7 @@ fn escaping_symlinks_in_a_convertible_guest_are_not_followed_out() {
         "{files:?}"
     );
     assert!(files.contains(&"/boot/grub/grub.cfg"));
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }
 
 #[test]
@@ -270,16 +242,7 @@ fn output_that_is_the_input_is_refused_and_kept() {
     let link = dir.path().join("same.raw");
     std::fs::hard_link(&src, &link).unwrap();
     let before = file_hash(&src);
-    let o = run_in(
-        dir.path(),
-        &[
-            "convert",
-            "--input",
-            src.to_str().unwrap(),
-            "--output",
-            link.to_str().unwrap(),
-        ],
-    );
+    let o = convert_in(dir.path(), &src, &link);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("is the input itself"));
     assert!(
@@ -287,30 +250,15 @@ fn output_that_is_the_input_is_refused_and_kept() {
         "the refused output (= the input) was removed"
     );
     assert_eq!(file_hash(&src), before);
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }
 
 /// A 32 MiB MBR disk whose only partition starts with `header` (at byte `at` of the partition).
 fn disk_with_header(path: &Path, at: usize, header: &[u8], kind: u8) {
     let mut d = vec![0u8; 2 << 20];
-    d[446] = 0x80;
-    d[446 + 4] = kind;
-    d[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
-    d[446 + 12..446 + 16].copy_from_slice(&((30u32 << 20) / 512).to_le_bytes());
-    d[510] = 0x55;
-    d[511] = 0xAA;
+    mbr(&mut d, kind, (30u32 << 20) / 512);
     d[(1 << 20) + at..(1 << 20) + at + header.len()].copy_from_slice(header);
-    std::fs::write(path, &d).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
+    write_image(path, &d, 32 << 20);
 }
 
 #[test]
@@ -334,19 +282,7 @@ fn encrypted_and_lvm_roots_are_refused_with_the_reason() {
         ]);
         assert_eq!(o.status.code(), Some(3));
         assert!(String::from_utf8_lossy(&o.stderr).contains(why));
-        let out = dir.path().join("out.raw");
-        let o = run(&[
-            "--work-dir",
-            work.to_str().unwrap(),
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ]);
-        assert_eq!(o.status.code(), Some(3));
-        assert!(String::from_utf8_lossy(&o.stderr).contains(why));
-        assert!(!out.exists());
+        assert_convert_refused(dir.path(), img, 3, why);
     }
     assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
 }

@@ -3,25 +3,7 @@
 
 mod common;
 use common::*;
-use std::path::Path;
 use std::process::Command;
-
-fn mkfs(img: &Path, tree: &Path, offset_mib: u64, size_mib: u64) {
-    let st = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-E",
-            &format!("offset={}", offset_mib << 20),
-            "-d",
-        ])
-        .arg(tree)
-        .arg(img)
-        .arg(format!("{size_mib}M"))
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
 
 #[test]
 fn separate_boot_partition_is_found() {
@@ -62,11 +44,10 @@ fn separate_boot_partition_is_found() {
         80,
         "label: dos\nstart=1MiB, size=40MiB, type=83\nstart=41MiB, size=38MiB, type=83\n",
     );
-    mkfs(&img, &root, 1, 40);
-    mkfs(&img, &boot, 41, 38);
+    mkfs_ext4(&img, 1 << 20, 40 << 20, Some(&root), &[]);
+    mkfs_ext4(&img, 41 << 20, 38 << 20, Some(&boot), &[]);
 
-    let o = run_in(dir.path(), &["inspect", "--json", img.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (o, v) = inspect_json(dir.path(), &img);
     let ins = &v["inspection"];
     assert_eq!(ins["boot"], serde_json::json!([0, 2]));
     assert_eq!(ins["bootloader"], "grub2");
@@ -80,11 +61,7 @@ fn separate_boot_partition_is_found() {
         "{}",
         ins["blockers"]
     );
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }
 
 #[test]
@@ -126,8 +103,7 @@ fn btrfs_root_is_found() {
     partitioned_image(&img, 202, "label: dos\nstart=1MiB, size=200MiB, type=83\n");
     place_filesystem(&fs, &img, 1);
 
-    let o = run_in(dir.path(), &["inspect", "--json", img.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (o, v) = inspect_json(dir.path(), &img);
     let ins = &v["inspection"];
     assert_eq!(ins["root_fs"]["kind"], "btrfs");
     assert_eq!(ins["os"]["id"], "opensuse-leap");
@@ -139,11 +115,7 @@ fn btrfs_root_is_found() {
         "{}",
         ins["blockers"]
     );
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }
 
 #[test]
@@ -209,8 +181,7 @@ fn xfs_root_is_found() {
     );
     place_filesystem(&fs, &img, 1);
 
-    let o = run_in(dir.path(), &["inspect", "--json", img.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (o, v) = inspect_json(dir.path(), &img);
     let ins = &v["inspection"];
     assert_eq!(ins["root_fs"]["kind"], "xfs");
     assert_eq!(ins["root_fs"]["label"], "root");
@@ -246,9 +217,5 @@ fn xfs_root_is_found() {
         "{show}"
     );
     assert_eq!(o.status.code(), Some(0));
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }

@@ -79,17 +79,6 @@ fn lvm(conf: &Path, args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
-fn mkfs_at(img: &Path, tree: &Path, offset: u64, size: u64) {
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", &format!("offset={offset}"), "-d"])
-        .arg(tree)
-        .arg(img)
-        .arg(format!("{}k", size >> 10))
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 /// A newc cpio archive (uncompressed) holding empty files with these names.
 fn cpio(names: &[&str]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -180,7 +169,7 @@ fn lvm_image(dir: &Path, split_root: bool) -> PathBuf {
         200,
         "label: dos\nstart=1MiB, size=32MiB, type=83, bootable\nstart=33MiB, type=8e\n",
     );
-    mkfs_at(&img, &boot, 1 << 20, 32 << 20);
+    mkfs_ext4(&img, 1 << 20, 32 << 20, Some(&boot), &[]);
 
     // LVM metadata on p2 (33 MiB to the end), written through a loop device over the partition.
     let conf = dir.join("lvm-conf");
@@ -266,7 +255,7 @@ fn lvm_image(dir: &Path, split_root: bool) -> PathBuf {
     };
     // The root filesystem, written where the first segment of vg-sys/root lies.
     let offset = (33 << 20) + pe_start + first_pe * extent;
-    mkfs_at(&img, &root, offset, extents * extent);
+    mkfs_ext4(&img, offset, extents * extent, Some(&root), &[]);
     img
 }
 
@@ -279,10 +268,9 @@ fn lvm_root_is_inspected_and_planned_without_device_mapper() {
     let img = lvm_image(dir.path(), false);
     let before = file_hash(&img);
     let t = std::time::Instant::now();
-    let o = run_in(dir.path(), &["inspect", "--json", img.to_str().unwrap()]);
+    let (o, v) = inspect_json(dir.path(), &img);
     eprintln!("inspect took {:?}", t.elapsed());
     assert_eq!(o.status.code(), Some(0));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let ins = &v["inspection"];
     assert_eq!(ins["os"]["id"], "debian");
     assert_eq!(ins["os"]["pretty_name"], "Debian GNU/Linux 12 (bookworm)");
@@ -345,11 +333,7 @@ fn lvm_root_is_inspected_and_planned_without_device_mapper() {
     assert!(text.contains("LV vg-sys/root"), "{text}");
 
     assert_eq!(file_hash(&img), before, "inspection modified the image");
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }
 
 #[test]
@@ -359,27 +343,14 @@ fn multi_segment_lvm_root_and_corrupt_metadata_are_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = lvm_image(dir.path(), true);
-    let o = run_in(dir.path(), &["inspect", "--json", img.to_str().unwrap()]);
+    let (o, _) = inspect_json(dir.path(), &img);
     assert_eq!(o.status.code(), Some(3));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("vg-sys/root") && err.contains("2 segments"),
         "{err}"
     );
-    let out = dir.path().join("out.raw");
-    let o = run_in(
-        dir.path(),
-        &[
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("2 segments"));
-    assert!(!out.exists());
+    assert_convert_refused(dir.path(), &img, 3, "2 segments");
 
     // One byte of the metadata text changed on disk: LVM's checksum no longer matches, refused.
     // (The metadata area keeps older copies too: change the word in every one of them.)
@@ -398,9 +369,5 @@ fn multi_segment_lvm_root_and_corrupt_metadata_are_refused() {
     assert_eq!(o.status.code(), Some(3));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("checksum mismatch"), "{err}");
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }

@@ -3,7 +3,6 @@
 
 mod common;
 use common::*;
-use std::process::Command;
 
 #[test]
 fn second_disk_devices_are_mapped_to_uuids() {
@@ -15,32 +14,12 @@ fn second_disk_devices_are_mapped_to_uuids() {
     let data = dir.path().join("data.raw");
     partitioned_image(&data, 64, "label: dos\nstart=1MiB, type=83\n");
     let uuid = "6c0d2c54-1f0b-4b57-9d5e-3b7c1f0e9a11";
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-U", uuid, "-E", "offset=1048576"])
-        .arg(&data)
-        .arg("62M")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    mkfs_ext4(&data, 1 << 20, 62 << 20, None, &["-U", uuid]);
     let data_hash = file_hash(&data);
     let out = dir.path().join("vm.raw");
     let report = dir.path().join("report.json");
-    let o = run_in(
-        dir.path(),
-        &[
-            "convert",
-            "--input",
-            img.to_str().unwrap(),
-            "--input",
-            data.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ],
-    );
+    let (o, r) = convert_with_report(dir.path(), &[&img, &data], &out, &report, &[]);
     assert_eq!(o.status.code(), Some(0));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let fstab: Vec<(String, String)> = r["changes"]
         .as_array()
         .unwrap()
@@ -69,9 +48,5 @@ fn second_disk_devices_are_mapped_to_uuids() {
         "the data disk must be copied unchanged"
     );
     assert_eq!(file_hash(&data), data_hash);
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:#?}",
-        leftovers(dir.path())
-    );
+    assert_no_leftovers(dir.path());
 }

@@ -173,3 +173,92 @@ pub fn place_filesystem(fs: &Path, img: &Path, offset_mib: u64) {
         .unwrap();
     assert!(st.success(), "dd {} into {}", fs.display(), img.display());
 }
+
+/// Fails the test with the list when a mount or loop device under `dir` is left behind.
+pub fn assert_no_leftovers(dir: &Path) {
+    let left = leftovers(dir);
+    assert!(left.is_empty(), "{left:#?}");
+}
+
+/// JSON parsed from a command's output or a file's content; null when it is none.
+pub fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or(serde_json::Value::Null)
+}
+
+/// `inspect --json IMG` with the work directory inside `dir`: the output and the JSON printed
+/// (null when none was).
+pub fn inspect_json(dir: &Path, img: &Path) -> (Output, serde_json::Value) {
+    let o = run_in(dir, &["inspect", "--json", img.to_str().unwrap()]);
+    let v = json(&o.stdout);
+    (o, v)
+}
+
+/// `convert` of `inputs` (the first is the boot disk) to `output` with `--report report` and
+/// `extra` arguments, the work directory inside `dir`: the output and the report (null when none
+/// was written).
+pub fn convert_with_report(
+    dir: &Path,
+    inputs: &[&Path],
+    output: &Path,
+    report: &Path,
+    extra: &[&str],
+) -> (Output, serde_json::Value) {
+    let mut args = vec!["convert"];
+    for i in inputs {
+        args.extend(["--input", i.to_str().unwrap()]);
+    }
+    args.extend([
+        "--output",
+        output.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    args.extend_from_slice(extra);
+    let o = run_in(dir, &args);
+    let r = std::fs::read(report)
+        .map(|b| json(&b))
+        .unwrap_or(serde_json::Value::Null);
+    (o, r)
+}
+
+/// An ext4 filesystem of `size` bytes at byte `offset` of `img` (`mkfs.ext4 -E offset=`, nothing
+/// mounted), populated from `tree` when given (`-d`), with `extra` mkfs arguments.
+pub fn mkfs_ext4(img: &Path, offset: u64, size: u64, tree: Option<&Path>, extra: &[&str]) {
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-E", &format!("offset={offset}")])
+        .args(extra);
+    if let Some(t) = tree {
+        mkfs.arg("-d").arg(t);
+    }
+    let st = mkfs
+        .arg(img)
+        .arg(format!("{}k", size >> 10))
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkfs.ext4 {}", img.display());
+}
+
+/// `convert --input IMG --output OUT` with the work directory inside `dir`.
+pub fn convert_in(dir: &Path, img: &Path, out: &Path) -> Output {
+    run_in(
+        dir,
+        &[
+            "convert",
+            "--input",
+            img.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    )
+}
+
+/// A `convert` of `img` (to `dir/out.raw`, the work directory inside `dir`) is refused: it exits
+/// with `code`, says `why` on stderr, and writes no output.
+pub fn assert_convert_refused(dir: &Path, img: &Path, code: i32, why: &str) {
+    let out = dir.join("out.raw");
+    let o = convert_in(dir, img, &out);
+    assert_eq!(o.status.code(), Some(code), "convert {}", img.display());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(why), "{err}");
+    assert!(!out.exists(), "an output was written for a refused input");
+}

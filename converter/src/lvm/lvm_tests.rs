@@ -1,3 +1,4 @@
+use super::label::MDA_MAGIC;
 use super::*;
 use proptest::prelude::*;
 
@@ -197,7 +198,7 @@ fn refusal(lvs: &str, name: &str) -> String {
     let d = pv_image(&metadata(lvs), 512, SIZE);
     let vg = read_pv(&d[..], 0, d.len() as u64).unwrap().vg.unwrap();
     let lv = vg.lvs.iter().find(|l| l.name == name).unwrap();
-    vg.placement(lv).unwrap_err()
+    vg.placement(lv).unwrap_err().to_string()
 }
 
 #[test]
