@@ -9,32 +9,10 @@ use rehost_proto::MachineId;
 
 use super::blueprint::{self, Blueprint};
 use super::source::{source_action, SourceAction};
-use super::{steps, target, JobRow, LaunchOptions};
+use super::{steps, target, JobLog, JobRow, LaunchOptions};
 use crate::states::{JobMode, Lifecycle};
-pub(super) use crate::task::blocking;
+use crate::task::blocking;
 use crate::Shared;
-
-/// Writes the job's log lines (and mirrors them to the server log).
-#[derive(Clone)]
-pub(super) struct JobLog {
-    pub(super) shared: Arc<Shared>,
-    pub(super) job: i64,
-}
-
-impl JobLog {
-    pub(super) fn line(&self, step: &str, message: impl Into<String>) {
-        let message = message.into();
-        tracing::info!(job = self.job, step, "{message}");
-        if let Err(e) = self.shared.catalog.log_job(self.job, step, &message) {
-            tracing::warn!(job = self.job, error = %e, "write job log");
-        }
-    }
-
-    pub(super) async fn log(&self, step: &str, message: impl Into<String>) {
-        let (l, step, message) = (self.clone(), step.to_string(), message.into());
-        let _ = tokio::task::spawn_blocking(move || l.line(&step, message)).await;
-    }
-}
 
 /// What a running job made, or removed, that its end must know of.
 #[derive(Default)]

@@ -92,6 +92,28 @@ pub enum LaunchError {
     },
 }
 
+/// Writes the job's log lines (and mirrors them to the server log).
+#[derive(Clone)]
+pub(crate) struct JobLog {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) job: i64,
+}
+
+impl JobLog {
+    pub(crate) fn line(&self, step: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(job = self.job, step, "{message}");
+        if let Err(e) = self.shared.catalog.log_job(self.job, step, &message) {
+            tracing::warn!(job = self.job, error = %e, "write job log");
+        }
+    }
+
+    pub(crate) async fn log(&self, step: &str, message: impl Into<String>) {
+        let (l, step, message) = (self.clone(), step.to_string(), message.into());
+        let _ = tokio::task::spawn_blocking(move || l.line(&step, message)).await;
+    }
+}
+
 /// The machine's blueprint (or the default), and whether it was set.
 pub fn blueprint_of(shared: &Shared, machine: &str) -> Result<(Blueprint, bool), LaunchError> {
     match shared.catalog.blueprint(machine)? {

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use rehost_proto::MachineId;
 
 use super::blueprint::{self, Blueprint, BootMode, LaunchMethod};
-use super::job::{blocking, JobLog};
-use super::{converter_path, target, JobRow, LaunchOptions};
+use super::{converter_path, target, JobLog, JobRow, LaunchOptions};
 use crate::snapshot::{Consistency, SnapshotInfo};
 use crate::states::JobMode;
 use crate::states::SnapshotState;
+use crate::task::blocking;
 use crate::Shared;
 
 pub(super) async fn choose_point(
