@@ -2,6 +2,7 @@
 //!
 //! - [`wire`]: the prost messages as they travel (untrusted);
 //! - [`msg`]: checked domain types ([`Message`]), built with `TryFrom` at the boundary;
+//! - [`state`]: a disk's replication state as operators see it (`status`, `machines`);
 //! - [`frame`]: length-prefixed framing with a hard size cap;
 //! - [`token`]: install tokens (server pin + registration secret);
 //! - [`fsutil`]: the crash-safe write recipe for small persisted files.
@@ -42,6 +43,7 @@ pub mod frame;
 pub mod fsutil;
 pub mod human;
 pub mod msg;
+pub mod state;
 pub mod token;
 pub mod wire;
 
