@@ -2,7 +2,7 @@
 //! `2147483648` or `2048 mib`; `2026-12-02 06:52:10 (3 min ago)` in local time, not `@1796180312`.
 //! `--json` output keeps the raw numbers (bytes, seconds since the epoch).
 
-pub use rehost_proto::human::bytes;
+pub use rehost_proto::human::{bytes, duration_secs, period_secs, DurationError};
 
 /// Seconds since the epoch as a local date-time, `2026-12-02 06:52:10`.
 pub fn datetime(t: i64) -> String {

@@ -10,24 +10,23 @@
 //! - [`writer`]: the per-connection durability thread (verify, pwrite, group commit, ack);
 //! - [`live`]: what connected agents report;
 //! - [`admission`]: caps and shedding of connections that have not logged in, the open-file limit;
-//! - [`admin`]: the admin HTTP/JSON API the operator commands use, and Prometheus metrics;
-//! - [`admin_tls`]: where the admin API listens: plain HTTP on loopback, HTTPS elsewhere;
+//! - [`api`]: the admin HTTP/JSON API the operator commands use (its request and reply types in
+//!   [`api::model`]), Prometheus metrics, and where it listens ([`api::tls`]);
 //! - [`metrics`]: the Prometheus text encoder the metrics page is written with;
-//! - [`client`]: the operator commands' side of the admin API;
+//! - [`cli`]: the operator commands (`rehost-server ...`), the admin API's client side;
 //! - [`human`]: sizes and times as the operator commands and job logs print them;
 //! - [`store`]: the content-addressed snapshot store and its garbage collection;
-//! - [`snapshot`]: recovery points (take, export, verify) and their admin API;
+//! - [`snapshot`]: recovery points (take, export, verify, select);
 //! - [`retention`]: retention policies and the snapshot scheduler;
 //! - [`launch`]: blueprints, test and cutover jobs, the machine lifecycle.
 //!
 //! [`run`] takes its listeners and a shutdown signal, so tests can bind port 0.
 
-pub mod admin;
-pub mod admin_tls;
 pub mod admission;
+pub mod api;
 pub mod auth;
 pub mod catalog;
-pub mod client;
+pub mod cli;
 pub mod failpoint;
 pub mod human;
 pub mod launch;
@@ -269,7 +268,7 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
 pub async fn run(
     shared: Arc<Shared>,
     listener: TcpListener,
-    admin: admin_tls::Endpoint,
+    admin: api::tls::Endpoint,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     run_with_limits(
@@ -286,7 +285,7 @@ pub async fn run(
 pub async fn run_with_limits(
     shared: Arc<Shared>,
     listener: TcpListener,
-    admin: admin_tls::Endpoint,
+    admin: api::tls::Endpoint,
     limits: admission::Limits,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {

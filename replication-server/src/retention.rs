@@ -63,8 +63,8 @@ impl FromStr for Policy {
                 .split_once(':')
                 .ok_or_else(|| format!("`{part}` is not EVERY:FOR (e.g. 1h:24h)"))?;
             let rule = Rule {
-                every: rehost_proto::human::parse_secs(every)?,
-                keep_for: rehost_proto::human::parse_secs(keep)?,
+                every: rehost_proto::human::period_secs(every)?,
+                keep_for: rehost_proto::human::period_secs(keep)?,
             };
             if rule.keep_for < rule.every {
                 return Err(format!(

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use rehost_proto::msg::DiskInfo;
 use rehost_proto::{DiskId, Hash, MachineId};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 mod lifecycle;
 mod migrations;
@@ -50,7 +50,7 @@ pub fn secret_hash(secret: &[u8]) -> Vec<u8> {
     blake3::hash(secret).as_bytes().to_vec()
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenRow {
     pub id: String,
     pub description: String,

@@ -27,10 +27,9 @@
 //!
 //! - [`rows`]: catalog rows; [`blueprint`]: target hardware, QEMU and libvirt definitions;
 //!   [`target`]: target dirs and their processes; `job`: a running job, its log and its end;
-//!   `steps`: point, export, convert, launch; `source`: a cutover's source action; [`api`]:
-//!   admin API routes.
+//!   `steps`: point, export, convert, launch; `source`: a cutover's source action (their admin
+//!   API routes are `crate::api::launches`).
 
-pub mod api;
 pub mod blueprint;
 mod job;
 pub mod rows;

@@ -27,7 +27,9 @@ pub(super) async fn choose_point(
 ) -> Result<SnapshotInfo, String> {
     let (s, m) = (shared.clone(), machine.to_string());
     let snaps = blocking(move || s.catalog.snapshots(&m).map_err(|e| e.to_string())).await?;
-    let latest = crate::snapshot::api::select(&snaps, "latest").ok().cloned();
+    let latest = crate::snapshot::select::select(&snaps, "latest")
+        .ok()
+        .cloned();
     let describe = |p: &SnapshotInfo| {
         format!(
             "recovery point {} ({}, {}, taken at {})",
@@ -39,7 +41,7 @@ pub(super) async fn choose_point(
     };
     let point = match (opts.snapshot.as_deref(), mode) {
         (Some(sel), _) => {
-            let p = crate::snapshot::api::select(&snaps, sel)?.clone();
+            let p = crate::snapshot::select::select(&snaps, sel)?.clone();
             if p.state != SnapshotState::Complete {
                 return Err(format!("snapshot {} is {}, not complete", p.id, p.state));
             }

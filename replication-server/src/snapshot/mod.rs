@@ -22,13 +22,13 @@
 //!
 //! - `request`: asking for a point (live, by the agent, offline) and a cutover's final point;
 //!   [`rows`]: catalog rows; [`export`]: export and verify; [`scrub`]: quarantine and repair
-//!   of damaged chunks, the scheduled scrub; [`api`]: admin API routes.
+//!   of damaged chunks, the scheduled scrub; [`select`]: a point by id or `latest`.
 
-pub mod api;
 pub mod export;
 mod request;
 pub mod rows;
 pub mod scrub;
+pub mod select;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -283,7 +283,7 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    rehost_proto::human::parse_secs(s.trim()).map(Duration::from_secs)
+    rehost_proto::human::period_secs(s.trim()).map(Duration::from_secs)
 }
 
 /// Runs [`scrub`] every `every` (counted from the last run, also across restarts; a fresh

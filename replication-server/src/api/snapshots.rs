@@ -4,14 +4,18 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
-use super::{Consistency, SnapshotError, SnapshotInfo};
-use crate::admin::{authorize, blocking, internal, resolve, ApiError};
+use super::model::{
+    CreateSnapshot, RetentionQuery, RetentionView, SetRetention, SnapshotCreated, SnapshotDeleted,
+    SnapshotList, SnapshotRequested,
+};
+use super::{blocking, internal, resolve, ApiError};
 use crate::retention::{policy_for, Policy};
+use crate::snapshot::select::select;
+use crate::snapshot::{Consistency, SnapshotError};
 use crate::Shared;
 use rehost_proto::error::chain;
 
@@ -33,18 +37,10 @@ fn api(e: SnapshotError) -> ApiError {
     ApiError(code, chain(&e))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SnapshotList {
-    pub machine_id: String,
-    pub snapshots: Vec<SnapshotInfo>,
-}
-
 async fn list(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path(m): Path<String>,
 ) -> Result<Json<SnapshotList>, ApiError> {
-    authorize(&s, &h)?;
     let machine = resolve(&s, m).await?;
     let id = machine.to_string();
     let snapshots =
@@ -55,28 +51,16 @@ async fn list(
     }))
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct CreateSnapshot {
-    /// Answer once the snapshot is complete (with it), rather than once it is requested.
-    #[serde(default)]
-    pub wait: bool,
-    /// Take the point where the stream stands, without the agent's freeze and drain.
-    #[serde(default)]
-    pub stream_point: bool,
-}
-
 async fn create(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path(m): Path<String>,
     Json(req): Json<CreateSnapshot>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&s, &h)?;
+) -> Result<Json<SnapshotCreated>, ApiError> {
     let machine = resolve(&s, m).await?;
     let ask_agent = !req.stream_point;
     let (s2, m2) = (s.clone(), machine.clone());
     let task = tokio::spawn(async move {
-        let r = super::request(
+        let r = crate::snapshot::request(
             s2,
             m2.clone(),
             Consistency::Crash,
@@ -91,20 +75,19 @@ async fn create(
         r
     });
     if !req.wait {
-        return Ok(Json(
-            serde_json::json!({ "requested": true, "machine_id": machine.as_str() }),
-        ));
+        return Ok(Json(SnapshotCreated::Requested(SnapshotRequested {
+            requested: true,
+            machine_id: machine.to_string(),
+        })));
     }
     let info = task.await.map_err(internal)?.map_err(api)?;
-    Ok(Json(serde_json::to_value(info).map_err(internal)?))
+    Ok(Json(SnapshotCreated::Complete(info)))
 }
 
 async fn delete(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path((m, id)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&s, &h)?;
+) -> Result<Json<SnapshotDeleted>, ApiError> {
     let machine = resolve(&s, m).await?;
     let s2 = s.clone();
     let deleted = blocking(move || {
@@ -127,32 +110,10 @@ async fn delete(
             tracing::warn!(error = %chain(&e), "garbage collection after delete");
         }
     });
-    Ok(Json(serde_json::json!({ "deleted": deleted })))
+    Ok(Json(SnapshotDeleted { deleted }))
 }
 
-/// A snapshot of `snaps` by id or `latest` (the newest complete one).
-pub fn select<'a>(snaps: &'a [SnapshotInfo], sel: &str) -> Result<&'a SnapshotInfo, String> {
-    if sel == "latest" {
-        return snaps
-            .iter()
-            .rev()
-            .find(|s| s.state == crate::states::SnapshotState::Complete)
-            .ok_or_else(|| "no complete snapshot yet".to_string());
-    }
-    let id: i64 = sel
-        .parse()
-        .map_err(|_| format!("`{sel}` is neither a snapshot id nor `latest`"))?;
-    snaps
-        .iter()
-        .find(|s| s.id == id)
-        .ok_or_else(|| format!("no snapshot {id} of this machine"))
-}
-
-async fn gc(
-    State(s): State<Arc<Shared>>,
-    h: HeaderMap,
-) -> Result<Json<crate::store::gc::GcStats>, ApiError> {
-    authorize(&s, &h)?;
+async fn gc(State(s): State<Arc<Shared>>) -> Result<Json<crate::store::gc::GcStats>, ApiError> {
     let stats = blocking(move || {
         crate::store::gc::collect(&s.store, &s.catalog).map_err(|e| {
             let code = match e {
@@ -168,25 +129,10 @@ async fn gc(
     Ok(Json(stats))
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct RetentionQuery {
-    pub machine: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RetentionView {
-    pub machine_id: Option<String>,
-    pub policy: String,
-    /// `machine` (an override), `server` (the server-wide setting) or `default`.
-    pub source: String,
-}
-
 async fn retention(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Query(q): Query<RetentionQuery>,
 ) -> Result<Json<RetentionView>, ApiError> {
-    authorize(&s, &h)?;
     let machine = match q.machine {
         Some(m) => Some(resolve(&s, m).await?),
         None => None,
@@ -213,19 +159,10 @@ async fn retention(
     Ok(Json(view))
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct SetRetention {
-    pub machine: Option<String>,
-    /// A policy (`10m:1h,1h:24h,1d:7d`, `off`); `None` removes the override.
-    pub policy: Option<String>,
-}
-
 async fn set_retention(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Json(req): Json<SetRetention>,
 ) -> Result<Json<RetentionView>, ApiError> {
-    authorize(&s, &h)?;
     let policy = match &req.policy {
         Some(p) => Some(
             p.parse::<Policy>()
@@ -249,7 +186,6 @@ async fn set_retention(
     .await?;
     retention(
         State(s),
-        h,
         Query(RetentionQuery {
             machine: machine.map(|m| m.to_string()),
         }),
@@ -285,6 +221,6 @@ pub fn metrics(s: &Shared) -> Result<String, ApiError> {
         crate::metrics::set(&points, vec![("machine", m.clone())], *n);
         crate::metrics::set(&age, vec![("machine", m.clone())], (now - t).max(0) as u64);
     }
-    super::scrub::metrics(&s.store, &mut page);
+    crate::snapshot::scrub::metrics(&s.store, &mut page);
     Ok(page.text())
 }

@@ -109,7 +109,7 @@ impl Endpoint {
         shared: Arc<Shared>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let app = crate::admin::router(shared, self.metrics_public);
+        let app = super::router(shared, self.metrics_public);
         match self.tls {
             None => {
                 axum::serve(self.tcp, app)

@@ -7,18 +7,19 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::client::AdminClient;
+use crate::api::model::{
+    CreateSnapshot, GcStats, RetentionView, SetRetention, SnapshotCreated, SnapshotDeleted,
+    SnapshotInfo, SnapshotList,
+};
+use crate::catalog::Catalog;
+use crate::human;
+use crate::snapshot::export::export_raw;
+use crate::snapshot::scrub::verify;
+use crate::snapshot::select::select;
+use crate::store::Store;
 use anyhow::{bail, Context as _};
 use clap::{Subcommand, ValueEnum};
-use rehost_server::catalog::Catalog;
-use rehost_server::client::AdminClient;
-use rehost_server::snapshot::api::{select, RetentionView, SnapshotList};
-use rehost_server::snapshot::export::export_raw;
-use rehost_server::snapshot::scrub::verify;
-use rehost_server::snapshot::SnapshotInfo;
-use rehost_server::store::gc::GcStats;
-use rehost_server::store::Store;
-
-use rehost_server::human;
 
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
@@ -131,7 +132,7 @@ pub fn print_list(l: &SnapshotList) {
         println!("no snapshots of {} yet", l.machine_id);
         return;
     }
-    let now = rehost_server::catalog::now();
+    let now = crate::catalog::now();
     println!(
         "{:>6}  {:<19} {:<11} {:<6} {:<9} {:>11} {:>8}  REASON",
         "ID", "CREATED", "AGE", "CONS", "STATE", "ADDED", "TOOK"
@@ -173,7 +174,7 @@ fn find(catalog: &Catalog, machine: &str, snapshot: &str) -> anyhow::Result<Snap
         .map_err(anyhow::Error::msg)?;
     let snaps = catalog.snapshots(id.as_str()).context("read catalog")?;
     let s = select(&snaps, snapshot).map_err(anyhow::Error::msg)?;
-    if s.state.as_str() != "complete" {
+    if s.state != crate::states::SnapshotState::Complete {
         bail!("snapshot {} is {}, not complete", s.id, s.state);
     }
     Ok(s.clone())
@@ -188,14 +189,19 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             stream_point,
             json,
         } => {
-            let v: serde_json::Value = client()?.post_long(
+            let v: SnapshotCreated = client()?.post_long(
                 &format!("/v1/machines/{machine}/snapshots"),
-                &serde_json::json!({ "wait": wait, "stream_point": stream_point }),
+                &CreateSnapshot {
+                    wait: *wait,
+                    stream_point: *stream_point,
+                },
             )?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if *wait {
-                let s: SnapshotInfo = serde_json::from_value(v).context("unexpected answer")?;
+                let SnapshotCreated::Complete(s) = v else {
+                    bail!("POST /v1/machines/{machine}/snapshots: unexpected answer");
+                };
                 println!(
                     "snapshot {} of {} complete: {} disk(s), {} added, took {} ms",
                     s.id,
@@ -205,19 +211,20 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
                     s.duration_ms.unwrap_or(0)
                 );
             } else {
-                println!(
-                    "snapshot of {} requested (see `rehost-server snapshots {machine}`)",
-                    v["machine_id"].as_str().unwrap_or(machine)
-                );
+                let id = match &v {
+                    SnapshotCreated::Requested(r) => &r.machine_id,
+                    SnapshotCreated::Complete(s) => &s.machine_id,
+                };
+                println!("snapshot of {id} requested (see `rehost-server snapshots {machine}`)");
             }
             Ok(())
         }
         SnapshotCmd::Delete { machine, snapshot } => {
-            let v: serde_json::Value = client()?.post(
+            let v: SnapshotDeleted = client()?.post(
                 &format!("/v1/machines/{machine}/snapshots/{snapshot}/delete"),
                 &serde_json::json!({}),
             )?;
-            println!("snapshot {} deleted", v["deleted"]);
+            println!("snapshot {} deleted", v.deleted);
             Ok(())
         }
         SnapshotCmd::Export {
@@ -277,7 +284,7 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             };
             // Without --force, an output that appeared since the check above is not overwritten
             // (the qcow2 path's `.raw.partial` is this command's own scratch file).
-            let out = rehost_server::private::create_with_mode(
+            let out = crate::private::create_with_mode(
                 &raw_path,
                 raw_mode,
                 !force && raw_path == *output,
@@ -315,7 +322,7 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             if let Format::Qcow2 = format {
                 // Made first with its mode, so the image is never readable by others meanwhile
                 // (qemu-img writes into the existing file).
-                rehost_server::private::create_with_mode(output, *mode, !force)
+                crate::private::create_with_mode(output, *mode, !force)
                     .with_context(|| format!("create {}", output.display()))?;
                 let st = std::process::Command::new("qemu-img")
                     .args(["convert", "-f", "raw", "-O", "qcow2"])
@@ -458,11 +465,18 @@ pub fn retention(cmd: &RetentionCmd, admin: &str, data_dir: &Path) -> anyhow::Re
         },
         RetentionCmd::Set { policy, machine } => c.post(
             "/v1/retention",
-            &serde_json::json!({ "machine": machine, "policy": policy }),
+            &SetRetention {
+                machine: machine.clone(),
+                policy: Some(policy.clone()),
+            },
         )?,
-        RetentionCmd::Reset { machine } => {
-            c.post("/v1/retention", &serde_json::json!({ "machine": machine }))?
-        }
+        RetentionCmd::Reset { machine } => c.post(
+            "/v1/retention",
+            &SetRetention {
+                machine: machine.clone(),
+                policy: None,
+            },
+        )?,
     };
     println!(
         "{}: {} ({})",

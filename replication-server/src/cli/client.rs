@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 pub struct AdminClient {
     base: String,
@@ -182,29 +183,32 @@ impl AdminClient {
     pub fn post_long<T: DeserializeOwned>(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: &impl Serialize,
     ) -> anyhow::Result<T> {
-        let r = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .config()
-            .timeout_global(None)
-            .build()
-            .header("Authorization", &self.auth)
-            .send_json(body);
-        self.finish(&format!("POST {path}"), r)
+        self.send(path, body, true)
     }
 
     pub fn post<T: DeserializeOwned>(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: &impl Serialize,
     ) -> anyhow::Result<T> {
-        let r = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", &self.auth)
-            .send_json(body);
+        self.send(path, body, false)
+    }
+
+    fn send<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        long: bool,
+    ) -> anyhow::Result<T> {
+        let req = self.agent.post(format!("{}{path}", self.base));
+        let req = if long {
+            req.config().timeout_global(None).build()
+        } else {
+            req
+        };
+        let r = req.header("Authorization", &self.auth).send_json(body);
         self.finish(&format!("POST {path}"), r)
     }
 }

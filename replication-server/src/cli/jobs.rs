@@ -4,11 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::client::AdminClient;
+use crate::api::model::{
+    BlueprintChanges, BlueprintView, History, JobList, JobRow, JobView, LaunchRequest, MarkRequest,
+    Marked, Reverted,
+};
+use crate::states::JobState;
 use anyhow::bail;
 use clap::{Subcommand, ValueEnum};
-use rehost_server::client::AdminClient;
-use rehost_server::launch::api::{BlueprintView, History, JobList, JobView};
-use rehost_server::launch::JobRow;
 
 #[derive(Subcommand)]
 pub enum BlueprintCmd {
@@ -197,7 +200,7 @@ pub fn blueprint(cmd: &BlueprintCmd, admin: &str, data_dir: &Path) -> anyhow::Re
             boot_timeout,
             boot_markers,
         } => {
-            let mut ch = serde_json::Map::new();
+            let mut ch = BlueprintChanges::new();
             let mut put = |k: &str, v: Option<serde_json::Value>| {
                 if let Some(v) = v {
                     ch.insert(k.into(), v);
@@ -246,7 +249,7 @@ fn clock(ms: i64) -> String {
     format!("{h:02}:{m:02}:{sec:02}.{:03}", ms.rem_euclid(1000))
 }
 
-fn print_line(l: &rehost_server::launch::LogLine, start_ms: i64) {
+fn print_line(l: &crate::launch::LogLine, start_ms: i64) {
     println!(
         "{}  +{:>6.1}s  {:<10}  {}",
         clock(l.at_ms),
@@ -280,7 +283,7 @@ fn print_jobs(jobs: &[JobRow]) {
             if j.active { "active" } else { "-" },
             j.error
                 .as_deref()
-                .unwrap_or(if j.state.as_str() == "succeeded" {
+                .unwrap_or(if j.state == JobState::Succeeded {
                     "ok"
                 } else {
                     ""
@@ -309,7 +312,7 @@ fn show_job(client: &AdminClient, id: i64, follow: bool) -> anyhow::Result<JobRo
             print_line(l, s);
             after = l.seq;
         }
-        if !follow || v.job.state.as_str() != "running" {
+        if !follow || v.job.state != JobState::Running {
             // A last read catches lines written between the two reads of a finished job.
             if follow {
                 let tail: JobView = client.get(&format!("/v1/jobs/{id}?after={after}"))?;
@@ -347,12 +350,12 @@ pub fn launch(cmd: &LaunchCmd, admin: &str, data_dir: &Path) -> anyhow::Result<(
     };
     let job: JobRow = client.post(
         &format!("/v1/machines/{machine}/launch"),
-        &serde_json::json!({
-            "mode": mode,
-            "snapshot": snapshot,
-            "source_action": source_action,
-            "final_point_timeout_s": final_point_timeout,
-        }),
+        &LaunchRequest {
+            mode: mode.into(),
+            snapshot: snapshot.clone(),
+            source_action: source_action.clone(),
+            final_point_timeout_s: Some(*final_point_timeout),
+        },
     )?;
     if json && !wait {
         println!("{}", serde_json::to_string_pretty(&job)?);
@@ -369,7 +372,7 @@ pub fn launch(cmd: &LaunchCmd, admin: &str, data_dir: &Path) -> anyhow::Result<(
     if json {
         println!("{}", serde_json::to_string_pretty(&end)?);
     }
-    if end.state.as_str() != "succeeded" {
+    if end.state != JobState::Succeeded {
         // The log above ends with the error; saying it a third time would not help.
         std::process::exit(1);
     }
@@ -392,7 +395,7 @@ pub fn jobs(
         }
         Some(id) => {
             let end = show_job(&client, id, follow)?;
-            if follow && end.state.as_str() == "failed" {
+            if follow && end.state == JobState::Failed {
                 std::process::exit(1);
             }
         }
@@ -418,32 +421,27 @@ pub fn mark(admin: &str, data_dir: &Path, machine: &str, state: MarkState) -> an
         MarkState::ReadyForTesting => "ready-for-testing",
         MarkState::Archived => "archived",
     };
-    let v: serde_json::Value = AdminClient::new(admin, data_dir)?.post(
+    let v: Marked = AdminClient::new(admin, data_dir)?.post(
         &format!("/v1/machines/{machine}/mark"),
-        &serde_json::json!({ "state": state }),
+        &MarkRequest {
+            state: state.into(),
+        },
     )?;
-    println!(
-        "{}: {} -> {state}",
-        v["machine_id"].as_str().unwrap_or(machine),
-        v["from"].as_str().unwrap_or("?")
-    );
+    println!("{}: {} -> {state}", v.machine_id, v.from);
     Ok(())
 }
 
 pub fn test(cmd: &TestCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()> {
     match cmd {
         TestCmd::Revert { machine } => {
-            let v: serde_json::Value = AdminClient::new(admin, data_dir)?.post(
+            let v: Reverted = AdminClient::new(admin, data_dir)?.post(
                 &format!("/v1/machines/{machine}/test/revert"),
                 &serde_json::json!({}),
             )?;
-            let removed: Vec<&str> = v["removed"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-                .unwrap_or_default();
+            let removed = &v.removed;
             println!(
                 "{}: test reverted, ready-for-testing{}",
-                v["machine_id"].as_str().unwrap_or(machine),
+                v.machine_id,
                 if removed.is_empty() {
                     " (no test target was running)".to_string()
                 } else {
@@ -455,9 +453,8 @@ pub fn test(cmd: &TestCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn history(admin: &str, data_dir: &Path, machine: &str, json: bool) -> anyhow::Result<()> {
-    let v: History =
-        AdminClient::new(admin, data_dir)?.get(&format!("/v1/machines/{machine}/history"))?;
+pub fn history(c: &AdminClient, machine: &str, json: bool) -> anyhow::Result<()> {
+    let v: History = c.get(&format!("/v1/machines/{machine}/history"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -472,7 +469,7 @@ pub fn history(admin: &str, data_dir: &Path, machine: &str, json: bool) -> anyho
         };
         println!(
             "  {}  {states}  ({})",
-            rehost_server::human::datetime(t.at),
+            crate::human::datetime(t.at),
             t.reason
         );
     }

@@ -5,16 +5,18 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
-use super::blueprint::Blueprint;
-use super::rows::{JobRow, LogLine};
-use super::{blueprint_of, LaunchError};
-use crate::admin::{authorize, blocking, internal, resolve, ApiError};
-use crate::catalog::Transition;
+use super::model::{
+    BlueprintChanges, BlueprintView, History, JobList, JobView, JobsQuery, LaunchRequest, LogQuery,
+    MarkRequest, Marked, Reverted,
+};
+use super::{blocking, internal, resolve, ApiError};
+use crate::launch::blueprint::Blueprint;
+use crate::launch::rows::JobRow;
+use crate::launch::{blueprint_of, LaunchError};
 use crate::states::JobMode;
 use crate::Shared;
 use rehost_proto::error::chain;
@@ -42,20 +44,10 @@ fn api(e: LaunchError) -> ApiError {
     ApiError(code, chain(&e))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct BlueprintView {
-    pub machine_id: String,
-    /// `machine` (set for this machine) or `default`.
-    pub source: String,
-    pub blueprint: Blueprint,
-}
-
 async fn show_blueprint(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path(m): Path<String>,
 ) -> Result<Json<BlueprintView>, ApiError> {
-    authorize(&s, &h)?;
     let machine = resolve(&s, m).await?;
     blocking(move || {
         let (bp, set) = blueprint_of(&s, machine.as_str()).map_err(api)?;
@@ -71,11 +63,9 @@ async fn show_blueprint(
 /// Body: the blueprint fields to change (a partial blueprint); the others keep their values.
 async fn set_blueprint(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path(m): Path<String>,
-    Json(changes): Json<serde_json::Map<String, serde_json::Value>>,
+    Json(changes): Json<BlueprintChanges>,
 ) -> Result<Json<BlueprintView>, ApiError> {
-    authorize(&s, &h)?;
     let machine = resolve(&s, m).await?;
     blocking(move || {
         let (bp, _) = blueprint_of(&s, machine.as_str()).map_err(api)?;
@@ -103,30 +93,11 @@ async fn set_blueprint(
     .await
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct LaunchRequest {
-    /// `test` or `cutover`.
-    pub mode: String,
-    /// A snapshot id or `latest`; default: the latest for a test, a fresh final point for a
-    /// cutover.
-    #[serde(default)]
-    pub snapshot: Option<String>,
-    /// Cutover only: `stop-services:UNIT[,UNIT...]` (before the final point) or `poweroff`
-    /// (after it).
-    #[serde(default)]
-    pub source_action: Option<String>,
-    /// Cutover only: seconds the agent gets to make the final point (default 60).
-    #[serde(default)]
-    pub final_point_timeout_s: Option<u64>,
-}
-
 async fn launch(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path(m): Path<String>,
     Json(req): Json<LaunchRequest>,
 ) -> Result<Json<JobRow>, ApiError> {
-    authorize(&s, &h)?;
     let mode: JobMode = req.mode.parse().map_err(|_| {
         ApiError(
             StatusCode::BAD_REQUEST,
@@ -136,11 +107,11 @@ async fn launch(
     let action = req
         .source_action
         .as_deref()
-        .map(str::parse::<super::SourceAction>)
+        .map(str::parse::<crate::launch::SourceAction>)
         .transpose()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let final_point_timeout = match req.final_point_timeout_s {
-        None => super::FINAL_POINT_BOUND,
+        None => crate::launch::FINAL_POINT_BOUND,
         Some(t @ 1..=3600) => std::time::Duration::from_secs(t),
         Some(t) => {
             return Err(ApiError(
@@ -150,69 +121,56 @@ async fn launch(
         }
     };
     let machine = resolve(&s, m).await?;
-    let opts = super::LaunchOptions {
+    let opts = crate::launch::LaunchOptions {
         snapshot: req.snapshot,
         source_action: action,
         final_point_timeout,
     };
-    super::start(s, machine, mode, opts)
+    crate::launch::start(s, machine, mode, opts)
         .await
         .map(Json)
         .map_err(api)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MarkRequest {
-    pub state: String,
-}
-
 async fn mark(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path(m): Path<String>,
     Json(req): Json<MarkRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&s, &h)?;
+) -> Result<Json<Marked>, ApiError> {
     let machine = resolve(&s, m).await?;
     blocking(move || {
-        let prev = super::mark(&s, &machine, &req.state).map_err(api)?;
+        let prev = crate::launch::mark(&s, &machine, &req.state).map_err(api)?;
         tracing::info!(%machine, from = %prev, to = %req.state, "lifecycle marked");
-        Ok(Json(serde_json::json!({
-            "machine_id": machine.as_str(), "from": prev, "lifecycle": req.state
-        })))
+        Ok(Json(Marked {
+            machine_id: machine.to_string(),
+            from: prev,
+            lifecycle: req.state,
+        }))
     })
     .await
 }
 
 async fn revert(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path(m): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&s, &h)?;
+) -> Result<Json<Reverted>, ApiError> {
     let machine = resolve(&s, m).await?;
     blocking(move || {
-        let done = super::revert_test(&s, machine.as_str()).map_err(api)?;
+        let done = crate::launch::revert_test(&s, machine.as_str()).map_err(api)?;
         tracing::info!(%machine, "test reverted");
-        Ok(Json(serde_json::json!({
-            "machine_id": machine.as_str(), "lifecycle": "ready-for-testing", "removed": done
-        })))
+        Ok(Json(Reverted {
+            machine_id: machine.to_string(),
+            lifecycle: "ready-for-testing".into(),
+            removed: done,
+        }))
     })
     .await
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct History {
-    pub machine_id: String,
-    pub transitions: Vec<Transition>,
-}
-
 async fn history(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path(m): Path<String>,
 ) -> Result<Json<History>, ApiError> {
-    authorize(&s, &h)?;
     let machine = resolve(&s, m).await?;
     blocking(move || {
         let transitions = s
@@ -227,22 +185,10 @@ async fn history(
     .await
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct JobsQuery {
-    pub machine: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct JobList {
-    pub jobs: Vec<JobRow>,
-}
-
 async fn jobs(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Query(q): Query<JobsQuery>,
 ) -> Result<Json<JobList>, ApiError> {
-    authorize(&s, &h)?;
     let machine = match q.machine {
         Some(m) => Some(resolve(&s, m).await?),
         None => None,
@@ -257,26 +203,11 @@ async fn jobs(
     .await
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct LogQuery {
-    /// Only log lines after this sequence number (for `--follow`).
-    #[serde(default)]
-    pub after: i64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct JobView {
-    pub job: JobRow,
-    pub log: Vec<LogLine>,
-}
-
 async fn job(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Json<JobView>, ApiError> {
-    authorize(&s, &h)?;
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("`{id}` is not a job id")))?;
