@@ -138,34 +138,18 @@ enum Cmd {
     },
 }
 
-/// Restores the default action of SIGPIPE for the commands that only print (`status`,
-/// `checksum`): when their reader goes away (`rehost-agent status | head -1`) they end quietly, as
-/// `ls` does, instead of panicking in `println!` on EPIPE (Rust starts programs with SIGPIPE
-/// ignored). `run` and `install` keep it ignored: the daemon must not die with its log's pipe,
-/// and an install stopped by a signal half-way would leave a registration without an agent.
-fn die_quietly_on_sigpipe() {
-    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid action
-    // for SIGPIPE and no handler code runs.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
 fn main() {
     let cli = Cli::parse();
     if matches!(
         cli.cmd,
         Cmd::Status { .. } | Cmd::Checksum { .. } | Cmd::ServiceUnit { .. }
     ) {
-        die_quietly_on_sigpipe();
+        // The commands that only print end quietly when their reader goes away. `run` and
+        // `install` keep SIGPIPE ignored: the daemon must not die with its log's pipe, and an
+        // install stopped half-way would leave a registration without an agent.
+        rehost_proto::process::die_quietly_on_sigpipe();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    rehost_proto::process::init_logging("RUST_LOG", "info");
     if let Err(e) = real_main(cli) {
         eprintln!("rehost-agent: error: {e:#}");
         let fatal = e

@@ -121,11 +121,8 @@ struct BootArgs {
 /// ignored). Not earlier: while loop devices and mounts are held, a write to a closed pipe must
 /// stay an error, so that the guards release them.
 fn die_quietly_on_sigpipe() {
-    // SAFETY: SIG_DFL is a valid action for SIGPIPE and installs no handler code; the
-    // signal-cleanup thread waits for other signals only.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // The signal-cleanup thread waits for other signals only.
+    rehost_proto::process::die_quietly_on_sigpipe();
 }
 
 fn fmt_of(f: OutFormat) -> convert::Format {
@@ -301,13 +298,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REHOST_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    rehost_proto::process::init_logging("REHOST_LOG", "warn");
     if let Err(e) = sys::install_signal_cleanup() {
         eprintln!("rehost-converter: cannot install the signal handler: {e}");
         std::process::exit(1);

@@ -43,6 +43,7 @@ pub mod frame;
 pub mod fsutil;
 pub mod human;
 pub mod msg;
+pub mod process;
 pub mod state;
 pub mod token;
 pub mod wire;

@@ -6,15 +6,9 @@ use rehost_server::cli::{self, Cli};
 fn main() {
     let cli = Cli::parse();
     if cli::prints_only(&cli) {
-        cli::die_quietly_on_sigpipe();
+        rehost_proto::process::die_quietly_on_sigpipe();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    rehost_proto::process::init_logging("RUST_LOG", "info");
     if let Err(e) = cli::run(cli) {
         eprintln!("rehost-server: error: {e:#}");
         std::process::exit(1);

@@ -111,10 +111,18 @@ async fn require_admin(
     Ok(next.run(req).await)
 }
 
+/// [`crate::task::blocking`] with the API's error, so that handlers' closures need no annotation.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
+    crate::task::blocking(f).await
+}
+
+/// A blocking task that panicked is a 500 with tokio's reason.
+impl From<crate::task::TaskFailed> for ApiError {
+    fn from(e: crate::task::TaskFailed) -> Self {
+        internal(e)
+    }
 }
 
 /// A machine named by id or hostname; 404 when there is none (or the hostname is ambiguous).

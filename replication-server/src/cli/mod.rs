@@ -273,21 +273,11 @@ fn parse_duration(s: &str) -> Result<u64, String> {
 }
 
 /// Whether the command only prints (everything but `serve`): such a command ends quietly when its
-/// reader goes away, see [`die_quietly_on_sigpipe`].
+/// reader goes away (`rehost-server token list | head -3`), see
+/// [`rehost_proto::process::die_quietly_on_sigpipe`]. `serve` keeps SIGPIPE ignored: a server must
+/// not die because the pipe of its log closed.
 pub fn prints_only(cli: &Cli) -> bool {
     !matches!(cli.cmd, Cmd::Serve(_))
-}
-
-/// Restores the default action of SIGPIPE: an operator command whose reader goes away
-/// (`rehost-server token list | head -3`) ends quietly, as `ls` or `cat` do. Rust starts
-/// programs with SIGPIPE ignored, which turns that into an EPIPE error and a panic in `println!`.
-/// `serve` keeps SIGPIPE ignored: a server must not die because the pipe of its log closed.
-pub fn die_quietly_on_sigpipe() {
-    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid action
-    // for SIGPIPE and no handler code runs.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
 }
 
 /// Runs the command `cli` names.
