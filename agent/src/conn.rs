@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rehost_proto::frame::{encode, read_message};
-use rehost_proto::msg::{Auth, DiskInfo, ErrorCode, Hello, Welcome};
+use rehost_proto::msg::{Auth, DiskInfo, ErrorCode, Hello, Mark, Welcome, Zero};
 use rehost_proto::{DiskId, FrameError, Hash, Message};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf};
 use tokio::net::TcpStream;
@@ -338,9 +338,9 @@ impl Conn {
     pub async fn send(&mut self, m: Message) -> Result<(), ConnError> {
         let seq = match &m {
             Message::Block(b) => Some(b.seq),
-            Message::Zero { seq, .. } | Message::Mark { seq, .. } | Message::Point { seq, .. } => {
-                Some(*seq)
-            }
+            Message::Zero(Zero { seq, .. })
+            | Message::Mark(Mark { seq, .. })
+            | Message::Point { seq, .. } => Some(*seq),
             _ => None,
         };
         if self.out.send(m).await.is_err() {

@@ -154,6 +154,24 @@ pub struct Block {
     pub payload: Bytes,
 }
 
+/// `length` bytes at `offset` that read as zeros (the agent skips sending them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Zero {
+    pub seq: u64,
+    pub disk_id: DiskId,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// A point in one disk's stream; `generation` is non-zero exactly for [`MarkKind::CleanStop`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub seq: u64,
+    pub disk_id: DiskId,
+    pub kind: MarkKind,
+    pub generation: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Progress {
     pub disk_id: DiskId,
@@ -185,19 +203,8 @@ pub enum Message {
         hashes: Vec<Hash>,
     },
     Block(Block),
-    Zero {
-        seq: u64,
-        disk_id: DiskId,
-        offset: u64,
-        length: u64,
-    },
-    /// `generation` is non-zero exactly for [`MarkKind::CleanStop`].
-    Mark {
-        seq: u64,
-        disk_id: DiskId,
-        kind: MarkKind,
-        generation: u64,
-    },
+    Zero(Zero),
+    Mark(Mark),
     Ack {
         seq: u64,
     },
@@ -266,8 +273,8 @@ impl Message {
             Message::IndexRequest { .. } => "index-request",
             Message::IndexChunk { .. } => "index-chunk",
             Message::Block(_) => "block",
-            Message::Zero { .. } => "zero",
-            Message::Mark { .. } => "mark",
+            Message::Zero(_) => "zero",
+            Message::Mark(_) => "mark",
             Message::Ack { .. } => "ack",
             Message::Progress(_) => "progress",
             Message::Error { .. } => "error",
@@ -444,24 +451,24 @@ impl TryFrom<wire::Frame> for Message {
                 if z.length == 0 {
                     return Err(DecodeError::Field("zero length"));
                 }
-                Message::Zero {
+                Message::Zero(Zero {
                     seq: z.seq,
                     disk_id: DiskId(z.disk_id),
                     offset: z.offset,
                     length: z.length,
-                }
+                })
             }
             Body::Mark(m) => {
                 let kind = enum_field(m.kind, "mark kind")?;
                 if (kind == MarkKind::CleanStop) != (m.generation != 0) {
                     return Err(DecodeError::Field("mark generation"));
                 }
-                Message::Mark {
+                Message::Mark(Mark {
                     seq: m.seq,
                     disk_id: DiskId(m.disk_id),
                     kind,
                     generation: m.generation,
-                }
+                })
             }
             Body::Ack(a) => Message::Ack { seq: a.seq },
             Body::Progress(p) => Message::Progress(Progress {
@@ -605,23 +612,23 @@ impl From<Message> for wire::Frame {
                 compression: b.compression as i32,
                 payload: b.payload,
             }),
-            Message::Zero {
+            Message::Zero(Zero {
                 seq,
                 disk_id,
                 offset,
                 length,
-            } => Body::Zero(wire::Zero {
+            }) => Body::Zero(wire::Zero {
                 seq,
                 disk_id: disk_id.0,
                 offset,
                 length,
             }),
-            Message::Mark {
+            Message::Mark(Mark {
                 seq,
                 disk_id,
                 kind,
                 generation,
-            } => Body::Mark(wire::Mark {
+            }) => Body::Mark(wire::Mark {
                 seq,
                 disk_id: disk_id.0,
                 kind: kind as i32,

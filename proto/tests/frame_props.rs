@@ -5,7 +5,8 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use rehost_proto::frame::{decode, encode, split_frame};
 use rehost_proto::msg::{
-    Auth, Block, Compression, DiskInfo, Hello, MarkKind, PointConsistency, SourceActionKind,
+    Auth, Block, Compression, DiskInfo, Hello, Mark, MarkKind, PointConsistency, SourceActionKind,
+    Zero,
 };
 use rehost_proto::{DiskId, FrameError, MachineId, Message, MAX_FRAME};
 
@@ -75,25 +76,27 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 })
             }),
         (any::<u64>(), any::<u64>(), any::<u64>(), 1u64..).prop_map(|(seq, d, offset, length)| {
-            Message::Zero {
+            Message::Zero(Zero {
                 seq,
                 disk_id: DiskId(d),
                 offset,
                 length,
-            }
+            })
         }),
-        (any::<u64>(), any::<u64>()).prop_map(|(seq, d)| Message::Mark {
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, d)| Message::Mark(Mark {
             seq,
             disk_id: DiskId(d),
             kind: MarkKind::InitialSyncDone,
             generation: 0
-        }),
-        (any::<u64>(), any::<u64>(), 1..u64::MAX).prop_map(|(seq, d, generation)| Message::Mark {
-            seq,
-            disk_id: DiskId(d),
-            kind: MarkKind::CleanStop,
-            generation
-        }),
+        })),
+        (any::<u64>(), any::<u64>(), 1..u64::MAX).prop_map(|(seq, d, generation)| Message::Mark(
+            Mark {
+                seq,
+                disk_id: DiskId(d),
+                kind: MarkKind::CleanStop,
+                generation
+            }
+        )),
         any::<u64>().prop_map(|seq| Message::Ack { seq }),
         any::<u64>().prop_map(|max_mbps| Message::Settings { max_mbps }),
         (any::<u64>(), any::<u32>())

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rehost_proto::msg::{Block, Compression, MarkKind};
+use rehost_proto::msg::{Block, Compression, Mark, MarkKind, Zero};
 use rehost_proto::{DiskId, Message};
 use tokio::sync::mpsc;
 
@@ -21,18 +21,8 @@ const GROUP_TIME: Duration = Duration::from_millis(50);
 
 pub enum Job {
     Block(Block),
-    Zero {
-        seq: u64,
-        disk_id: DiskId,
-        offset: u64,
-        length: u64,
-    },
-    Mark {
-        seq: u64,
-        disk_id: DiskId,
-        kind: MarkKind,
-        generation: u64,
-    },
+    Zero(Zero),
+    Mark(Mark),
     /// A recovery point of all the session's disks at this point of the stream (made by
     /// `snapshot::point_job`): the writer makes everything before it durable, runs `take` on the
     /// session's disks, and goes on; a failed point does not end the session.
@@ -115,7 +105,7 @@ impl Writer {
     }
 
     fn apply(&mut self, job: Job) -> Result<(), WriteError> {
-        let is_mark = matches!(job, Job::Mark { .. });
+        let is_mark = matches!(job, Job::Mark(_));
         let (seq, bytes) = match job {
             Job::Block(b) => {
                 let data: &[u8] = match b.compression {
@@ -152,23 +142,23 @@ impl Writer {
                 d.extend(b.offset, u64::from(b.length));
                 (b.seq, u64::from(b.length))
             }
-            Job::Zero {
+            Job::Zero(Zero {
                 seq,
                 disk_id,
                 offset,
                 length,
-            } => {
+            }) => {
                 let d = self.disk(disk_id);
                 d.volume.write_zero(offset, length)?;
                 d.extend(offset, length);
                 (seq, 0)
             }
-            Job::Mark {
+            Job::Mark(Mark {
                 seq,
                 disk_id,
                 kind,
                 generation,
-            } => {
+            }) => {
                 // Everything before the mark is made durable first.
                 self.commit()?;
                 let d = self.disk(disk_id);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rehost_agent::conn::{connect, handshake};
 use rehost_proto::frame::{encode, read_message};
-use rehost_proto::msg::{Auth, Block, Compression, DiskInfo, ErrorCode, Hello};
+use rehost_proto::msg::{Auth, Block, Compression, DiskInfo, ErrorCode, Hello, Zero};
 use rehost_proto::{DiskId, MachineId, Message};
 use rehost_tests::*;
 use tokio::io::AsyncWriteExt;
@@ -193,12 +193,12 @@ fn hostile_frames_are_refused_and_volumes_stay_unchanged() {
         ),
         (
             "zero range past the end",
-            frame(Message::Zero {
+            frame(Message::Zero(Zero {
                 seq: 1,
                 disk_id: DiskId(da),
                 offset: 0,
                 length: 1 << 40,
-            }),
+            })),
             ErrorCode::OutOfRange,
             "does not fit",
         ),

@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rehost_proto::msg::{Auth, DiskGrant, MarkKind, ReplicationState};
+use rehost_proto::msg::{Auth, DiskGrant, Mark, MarkKind, ReplicationState};
 use rehost_proto::Message;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -487,11 +487,13 @@ impl DiskRun<'_, '_> {
                 let sent = self.scan_pass().await?;
                 let conn = &mut *self.link.conn;
                 let seq = conn
-                    .send_seq(|seq| Message::Mark {
-                        seq,
-                        disk_id: g.disk_id,
-                        kind: MarkKind::RescanDone,
-                        generation: 0,
+                    .send_seq(|seq| {
+                        Message::Mark(Mark {
+                            seq,
+                            disk_id: g.disk_id,
+                            kind: MarkKind::RescanDone,
+                            generation: 0,
+                        })
                     })
                     .await?;
                 conn.wait_acked(seq).await?;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rehost_proto::msg::MarkKind;
+use rehost_proto::msg::{Mark, MarkKind};
 use rehost_proto::Message;
 use tracing::{info, warn};
 
@@ -56,11 +56,13 @@ impl DiskRun<'_, '_> {
         let conn = &mut *self.link.conn;
         let told = async {
             let seq = conn
-                .send_seq(|seq| Message::Mark {
-                    seq,
-                    disk_id: g.disk_id,
-                    kind: MarkKind::CleanStop,
-                    generation,
+                .send_seq(|seq| {
+                    Message::Mark(Mark {
+                        seq,
+                        disk_id: g.disk_id,
+                        kind: MarkKind::CleanStop,
+                        generation,
+                    })
                 })
                 .await?;
             conn.wait_acked(seq).await

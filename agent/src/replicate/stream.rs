@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rehost_proto::msg::{Block, MarkKind, ReplicationState};
+use rehost_proto::msg::{Block, Mark, MarkKind, ReplicationState, Zero};
 use rehost_proto::{DiskId, Message, MAX_INDEX_CHUNK};
 use tracing::{info, warn};
 
@@ -42,11 +42,13 @@ async fn flush_zero(
 ) -> Result<(), RunError> {
     if let Some((o, l)) = zero {
         let seq = conn
-            .send_seq(|seq| Message::Zero {
-                seq,
-                disk_id,
-                offset: o,
-                length: l,
+            .send_seq(|seq| {
+                Message::Zero(Zero {
+                    seq,
+                    disk_id,
+                    offset: o,
+                    length: l,
+                })
             })
             .await?;
         inflight.push_back((seq, o + l, 0));
@@ -59,11 +61,13 @@ impl DiskRun<'_, '_> {
         let g = self.g;
         let conn = &mut *self.link.conn;
         let seq = conn
-            .send_seq(|seq| Message::Mark {
-                seq,
-                disk_id: g.disk_id,
-                kind,
-                generation: 0,
+            .send_seq(|seq| {
+                Message::Mark(Mark {
+                    seq,
+                    disk_id: g.disk_id,
+                    kind,
+                    generation: 0,
+                })
             })
             .await?;
         conn.wait_acked(seq).await?;

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use rehost_proto::frame::read_message;
+use rehost_proto::msg::Zero;
 use rehost_proto::{DiskId, MachineId, Message};
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
@@ -94,12 +95,13 @@ impl<'a> Stream<'a> {
                     .await
                     .map_err(|_| internal("writer stopped"))?;
             }
-            Message::Zero {
-                seq,
-                disk_id,
-                offset,
-                length,
-            } => {
+            Message::Zero(z) => {
+                let Zero {
+                    seq,
+                    disk_id,
+                    offset,
+                    length,
+                } = z;
                 self.check_seq(seq)?;
                 let d = self.disk(disk_id)?;
                 let end = offset.checked_add(length).filter(|e| *e <= d.size);
@@ -111,31 +113,16 @@ impl<'a> Stream<'a> {
                         d.size, d.block_size
                     )));
                 }
-                jobs.send(Job::Zero {
-                    seq,
-                    disk_id,
-                    offset,
-                    length,
-                })
-                .await
-                .map_err(|_| internal("writer stopped"))?;
+                jobs.send(Job::Zero(z))
+                    .await
+                    .map_err(|_| internal("writer stopped"))?;
             }
-            Message::Mark {
-                seq,
-                disk_id,
-                kind,
-                generation,
-            } => {
-                self.check_seq(seq)?;
-                self.disk(disk_id)?;
-                jobs.send(Job::Mark {
-                    seq,
-                    disk_id,
-                    kind,
-                    generation,
-                })
-                .await
-                .map_err(|_| internal("writer stopped"))?;
+            Message::Mark(m) => {
+                self.check_seq(m.seq)?;
+                self.disk(m.disk_id)?;
+                jobs.send(Job::Mark(m))
+                    .await
+                    .map_err(|_| internal("writer stopped"))?;
             }
             Message::IndexRequest {
                 disk_id,
