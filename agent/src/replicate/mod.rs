@@ -434,14 +434,7 @@ impl Link<'_> {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(ROUND) => {}
-                _ = self.shutdown.changed() => {
-                    for (g, d) in pairs {
-                        if let Some(t) = tracked.get_mut(&g.disk_id.0) {
-                            self.disk(g, d, t).clean_stop().await;
-                        }
-                    }
-                    return Err(RunError::Stopped);
-                }
+                _ = self.shutdown.changed() => return self.stop_cleanly(pairs, tracked).await,
                 Some((id, max_ms)) = points.recv() => {
                     self.consistency_point(pairs, tracked, id, max_ms).await?;
                     continue;
@@ -450,9 +443,28 @@ impl Link<'_> {
             }
             for (g, d) in pairs {
                 let t = tracked.get_mut(&g.disk_id.0).expect("tracked");
-                self.disk(g, d, t).round().await?;
+                match self.disk(g, d, t).round().await {
+                    // Asked to stop while a round streamed: the round's blocks are still
+                    // pending, so the clean stop saves them with the rest.
+                    Err(RunError::Stopped) => return self.stop_cleanly(pairs, tracked).await,
+                    r => r?,
+                }
             }
         }
+    }
+
+    /// The clean stop of every disk (see `stop.rs`), then [`RunError::Stopped`].
+    async fn stop_cleanly(
+        &mut self,
+        pairs: &[(&DiskGrant, &OpenDisk)],
+        tracked: &mut HashMap<u64, Tracked>,
+    ) -> Result<(), RunError> {
+        for (g, d) in pairs {
+            if let Some(t) = tracked.get_mut(&g.disk_id.0) {
+                self.disk(g, d, t).clean_stop().await;
+            }
+        }
+        Err(RunError::Stopped)
     }
 }
 
@@ -468,8 +480,12 @@ impl DiskRun<'_, '_> {
                 let at = Instant::now();
                 if let Some(reason) = taken.lost.clone() {
                     warn!(disk = %g.device, reason, "change tracking lost events: comparing the whole disk");
+                    // Until the comparison is done, nothing vouches for the server's copy: a
+                    // stop half-way leaves the next start to rescan.
+                    self.t.distrust(&reason);
                     self.rescan(g.size_bytes, &reason).await?;
                     self.send_mark(MarkKind::RescanDone).await?;
+                    self.t.vouched = true;
                     agent.set_consistent(g.disk_id.0, at);
                     self.set_state(ReplicationState::Continuous);
                     return Ok(());

@@ -36,6 +36,13 @@ pub(super) struct Tracked {
 }
 
 impl Tracked {
+    /// Nothing vouches for the server's copy any more (events were lost): the next start rescans,
+    /// saying `reason`, unless a finished comparison vouches again.
+    pub(super) fn distrust(&mut self, reason: &str) {
+        self.vouched = false;
+        self.why_not = reason.to_string();
+    }
+
     pub(super) fn kind(&self) -> &'static str {
         match self.tracker {
             Tracker::Trace(_) => "tracepoint",

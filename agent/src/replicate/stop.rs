@@ -19,6 +19,7 @@ impl DiskRun<'_, '_> {
         let g = self.g;
         let t = &mut *self.t;
         if !t.vouched {
+            warn!(target: LOG, disk = %g.device, "stopped while comparing the whole disk: the next start will rescan");
             return;
         }
         let mut dirty = match &mut t.tracker {
