@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 pub mod flood;
+pub mod loopfs;
 pub mod partitions;
 pub mod pins;
 

@@ -3,68 +3,15 @@
 //! These tests need root (loop devices, mount, tracefs): without it they skip with a message,
 //! and under `CI=true` they fail instead.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use rehost_tests::loopfs::LoopFs;
 use rehost_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// A loop device over an image file, with an ext4 filesystem mounted from it.
-struct LoopFs {
-    dev: PathBuf,
-    mnt: PathBuf,
-    mounted: bool,
-}
-
-impl LoopFs {
-    fn new(dir: &Path, size_mib: u64) -> Self {
-        let img = dir.join("source.img");
-        let f = std::fs::File::create(&img).unwrap();
-        f.set_len(size_mib << 20).unwrap();
-        let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&img));
-        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let mut fs = LoopFs {
-            dev,
-            mnt,
-            mounted: false,
-        };
-        run_ok(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-                .arg(&fs.dev),
-        );
-        run_ok(Command::new("mount").arg(&fs.dev).arg(&fs.mnt));
-        fs.mounted = true;
-        fs
-    }
-
-    fn umount(&mut self) {
-        if self.mounted {
-            run_ok(Command::new("umount").arg(&self.mnt));
-            self.mounted = false;
-        }
-    }
-
-    /// blake3 of the whole device, bypassing any stale page cache.
-    fn hash(&self) -> String {
-        run_ok(Command::new("blockdev").arg("--flushbufs").arg(&self.dev));
-        file_hash(&self.dev)
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
 
 fn disk_status(agent: &Agent) -> serde_json::Value {
     agent.status()["disks"][0].clone()
