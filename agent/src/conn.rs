@@ -178,13 +178,25 @@ pub struct IndexChunk {
     pub hashes: Vec<Hash>,
 }
 
+/// A consistency point the server asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct PointAsk {
+    pub id: u64,
+    /// The longest the filesystems may stay frozen.
+    pub max_freeze_ms: u32,
+    /// A group point: stay frozen after the mark until the server releases it.
+    pub hold: bool,
+}
+
 /// An established replication stream.
 pub struct Conn {
     out: mpsc::Sender<Message>,
     acked: watch::Receiver<u64>,
     index: mpsc::Receiver<IndexChunk>,
-    /// Consistency points the server asks for: (id, longest freeze in ms).
-    points: mpsc::Receiver<(u64, u32)>,
+    /// Consistency points the server asks for.
+    points: mpsc::Receiver<PointAsk>,
+    /// The highest group point id the server released (ids grow within a connection).
+    released: watch::Receiver<u64>,
     inbound: Option<JoinHandle<Result<(), ConnError>>>,
     outbound: JoinHandle<()>,
     watchdog: JoinHandle<()>,
@@ -236,6 +248,7 @@ impl Conn {
         let (ack_tx, ack_rx) = watch::channel(0u64);
         let (idx_tx, idx_rx) = mpsc::channel(4);
         let (pt_tx, pt_rx) = mpsc::channel(16);
+        let (rel_tx, rel_rx) = watch::channel(0u64);
         let (set_tx, set_rx) = watch::channel(0u64);
         let (dead_tx, dead_rx) = watch::channel(None::<String>);
         let live = Liveness::new();
@@ -245,6 +258,7 @@ impl Conn {
                 acked: ack_tx,
                 index: idx_tx,
                 points: pt_tx,
+                released: rel_tx,
                 settings: set_tx,
                 out: out_tx.clone(),
                 live: live.clone(),
@@ -269,6 +283,7 @@ impl Conn {
             acked: ack_rx,
             index: idx_rx,
             points: pt_rx,
+            released: rel_rx,
             inbound: Some(inbound),
             outbound,
             watchdog,
@@ -292,9 +307,15 @@ impl Conn {
         self.throttle.mbps()
     }
 
-    /// The consistency points the server asks for, as (id, longest freeze in ms). Taken once.
-    pub fn take_points(&mut self) -> mpsc::Receiver<(u64, u32)> {
+    /// The consistency points the server asks for. Taken once.
+    pub fn take_points(&mut self) -> mpsc::Receiver<PointAsk> {
         std::mem::replace(&mut self.points, mpsc::channel(1).1)
+    }
+
+    /// Waits until the server releases group point `id` (or the connection ends).
+    pub async fn released(&self, id: u64) {
+        let mut rx = self.released.clone();
+        let _ = rx.wait_for(|r| *r >= id).await;
     }
 
     /// The sequence number of the last sequenced frame sent (0: none yet).
@@ -464,7 +485,8 @@ async fn stall_reason(dead: &mut watch::Receiver<Option<String>>) -> String {
 struct Inbound {
     acked: watch::Sender<u64>,
     index: mpsc::Sender<IndexChunk>,
-    points: mpsc::Sender<(u64, u32)>,
+    points: mpsc::Sender<PointAsk>,
+    released: watch::Sender<u64>,
     settings: watch::Sender<u64>,
     out: mpsc::Sender<Message>,
     live: Arc<Liveness>,
@@ -479,6 +501,7 @@ async fn inbound<R: AsyncRead + Unpin>(
         acked,
         index,
         points,
+        released,
         settings,
         out,
         live,
@@ -544,9 +567,26 @@ async fn inbound<R: AsyncRead + Unpin>(
                     }
                 });
             }
-            Some(Message::PointRequest { id, max_freeze_ms }) => {
+            Some(Message::PointRequest {
+                id,
+                max_freeze_ms,
+                hold,
+            }) => {
                 // A full queue means points are already pending; the server times this one out.
-                let _ = points.try_send((id, max_freeze_ms));
+                let _ = points.try_send(PointAsk {
+                    id,
+                    max_freeze_ms,
+                    hold,
+                });
+            }
+            Some(Message::PointRelease { id }) => {
+                released.send_if_modified(|r| {
+                    let newer = id > *r;
+                    if newer {
+                        *r = id;
+                    }
+                    newer
+                });
             }
             Some(m) => {
                 return Err(ConnError::Protocol(format!(

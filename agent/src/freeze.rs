@@ -236,6 +236,11 @@ impl Frozen {
     }
 
     /// Whether the cap timer already thawed (the point can then not be app-consistent).
+    /// How long the filesystems have been frozen.
+    pub fn held(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     pub fn expired(&self) -> bool {
         self.thawed.load(Ordering::SeqCst)
     }

@@ -216,9 +216,15 @@ pub enum Message {
     Ping {
         nonce: u64,
     },
+    /// `hold`: keep the freeze after the mark until [`Message::PointRelease`] (a group point).
     PointRequest {
         id: u64,
         max_freeze_ms: u32,
+        hold: bool,
+    },
+    /// Every machine of a group point marked: thaw.
+    PointRelease {
+        id: u64,
     },
     Point {
         seq: u64,
@@ -280,6 +286,7 @@ impl Message {
             Message::Error { .. } => "error",
             Message::Ping { .. } => "ping",
             Message::PointRequest { .. } => "point request",
+            Message::PointRelease { .. } => "point release",
             Message::Point { .. } => "point",
             Message::Settings { .. } => "settings",
             Message::SourceAction { .. } => "source action",
@@ -496,7 +503,9 @@ impl TryFrom<wire::Frame> for Message {
             Body::PointRequest(r) => Message::PointRequest {
                 id: r.id,
                 max_freeze_ms: r.max_freeze_ms,
+                hold: r.hold,
             },
+            Body::PointRelease(r) => Message::PointRelease { id: r.id },
             Body::Point(p) => Message::Point {
                 seq: p.seq,
                 id: p.id,
@@ -650,9 +659,16 @@ impl From<Message> for wire::Frame {
             }),
             Message::Ping { nonce } => Body::Ping(wire::Ping { nonce }),
             Message::Settings { max_mbps } => Body::Settings(wire::Settings { max_mbps }),
-            Message::PointRequest { id, max_freeze_ms } => {
-                Body::PointRequest(wire::PointRequest { id, max_freeze_ms })
-            }
+            Message::PointRequest {
+                id,
+                max_freeze_ms,
+                hold,
+            } => Body::PointRequest(wire::PointRequest {
+                id,
+                max_freeze_ms,
+                hold,
+            }),
+            Message::PointRelease { id } => Body::PointRelease(wire::PointRelease { id }),
             Message::Point {
                 seq,
                 id,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "frame::Body",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18"
     )]
     pub body: Option<frame::Body>,
 }
@@ -52,6 +52,8 @@ pub mod frame {
         SourceActionResult(super::SourceActionResult),
         #[prost(message, tag = "17")]
         Detach(super::Detach),
+        #[prost(message, tag = "18")]
+        PointRelease(super::PointRelease),
     }
 }
 
@@ -266,6 +268,18 @@ pub struct PointRequest {
     /// The longest the agent may keep filesystems frozen.
     #[prost(uint32, tag = "2")]
     pub max_freeze_ms: u32,
+    /// A point of a consistency group: the agent keeps its filesystems frozen after the mark,
+    /// until [`PointRelease`] with this id (or `max_freeze_ms`), so that every machine of the
+    /// group is frozen at one instant. An agent that does not know the field thaws at once.
+    #[prost(bool, tag = "3")]
+    pub hold: bool,
+}
+
+/// Server → agent: every machine of the group has marked point `id`; thaw.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PointRelease {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
 }
 
 /// Agent → server, in the stream: every write the agent saw before this frame is in the stream

@@ -99,8 +99,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
         )),
         any::<u64>().prop_map(|seq| Message::Ack { seq }),
         any::<u64>().prop_map(|max_mbps| Message::Settings { max_mbps }),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(id, max_freeze_ms)| Message::PointRequest { id, max_freeze_ms }),
+        (any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(id, max_freeze_ms, hold)| {
+            Message::PointRequest {
+                id,
+                max_freeze_ms,
+                hold,
+            }
+        }),
+        any::<u64>().prop_map(|id| Message::PointRelease { id }),
         (
             any::<u64>(),
             any::<u64>(),

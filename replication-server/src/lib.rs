@@ -108,6 +108,22 @@ pub struct PendingPoint {
     pub reason: String,
     pub reply:
         tokio::sync::oneshot::Sender<Result<snapshot::SnapshotInfo, snapshot::SnapshotError>>,
+    /// A group point's barrier: told when the agent's mark arrives, before the snapshot is taken.
+    pub marked: Option<tokio::sync::oneshot::Sender<PointMarked>>,
+}
+
+/// Where the snapshot of a requested point comes, once taken.
+pub type SnapshotReply =
+    tokio::sync::oneshot::Receiver<Result<snapshot::SnapshotInfo, snapshot::SnapshotError>>;
+
+/// An agent's mark of a consistency point, as the session read it.
+#[derive(Debug)]
+pub struct PointMarked {
+    pub consistency: rehost_proto::msg::PointConsistency,
+    /// How long the agent's filesystems had been frozen at the mark.
+    pub freeze_ms: u32,
+    pub note: String,
+    pub at: std::time::Instant,
 }
 
 impl Slot {
@@ -143,8 +159,28 @@ impl Slot {
         let id = self.points.insert(PendingPoint {
             reason: reason.to_string(),
             reply: tx,
+            marked: None,
         });
         (id, rx)
+    }
+
+    /// [`Slot::expect_point`] for a group point: also says when the agent's mark arrives.
+    pub fn expect_group_point(
+        &self,
+        reason: &str,
+    ) -> (
+        u64,
+        tokio::sync::oneshot::Receiver<PointMarked>,
+        SnapshotReply,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (mtx, mrx) = tokio::sync::oneshot::channel();
+        let id = self.points.insert(PendingPoint {
+            reason: reason.to_string(),
+            reply: tx,
+            marked: Some(mtx),
+        });
+        (id, mrx, rx)
     }
 
     /// The pending point `id`, if it is still awaited.

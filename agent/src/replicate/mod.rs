@@ -435,8 +435,8 @@ impl Link<'_> {
             tokio::select! {
                 _ = tokio::time::sleep(ROUND) => {}
                 _ = self.shutdown.changed() => return self.stop_cleanly(pairs, tracked).await,
-                Some((id, max_ms)) = points.recv() => {
-                    self.consistency_point(pairs, tracked, id, max_ms).await?;
+                Some(ask) = points.recv() => {
+                    self.consistency_point(pairs, tracked, ask).await?;
                     continue;
                 }
                 e = self.conn.closed() => return Err(e.into()),

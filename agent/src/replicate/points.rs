@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::start::{Tracked, Tracker};
 use super::{now, Link, OpenDisk, RunError, LOG};
+use crate::conn::PointAsk;
 
 impl Link<'_> {
     /// Sends what is dirty, in rounds, until a round finds nothing new: every write completed
@@ -70,11 +71,11 @@ impl Link<'_> {
         &mut self,
         pairs: &[(&DiskGrant, &OpenDisk)],
         tracked: &mut HashMap<u64, Tracked>,
-        id: u64,
-        max_ms: u32,
+        ask: PointAsk,
     ) -> Result<(), RunError> {
         let agent = self.agent;
-        let cap = Duration::from_millis(u64::from(max_ms.clamp(10, 60_000)));
+        let id = ask.id;
+        let cap = Duration::from_millis(u64::from(ask.max_freeze_ms.clamp(10, 60_000)));
         let block_disks: Vec<PathBuf> = pairs
             .iter()
             .filter(|(_, d)| d.block_device)
@@ -122,10 +123,20 @@ impl Link<'_> {
             Ok(true) => {
                 // Nothing is sent between the quiet drain and the point, so the stream up to the
                 // point holds the disks as they were at that frozen (or quiet) moment; thawing
-                // before queueing the point keeps the freeze short.
-                let held = frozen.as_mut().map(|f| f.thaw());
+                // before queueing the point keeps the freeze short. A group point stays frozen
+                // until the server has every machine's mark, so the group shares one instant.
+                let hold = ask.hold && app;
+                let held = match frozen.as_mut() {
+                    Some(f) if hold => Some(f.held()),
+                    Some(f) => Some(f.thaw()),
+                    None => None,
+                };
                 let freeze_ms = held.map(|h| h.as_millis() as u32).unwrap_or(0);
                 note.push_str(&match (app, held) {
+                    (true, _) if hold => format!(
+                        "froze {} for {freeze_ms} ms to the mark, held for the group",
+                        described.join(", ")
+                    ),
                     (true, _) => format!("froze {} for {freeze_ms} ms", described.join(", ")),
                     (false, Some(_)) => {
                         format!(
@@ -154,6 +165,20 @@ impl Link<'_> {
                         note: text,
                     })
                     .await;
+                let mut freeze_ms = freeze_ms;
+                if let (true, Ok(_), Some(f)) = (hold, &r, frozen.as_mut()) {
+                    let left = cap.saturating_sub(f.held());
+                    let released = tokio::time::timeout(left, self.conn.released(id))
+                        .await
+                        .is_ok();
+                    let total = f.thaw();
+                    freeze_ms = total.as_millis() as u32;
+                    if released {
+                        info!(target: LOG, point = id, freeze_ms, "group point released: thawed");
+                    } else {
+                        warn!(target: LOG, point = id, freeze_ms, "the group point was not released within the freeze cap: thawed");
+                    }
+                }
                 let kind = if app { "app" } else { "crash" };
                 agent.status().last_point = Some(crate::state::PointReport {
                     at: now(),

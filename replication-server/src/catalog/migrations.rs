@@ -6,12 +6,18 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::CatalogError;
 
-pub(crate) const SCHEMA_VERSION: i64 = 6;
+pub(crate) const SCHEMA_VERSION: i64 = 7;
 
 /// The migration ladder: step `i` takes a catalog from version `i` to version `i + 1` (a new
 /// catalog climbs every step). Each run of steps is one transaction.
 pub(crate) const LADDER: [&str; SCHEMA_VERSION as usize] = [
-    SCHEMA, MIGRATE_2, MIGRATE_3, MIGRATE_4, MIGRATE_5, MIGRATE_6,
+    SCHEMA,
+    MIGRATE_2,
+    MIGRATE_3,
+    MIGRATE_4,
+    MIGRATE_5,
+    MIGRATE_6,
+    MIGRATE_GROUPS,
 ];
 
 /// Climbs the ladder from `from` to [`SCHEMA_VERSION`] in one transaction. Foreign keys are off
@@ -175,4 +181,20 @@ const MIGRATE_6: &str = "
 ALTER TABLE machines ADD COLUMN agent_version TEXT;
 ALTER TABLE machines ADD COLUMN detached_at INTEGER;
 ALTER TABLE machines ADD COLUMN detached_reason TEXT;
+";
+
+/// Group points (`snapshot create --plan`): one recovery point of every machine of a consistency
+/// group at one instant; each member snapshot names its group.
+const MIGRATE_GROUPS: &str = "
+CREATE TABLE point_groups (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    label TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    consistency TEXT NOT NULL,
+    window_ms INTEGER,
+    skew_ms INTEGER,
+    note TEXT NOT NULL
+);
+CREATE INDEX point_groups_by_label ON point_groups (label);
+ALTER TABLE snapshots ADD COLUMN group_id INTEGER REFERENCES point_groups(id);
 ";

@@ -170,7 +170,15 @@ impl<'a> Stream<'a> {
             } => {
                 self.check_seq(seq)?;
                 let job = match shared.slot(machine).take_point(id) {
-                    Some(p) => {
+                    Some(mut p) => {
+                        if let Some(marked) = p.marked.take() {
+                            let _ = marked.send(crate::PointMarked {
+                                consistency,
+                                freeze_ms,
+                                note: note.clone(),
+                                at: std::time::Instant::now(),
+                            });
+                        }
                         let consistency = match consistency {
                             rehost_proto::msg::PointConsistency::App => {
                                 crate::snapshot::Consistency::App
@@ -219,6 +227,7 @@ impl<'a> Stream<'a> {
             | Message::IndexChunk { .. }
             | Message::Ack { .. }
             | Message::PointRequest { .. }
+            | Message::PointRelease { .. }
             | Message::Settings { .. }
             | Message::Detach { .. }) => {
                 return Err(SessionError::Protocol(format!(

@@ -25,6 +25,7 @@
 //!   of damaged chunks, the scheduled scrub; [`select`]: a point by id or `latest`.
 
 pub mod export;
+pub mod group;
 mod request;
 pub mod rows;
 pub mod scrub;

@@ -67,6 +67,7 @@ async fn agent_point(
         .send(rehost_proto::Message::PointRequest {
             id,
             max_freeze_ms: MAX_FREEZE_MS,
+            hold: false,
         })
         .await;
     drop(out);
@@ -90,7 +91,10 @@ async fn agent_point(
 
 /// Whether every disk of `machine` finished its initial sync (an agent still syncing answers a
 /// point only once it is done; the stream point path reports why it cannot be taken yet).
-async fn synced(shared: &Arc<Shared>, machine: &MachineId) -> Result<bool, SnapshotError> {
+pub(super) async fn synced(
+    shared: &Arc<Shared>,
+    machine: &MachineId,
+) -> Result<bool, SnapshotError> {
     let (s, m) = (shared.clone(), machine.clone());
     let rows = tokio::task::spawn_blocking(move || s.catalog.machines())
         .await
@@ -102,7 +106,7 @@ async fn synced(shared: &Arc<Shared>, machine: &MachineId) -> Result<bool, Snaps
 }
 
 /// Counts the chunks [`prepare`] stored ahead of the point as added by this snapshot.
-async fn add_prepared(shared: &Arc<Shared>, info: &mut SnapshotInfo, prepared: u64) {
+pub(super) async fn add_prepared(shared: &Arc<Shared>, info: &mut SnapshotInfo, prepared: u64) {
     if prepared == 0 {
         return;
     }
@@ -117,7 +121,11 @@ async fn add_prepared(shared: &Arc<Shared>, info: &mut SnapshotInfo, prepared: u
 
 /// [`prepare`] for a machine with a live session (nothing to prepare otherwise); returns the
 /// bytes it stored. A failure is logged: the snapshot then stores that data itself.
-async fn prepare_live(shared: &Arc<Shared>, slot: &crate::Slot, machine: &MachineId) -> u64 {
+pub(super) async fn prepare_live(
+    shared: &Arc<Shared>,
+    slot: &crate::Slot,
+    machine: &MachineId,
+) -> u64 {
     let mut prepared = 0;
     if slot.jobs().is_some() {
         let (s, m) = (shared.clone(), machine.clone());
@@ -179,7 +187,6 @@ pub async fn request(
     ask_agent: bool,
 ) -> Result<SnapshotInfo, SnapshotError> {
     let slot = shared.slot(&machine);
-    let deadline = Instant::now() + Duration::from_secs(60);
     let prepared = prepare_live(&shared, &slot, &machine).await;
     let from_agent = if ask_agent && synced(&shared, &machine).await? {
         agent_point(&slot, &machine, &reason, POINT_TIMEOUT).await?
@@ -190,6 +197,20 @@ pub async fn request(
         add_prepared(&shared, &mut info, prepared).await;
         return Ok(info);
     }
+    stream_point(shared, machine, consistency, reason, prepared).await
+}
+
+/// A point of `machine`'s stream now, without its agent: queued on its live session's writer, or
+/// taken from its volumes when no session runs. `prepared`: what [`prepare_live`] stored for it.
+pub(super) async fn stream_point(
+    shared: Arc<Shared>,
+    machine: MachineId,
+    consistency: Consistency,
+    reason: String,
+    prepared: u64,
+) -> Result<SnapshotInfo, SnapshotError> {
+    let slot = shared.slot(&machine);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(jobs) = slot.jobs() {
             let (tx, rx) = oneshot::channel();

@@ -24,6 +24,9 @@ pub struct SnapshotInfo {
     pub bytes_added: u64,
     pub duration_ms: Option<u64>,
     pub disks: Vec<SnapshotDisk>,
+    /// The group point this snapshot belongs to (`snapshots --plan`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,10 +58,11 @@ fn info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotInfo> {
         bytes_added: r.get(7)?,
         duration_ms: r.get(8)?,
         disks: Vec::new(),
+        group_id: r.get(9)?,
     })
 }
 
-const COLUMNS: &str = "id, machine_id, created_at, completed_at, consistency, state, reason, bytes_added, duration_ms";
+const COLUMNS: &str = "id, machine_id, created_at, completed_at, consistency, state, reason, bytes_added, duration_ms, group_id";
 
 fn fill_disks(c: &rusqlite::Connection, rows: &mut [SnapshotInfo]) -> rusqlite::Result<()> {
     let mut st = c.prepare_cached(
@@ -194,6 +198,24 @@ impl Catalog {
                 .query_map([], info_row)?
                 .filter(|r| r.as_ref().map_or(true, |s| states.contains(&s.state)))
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+            fill_disks(c, &mut rows)?;
+            Ok(rows)
+        })
+    }
+
+    /// The snapshots that belong to the given group points, with their disks.
+    pub fn snapshots_in_groups(&self, groups: &[i64]) -> Result<Vec<SnapshotInfo>, CatalogError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM snapshots WHERE group_id = ?1 ORDER BY id"
+            ))?;
+            let mut rows = Vec::new();
+            for g in groups {
+                rows.extend(
+                    st.query_map([g], info_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?,
+                );
+            }
             fill_disks(c, &mut rows)?;
             Ok(rows)
         })
