@@ -223,13 +223,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(async {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .expect("SIGTERM handler");
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
+                    rehost_proto::process::terminated().await;
                     tracing::info!("stopping");
                     let _ = tx.send(true);
                 });

@@ -107,15 +107,7 @@ pub(super) fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
             let scrub = crate::snapshot::scrub::scheduler(shared.clone(), scrub_interval);
             tokio::spawn(scrub);
         }
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        };
+        let shutdown = rehost_proto::process::terminated();
         crate::run_with_limits(shared, listener, admin, limits, shutdown).await
     })
 }
