@@ -18,7 +18,8 @@
 //! - [`store`]: the content-addressed snapshot store and its garbage collection;
 //! - [`snapshot`]: recovery points (take, export, verify, select);
 //! - [`retention`]: retention policies and the snapshot scheduler;
-//! - [`launch`]: blueprints, test and cutover jobs, the machine lifecycle.
+//! - [`launch`]: blueprints, test and cutover jobs, the machine lifecycle;
+//! - [`plan`]: recovery plans (named, ordered sets of machines recovered together).
 //!
 //! [`run`] takes its listeners and a shutdown signal, so tests can bind port 0.
 
@@ -33,6 +34,7 @@ pub mod launch;
 pub mod live;
 pub mod metrics;
 pub mod pki;
+pub mod plan;
 pub mod private;
 pub mod retention;
 pub mod session;

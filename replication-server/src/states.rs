@@ -1,6 +1,7 @@
 //! The states of what the server keeps, as types: a machine's [`Lifecycle`] (with the table of
 //! its allowed transitions), a recovery point's [`SnapshotState`] and [`Consistency`], a launch
-//! job's [`JobMode`] and [`JobState`]. Their serde and catalog names are the strings the catalog
+//! job's [`JobMode`] and [`JobState`], what a recovery plan's step waits for ([`StepWait`]) and
+//! when its hooks run ([`HookKind`]). Their serde and catalog names are the strings the catalog
 //! stores and `--json` prints. This module is at the bottom of the server: it imports nothing of
 //! the crate, and every layer may use it.
 
@@ -292,6 +293,24 @@ named_enum! {
         Crash = "crash",
         /// A point the agent made with the source's filesystems frozen.
         App = "app",
+    }
+}
+
+named_enum! {
+    /// What the next step of a recovery plan waits for once a machine of this step is launched.
+    StepWait, "wait" {
+        /// The machine's boot marker on its serial console.
+        Boot = "boot",
+        /// Nothing: the next step may start at once.
+        None = "none",
+    }
+}
+
+named_enum! {
+    /// When a recovery plan's hook runs: before the machines of its step launch, or after.
+    HookKind, "hook kind" {
+        Pre = "pre",
+        Post = "post",
     }
 }
 

@@ -1,8 +1,8 @@
 //! Pins of the server's documented JSON: one real server and agent (a small ext4 image), a
-//! recovery point, a blueprint with launch method `none` and a test launch (which fails: the
-//! image holds no OS), then every `--json` output of the operator commands checked against its
-//! example in `tests/pins/` (field names, JSON types, the documented value sets). One setup for
-//! all of them: the pins cost one replication, not one each.
+//! recovery point, a blueprint with launch method `none`, a test launch (which fails: the image
+//! holds no OS) and a recovery plan, then every `--json` output of the operator commands checked
+//! against its example in `tests/pins/` (field names, JSON types, the documented value sets). One
+//! setup for all of them: the pins cost one replication, not one each.
 //!
 //! Needs root (as the launch tests do): without root it skips with a message, and under
 //! `CI=true` it fails instead.
@@ -126,4 +126,19 @@ fn the_documented_json_of_the_server_commands_keeps_its_shape() {
         "history",
         &json(&server, &["machine", "history", "pin-host", "--json"]),
     );
+
+    // A recovery plan: a machine in step 1 with a pre hook, and step 2 with only a post hook.
+    let hook = dir.join("hook.sh");
+    std::fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let hook = hook.to_str().unwrap();
+    server.ok(&["plan", "create", "pin-plan", "--description", "pinned"]);
+    server.ok(&["plan", "add", "pin-plan", "pin-host", "--step", "1"]);
+    server.ok(&["plan", "hook", "pin-plan", "--step", "1", "--pre", hook]);
+    server.ok(&["plan", "hook", "pin-plan", "--step", "2", "--post", hook]);
+    check(
+        "plan",
+        &json(&server, &["plan", "show", "pin-plan", "--json"]),
+    );
+    check("plans", &json(&server, &["plan", "list", "--json"]));
 }

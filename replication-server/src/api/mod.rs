@@ -14,6 +14,7 @@
 //! - [`tokens`]: install and reinstall tokens, unrevoke;
 //! - [`snapshots`]: recovery points, retention, GC;
 //! - [`launches`]: blueprints, launches, jobs, lifecycle marks, test reverts, history;
+//! - [`plans`]: recovery plans' definitions (machines by step, networks, hooks);
 //! - [`metrics`]: the Prometheus page;
 //! - [`tls`]: where the API listens: plain HTTP on loopback, HTTPS elsewhere.
 
@@ -21,6 +22,7 @@ pub mod launches;
 pub mod machines;
 mod metrics;
 pub mod model;
+pub mod plans;
 pub mod snapshots;
 pub mod tls;
 pub mod tokens;
@@ -159,6 +161,7 @@ pub fn router(shared: Arc<Shared>, metrics_public: bool) -> Router {
         .merge(tokens::routes())
         .merge(snapshots::routes())
         .merge(launches::routes())
+        .merge(plans::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             require_admin,

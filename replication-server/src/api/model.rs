@@ -10,8 +10,9 @@ pub use crate::catalog::TokenRow;
 pub use crate::catalog::Transition;
 pub use crate::launch::blueprint::Blueprint;
 pub use crate::launch::rows::{JobRow, LogLine};
+pub use crate::plan::{Hook, Member, Networks, Plan, PlanSummary, Step};
 pub use crate::snapshot::SnapshotInfo;
-pub use crate::states::Lifecycle;
+pub use crate::states::{HookKind, Lifecycle, StepWait};
 pub use crate::store::gc::GcStats;
 pub use rehost_proto::state::ReplicationState;
 
@@ -302,4 +303,70 @@ pub struct LogQuery {
 pub struct JobView {
     pub job: JobRow,
     pub log: Vec<LogLine>,
+}
+
+/// `plan list --json`: every recovery plan, by name.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlanList {
+    pub plans: Vec<PlanSummary>,
+}
+
+/// `POST /v1/plans`; the reply is the new plan ([`Plan`]).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CreatePlan {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// `DELETE /v1/plans/{plan}`: what went with the plan.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlanDeleted {
+    pub name: String,
+    pub machines: usize,
+    pub hooks: usize,
+}
+
+/// `PUT /v1/plans/{plan}/machines/{machine}`; the reply is the plan. A machine already in that
+/// step gets the new wait and delay; one in another step is refused.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SetMember {
+    /// 1..=20.
+    pub step: u32,
+    /// Default `boot`.
+    #[serde(default)]
+    pub wait: Option<StepWait>,
+    /// Seconds before the machine's launch in its step, 0..=3600; default 0.
+    #[serde(default)]
+    pub delay_s: Option<u64>,
+}
+
+/// `DELETE /v1/plans/{plan}/machines/{machine}`: the machine and the step it was in.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MemberRemoved {
+    pub plan: String,
+    pub machine_id: String,
+    pub step: u32,
+}
+
+/// `PUT /v1/plans/{plan}/network`: `user`, `none` or `bridge:NAME` for either network; one left
+/// out keeps its value. The reply is the plan.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SetNetworks {
+    #[serde(default)]
+    pub production: Option<String>,
+    #[serde(default)]
+    pub test: Option<String>,
+}
+
+/// `PUT /v1/plans/{plan}/hooks/{step}/{pre|post}`; the reply is the plan.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SetHook {
+    /// Absolute path of an executable regular file on the staging host.
+    pub path: String,
+    /// 1..=3600; default 300.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub continue_on_error: bool,
 }

@@ -6,18 +6,12 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::CatalogError;
 
-pub(crate) const SCHEMA_VERSION: i64 = 7;
+pub(crate) const SCHEMA_VERSION: i64 = 8;
 
 /// The migration ladder: step `i` takes a catalog from version `i` to version `i + 1` (a new
 /// catalog climbs every step). Each run of steps is one transaction.
 pub(crate) const LADDER: [&str; SCHEMA_VERSION as usize] = [
-    SCHEMA,
-    MIGRATE_2,
-    MIGRATE_3,
-    MIGRATE_4,
-    MIGRATE_5,
-    MIGRATE_6,
-    MIGRATE_GROUPS,
+    SCHEMA, MIGRATE_2, MIGRATE_3, MIGRATE_4, MIGRATE_5, MIGRATE_6, MIGRATE_7, MIGRATE_8,
 ];
 
 /// Climbs the ladder from `from` to [`SCHEMA_VERSION`] in one transaction. Foreign keys are off
@@ -183,9 +177,43 @@ ALTER TABLE machines ADD COLUMN detached_at INTEGER;
 ALTER TABLE machines ADD COLUMN detached_reason TEXT;
 ";
 
-/// Group points (`snapshot create --plan`): one recovery point of every machine of a consistency
-/// group at one instant; each member snapshot names its group.
-const MIGRATE_GROUPS: &str = "
+/// Version 7: recovery plans (see `plan`): named, ordered sets of machines recovered together.
+/// A machine is in a plan at most once, in one step (1..=20); each step may have a pre and a post
+/// hook. A plan's rows go with it; a machine's rows in plans go with the machine
+/// (`Catalog::delete_machine`).
+const MIGRATE_7: &str = "
+CREATE TABLE plans (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL DEFAULT '',
+    created_at INTEGER NOT NULL,
+    production_network TEXT NOT NULL DEFAULT 'user',
+    test_network TEXT NOT NULL DEFAULT 'none'
+);
+CREATE TABLE plan_members (
+    plan_id INTEGER NOT NULL REFERENCES plans(id) ON DELETE CASCADE,
+    machine_id TEXT NOT NULL REFERENCES machines(id),
+    step INTEGER NOT NULL CHECK (step BETWEEN 1 AND 20),
+    wait TEXT NOT NULL DEFAULT 'boot' CHECK (wait IN ('boot', 'none')),
+    delay_s INTEGER NOT NULL DEFAULT 0 CHECK (delay_s BETWEEN 0 AND 3600),
+    added_at INTEGER NOT NULL,
+    PRIMARY KEY (plan_id, machine_id)
+);
+CREATE INDEX plan_members_by_machine ON plan_members (machine_id);
+CREATE TABLE plan_hooks (
+    plan_id INTEGER NOT NULL REFERENCES plans(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL CHECK (step BETWEEN 1 AND 20),
+    kind TEXT NOT NULL CHECK (kind IN ('pre', 'post')),
+    path TEXT NOT NULL,
+    timeout_s INTEGER NOT NULL CHECK (timeout_s BETWEEN 1 AND 3600),
+    continue_on_error INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (plan_id, step, kind)
+);
+";
+
+/// Version 8: group points (`snapshot create --plan`): one recovery point of every machine of a
+/// consistency group at one instant; each member snapshot names its group.
+const MIGRATE_8: &str = "
 CREATE TABLE point_groups (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     label TEXT NOT NULL,

@@ -1,6 +1,7 @@
-//! The catalog: tokens, machines and disks (and, in `snapshot::rows` and `launch::rows`, recovery
-//! points, blueprints, jobs and lifecycle transitions) in SQLite (WAL, `synchronous=FULL`). Calls are
-//! synchronous and short; async callers go through `spawn_blocking`.
+//! The catalog: tokens, machines and disks (and, in `snapshot::rows`, `launch::rows` and
+//! `plan::rows`, recovery points, blueprints, jobs, lifecycle transitions and recovery plans) in
+//! SQLite (WAL, `synchronous=FULL`). Calls are synchronous and short; async callers go through
+//! `spawn_blocking`.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -337,8 +338,8 @@ impl Catalog {
     }
 
     /// Removes `id` and every catalog row of it: recovery points (their disks cascade), jobs and
-    /// their logs, blueprint, retention policy, history, disks and the reinstall tokens bound to
-    /// it, in one transaction. `Ok(Err(why))` when refused: a launch job of the machine runs, or
+    /// their logs, blueprint, retention policy, history, its places in recovery plans, disks and
+    /// the reinstall tokens bound to it, in one transaction. `Ok(Err(why))` when refused: a launch job of the machine runs, or
     /// one of its recovery points is being taken. Returns the ids of the disks it had.
     pub fn delete_machine(&self, id: &str) -> Result<Result<Vec<u64>, String>, CatalogError> {
         self.with(|c| {
@@ -379,6 +380,7 @@ impl Catalog {
                 "DELETE FROM blueprints WHERE machine_id = ?1",
                 "DELETE FROM retention WHERE machine_id = ?1",
                 "DELETE FROM lifecycle_log WHERE machine_id = ?1",
+                "DELETE FROM plan_members WHERE machine_id = ?1",
                 "DELETE FROM disks WHERE machine_id = ?1",
                 "DELETE FROM tokens WHERE machine_id = ?1",
                 "DELETE FROM machines WHERE id = ?1",

@@ -68,7 +68,10 @@ fn deleting_a_machine_removes_its_rows_only_and_waits_for_its_job() {
              INSERT INTO retention (machine_id, policy) VALUES ('{gone}', 'p');
              INSERT INTO jobs (id, machine_id, mode, state, created_at, prev_lifecycle)
                VALUES (7, '{gone}', 'test', 'running', 1, 'ready-for-testing');
-             INSERT INTO job_log (job_id, seq, at_ms, step, message) VALUES (7, 1, 1, 'job-start', '');"
+             INSERT INTO job_log (job_id, seq, at_ms, step, message) VALUES (7, 1, 1, 'job-start', '');
+             INSERT INTO plans (id, name, created_at) VALUES (1, 'tier', 1);
+             INSERT INTO plan_members (plan_id, machine_id, step, added_at)
+               VALUES (1, '{gone}', 1, 1), (1, '{kept}', 2, 1);"
         ))
     })
     .unwrap();
@@ -103,6 +106,7 @@ fn deleting_a_machine_removes_its_rows_only_and_waits_for_its_job() {
         "retention",
         "lifecycle_log",
         "tokens",
+        "plan_members",
     ] {
         let n: i64 = cat
             .with(|c| {
@@ -128,6 +132,16 @@ fn deleting_a_machine_removes_its_rows_only_and_waits_for_its_job() {
     assert_eq!(orphans, 0);
     assert_eq!(cat.snapshots(kept.as_str()).unwrap().len(), 1);
     assert!(cat.blueprint(kept.as_str()).unwrap().is_some());
+    let kept_in_plan: i64 = cat
+        .with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM plan_members WHERE machine_id = ?1",
+                [kept.as_str()],
+                |r| r.get(0),
+            )
+        })
+        .unwrap();
+    assert_eq!(kept_in_plan, 1);
 }
 
 #[test]
@@ -179,4 +193,43 @@ fn a_version_5_catalog_gains_the_agents_life_cycle() {
     let (m, _) = cat.machines().unwrap().remove(0);
     assert_eq!(m.agent_version.as_deref(), Some("0.0.2"));
     assert_eq!((m.detached_at, m.detached_reason), (None, None));
+}
+
+#[test]
+fn a_version_6_catalog_gains_recovery_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.sqlite");
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(&format!(
+            "{} PRAGMA user_version = 6;",
+            LADDER[..6].join("\n")
+        ))
+        .unwrap();
+        c.execute(
+            "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at)
+             VALUES ('m-00000000000000bb', 'old-host', x'01', x'02', 't', 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let cat = Catalog::open(&path).unwrap();
+    let tables: Vec<String> = cat
+        .with(|c| {
+            c.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'plan%' ORDER BY name")?
+                .query_map([], |r| r.get(0))?
+                .collect()
+        })
+        .unwrap();
+    assert_eq!(tables, ["plan_hooks", "plan_members", "plans"]);
+    // The schema holds the bounds too: a step out of 1..=20 is refused by SQLite itself.
+    let bad = cat.with(|c| {
+        c.execute_batch(
+            "INSERT INTO plans (id, name, created_at) VALUES (1, 'p', 1);
+             INSERT INTO plan_members (plan_id, machine_id, step, added_at)
+               VALUES (1, 'm-00000000000000bb', 21, 1);",
+        )
+    });
+    assert!(bad.is_err());
+    assert_eq!(cat.machines().unwrap()[0].0.hostname, "old-host");
 }

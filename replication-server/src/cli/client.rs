@@ -196,6 +196,24 @@ impl AdminClient {
         self.send(path, body, false)
     }
 
+    pub fn put<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
+        let r = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .send_json(body);
+        self.finish(&format!("PUT {path}"), r)
+    }
+
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let r = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .call();
+        self.finish(&format!("DELETE {path}"), r)
+    }
+
     fn send<T: DeserializeOwned>(
         &self,
         path: &str,

@@ -5,6 +5,7 @@
 //! - [`machines`]: tokens, machines;
 //! - [`snapshots`]: recovery points, retention, GC;
 //! - [`jobs`]: blueprints, launches, jobs, marks, test reverts, history;
+//! - [`plans`]: recovery plans;
 //! - [`serve`]: the server itself.
 
 pub mod client;
@@ -12,6 +13,7 @@ pub mod client;
 mod help;
 mod jobs;
 mod machines;
+mod plans;
 mod serve;
 mod snapshots;
 
@@ -185,6 +187,10 @@ pub enum Cmd {
     /// Test launches.
     #[command(subcommand)]
     Test(jobs::TestCmd),
+    /// Recovery plans: named, ordered sets of machines recovered together (step by step, with
+    /// hooks, on a production or a test network). These commands define plans.
+    #[command(subcommand)]
+    Plan(plans::PlanCmd),
 }
 
 #[derive(Subcommand)]
@@ -244,7 +250,7 @@ pub enum MachineCmd {
     },
     /// Delete a machine for good: its staging volumes, its recovery points (then garbage
     /// collection frees the store data only they used) and its catalog rows (disks, reinstall
-    /// tokens, jobs, history). Launched targets in the target dir are left alone. Refused while
+    /// tokens, jobs, history, its places in recovery plans). Launched targets in the target dir are left alone. Refused while
     /// its agent is connected and while a launch job of it runs.
     Delete {
         /// Machine id or hostname.
@@ -327,5 +333,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Machine(cmd) => machines::machine(cmd, &client()?),
         Cmd::Token(cmd) => machines::token(cmd, &client()?),
         Cmd::Machines { json, outdated } => machines::machines(&client()?, *json, *outdated),
+        Cmd::Plan(cmd) => plans::run(cmd, &client()?),
     }
 }

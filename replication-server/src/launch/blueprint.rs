@@ -79,7 +79,7 @@ impl std::str::FromStr for Network {
             _ => match s.strip_prefix("bridge:") {
                 Some(b) if valid_bridge(b) => Ok(Network::Bridge(b.to_string())),
                 Some(b) => Err(format!(
-                    "bridge name `{b}` is not a Linux interface name (1-15 of A-Z a-z 0-9 . _ -)"
+                    "bridge name `{b}` is not a Linux interface name (1-15 of A-Z a-z 0-9 . _ -, not . or ..)"
                 )),
                 None => Err(format!(
                     "network `{s}` is not one of user, bridge:NAME, none"
@@ -112,10 +112,14 @@ impl<'de> Deserialize<'de> for Network {
     }
 }
 
+/// A Linux interface name (as the kernel's `dev_valid_name`, narrowed to a safe set): 1-15 bytes,
+/// not `.` or `..`.
 fn valid_bridge(b: &str) -> bool {
     (1..=15).contains(&b.len())
         && b.bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b != "."
+        && b != ".."
 }
 
 /// QEMU accelerator: `kvm`, `tcg`, or `auto` (KVM when /dev/kvm can be opened, else TCG).
