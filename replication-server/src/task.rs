@@ -18,22 +18,24 @@ where
     }
 }
 
-/// Launch steps carry their errors as text (the job log's line): `task failed: ...`.
-impl From<TaskFailed> for String {
-    fn from(e: TaskFailed) -> String {
-        format!("task failed: {e}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[derive(Debug, PartialEq)]
+    struct Mine(String);
+
+    impl From<TaskFailed> for Mine {
+        fn from(e: TaskFailed) -> Self {
+            Mine(format!("task failed: {e}"))
+        }
+    }
+
     #[tokio::test]
     async fn a_panicking_task_is_the_callers_error() {
-        let r: Result<(), String> = blocking(|| panic!("boom")).await;
-        assert!(r.unwrap_err().starts_with("task failed: "));
-        let ok: Result<u8, String> = blocking(|| Ok(7)).await;
+        let r: Result<(), Mine> = blocking(|| panic!("boom")).await;
+        assert!(r.unwrap_err().0.starts_with("task failed: "));
+        let ok: Result<u8, Mine> = blocking(|| Ok(7)).await;
         assert_eq!(ok, Ok(7));
     }
 }

@@ -9,7 +9,7 @@ use rehost_proto::MachineId;
 
 use super::blueprint::{self, Blueprint};
 use super::source::{source_action, SourceAction};
-use super::{steps, target, JobLog, JobRow, LaunchOptions};
+use super::{steps, target, JobLog, JobRow, LaunchOptions, StepError};
 use crate::states::{JobMode, Lifecycle};
 use crate::task::blocking;
 use crate::Shared;
@@ -88,12 +88,8 @@ pub(super) async fn run(
                 JobMode::Cutover => format!("cutover complete in {secs:.1} s; the machine is cutover-complete and its replication has stopped"),
             };
             log.log("job-end", end).await;
-            let r = blocking(move || {
-                s.catalog
-                    .finish_job(id, None, to)
-                    .map_err(|e| e.to_string())
-            })
-            .await;
+            let r =
+                blocking(move || s.catalog.finish_job(id, None, to).map_err(StepError::from)).await;
             if let Err(e) = r {
                 tracing::error!(job = id, error = %e, "record the end of a job");
             }
@@ -108,7 +104,8 @@ pub(super) async fn run(
                     )));
             }
         }
-        Err(why) => {
+        Err(e) => {
+            let why = e.to_string();
             // The failed job's dir is removed next (the cleanup line says so): paths in it are
             // written JOB_DIR/... in the error, and the last line says which dir that was.
             let dir = made.dir.take();
@@ -122,7 +119,7 @@ pub(super) async fn run(
                     let (l, d) = (log.clone(), dir.clone());
                     let _ = blocking(move || {
                         cleanup(&l, &d);
-                        Ok::<_, String>(())
+                        Ok::<_, StepError>(())
                     })
                     .await;
                     format!("failed after {secs:.1} s (JOB_DIR: {})", dir.display())
@@ -134,7 +131,7 @@ pub(super) async fn run(
             let r = blocking(move || {
                 s.catalog
                     .finish_job(id, Some(&why), back)
-                    .map_err(|e| e.to_string())
+                    .map_err(StepError::from)
             })
             .await;
             if let Err(e) = r {
@@ -150,12 +147,12 @@ async fn remove_test_target(
     log: &JobLog,
     machine: &MachineId,
     why: &str,
-) -> Result<bool, String> {
+) -> Result<bool, StepError> {
     let (s, m) = (shared.clone(), machine.to_string());
     let prev = blocking(move || {
         s.catalog
             .active_job(&m, JobMode::Test)
-            .map_err(|e| e.to_string())
+            .map_err(StepError::from)
     })
     .await?;
     let Some(p) = prev else {
@@ -171,7 +168,7 @@ async fn remove_test_target(
         if let Some(d) = &p.target_dir {
             cleanup(&l, Path::new(d));
         }
-        s.catalog.deactivate_job(p.id).map_err(|e| e.to_string())
+        s.catalog.deactivate_job(p.id).map_err(StepError::from)
     })
     .await?;
     Ok(true)
@@ -202,7 +199,7 @@ pub(super) fn cleanup(log: &JobLog, dir: &Path) {
 }
 
 /// The job's steps in order: cleanup, source action, recovery point, export, convert, launch.
-async fn steps(launch: Launch<'_>, made: &mut Made) -> Result<(), String> {
+async fn steps(launch: Launch<'_>, made: &mut Made) -> Result<(), StepError> {
     let Launch {
         shared,
         log,
@@ -230,9 +227,9 @@ async fn steps(launch: Launch<'_>, made: &mut Made) -> Result<(), String> {
             ),
         )
         .await;
-        let said = source_action(shared, machine, a).await.map_err(|e| {
-            format!("source action failed: {e}; no cutover was made and the source keeps running")
-        })?;
+        let said = source_action(shared, machine, a)
+            .await
+            .map_err(StepError::SourceAction)?;
         log.log("source", format!("the agent says: {said}")).await;
     }
 
@@ -266,10 +263,10 @@ async fn steps(launch: Launch<'_>, made: &mut Made) -> Result<(), String> {
         .join(format!("job-{}-{}", job.id, mode.as_str()));
     {
         let (s, d, id) = (shared.clone(), dir.display().to_string(), job.id);
-        blocking(move || s.catalog.set_job_target(id, &d).map_err(|e| e.to_string())).await?;
+        blocking(move || s.catalog.set_job_target(id, &d).map_err(StepError::from)).await?;
     }
     made.dir = Some(dir.clone());
-    crate::private::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    crate::private::create_dir_all(&dir).map_err(StepError::file("create", &dir))?;
     if bp.launch == blueprint::LaunchMethod::Libvirt {
         // libvirt's QEMU runs as its own user: it must be able to reach the images (the images
         // themselves stay 0600; libvirt hands them to that user when it starts the domain).
@@ -279,7 +276,7 @@ async fn steps(launch: Launch<'_>, made: &mut Made) -> Result<(), String> {
             parent.clone()
         };
         let opened = crate::private::allow_search(&dir, &top)
-            .map_err(|e| format!("let libvirt's QEMU reach {}: {e}", dir.display()))?;
+            .map_err(StepError::file("let libvirt's QEMU reach", &dir))?;
         if !opened.is_empty() {
             log.log(
                 "export",

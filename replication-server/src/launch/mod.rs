@@ -31,6 +31,8 @@
 //!   API routes are `crate::api::launches`).
 
 pub mod blueprint;
+mod error;
+pub use error::{SourceActionError, StepError};
 mod job;
 pub mod rows;
 mod source;

@@ -1,6 +1,7 @@
 //! A cutover's planned-failover source action: stop services before the final point, or power
 //! off after it, asked of the agent and bounded in time.
 
+use super::SourceActionError;
 use std::time::Duration;
 
 use rehost_proto::MachineId;
@@ -54,9 +55,9 @@ pub(super) async fn source_action(
     shared: &Shared,
     machine: &MachineId,
     action: &SourceAction,
-) -> Result<String, String> {
+) -> Result<String, SourceActionError> {
     let slot = shared.slot(machine);
-    let out = slot.agent().ok_or("the machine's agent is not connected")?;
+    let out = slot.agent().ok_or(SourceActionError::NotConnected)?;
     let (id, rx) = slot.expect_action();
     let (kind, units) = match action {
         SourceAction::StopServices(u) => {
@@ -70,19 +71,16 @@ pub(super) async fn source_action(
         .is_err()
     {
         slot.take_action(id);
-        return Err("the machine's agent disconnected".into());
+        return Err(SourceActionError::Disconnected);
     }
     drop(out);
     match tokio::time::timeout(SOURCE_ACTION_BOUND, rx).await {
         Ok(Ok((true, m))) => Ok(m),
-        Ok(Ok((false, m))) => Err(m),
-        Ok(Err(_)) => Err("the agent's session ended before it answered".into()),
+        Ok(Ok((false, m))) => Err(SourceActionError::Refused(m)),
+        Ok(Err(_)) => Err(SourceActionError::SessionEnded),
         Err(_) => {
             slot.take_action(id);
-            Err(format!(
-                "no answer within {} s",
-                SOURCE_ACTION_BOUND.as_secs()
-            ))
+            Err(SourceActionError::NoAnswer(SOURCE_ACTION_BOUND.as_secs()))
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rehost_proto::MachineId;
 
 use super::blueprint::{self, Blueprint, BootMode, LaunchMethod};
-use super::{converter_path, target, JobLog, JobRow, LaunchOptions};
+use super::{converter_path, target, JobLog, JobRow, LaunchOptions, StepError};
 use crate::snapshot::{Consistency, SnapshotInfo};
 use crate::states::JobMode;
 use crate::states::SnapshotState;
@@ -24,9 +24,9 @@ pub(super) async fn choose_point(
     machine: &MachineId,
     mode: JobMode,
     opts: &LaunchOptions,
-) -> Result<SnapshotInfo, String> {
+) -> Result<SnapshotInfo, StepError> {
     let (s, m) = (shared.clone(), machine.to_string());
-    let snaps = blocking(move || s.catalog.snapshots(&m).map_err(|e| e.to_string())).await?;
+    let snaps = blocking(move || s.catalog.snapshots(&m).map_err(StepError::from)).await?;
     let latest = crate::snapshot::select::select(&snaps, "latest")
         .ok()
         .cloned();
@@ -41,9 +41,14 @@ pub(super) async fn choose_point(
     };
     let point = match (opts.snapshot.as_deref(), mode) {
         (Some(sel), _) => {
-            let p = crate::snapshot::select::select(&snaps, sel)?.clone();
+            let p = crate::snapshot::select::select(&snaps, sel)
+                .map_err(StepError::Point)?
+                .clone();
             if p.state != SnapshotState::Complete {
-                return Err(format!("snapshot {} is {}, not complete", p.id, p.state));
+                return Err(StepError::Point(format!(
+                    "snapshot {} is {}, not complete",
+                    p.id, p.state
+                )));
             }
             log.log("snapshot", format!("using the chosen {}", describe(&p)))
                 .await;
@@ -66,7 +71,7 @@ pub(super) async fn choose_point(
                     true,
                 )
                 .await
-                .map_err(|e| format!("snapshot failed: {}", rehost_proto::error::chain(&e)))?;
+                .map_err(StepError::Snapshot)?;
                 log.log("snapshot", format!("snapshot end: {}", describe(&p)))
                     .await;
                 p
@@ -100,10 +105,12 @@ pub(super) async fn choose_point(
                     .await;
                     return finish_point(shared, job, p).await;
                 }
-                Err(why) => why,
+                Err(e) => rehost_proto::error::chain(&e),
             };
             let p = latest.ok_or_else(|| {
-                format!("snapshot fail: no final point ({why}) and no earlier recovery point")
+                StepError::Point(format!(
+                    "snapshot fail: no final point ({why}) and no earlier recovery point"
+                ))
             })?;
             log.log(
                 "snapshot",
@@ -123,14 +130,9 @@ async fn finish_point(
     shared: &Arc<Shared>,
     job: &JobRow,
     p: SnapshotInfo,
-) -> Result<SnapshotInfo, String> {
+) -> Result<SnapshotInfo, StepError> {
     let (s, id, sid) = (shared.clone(), job.id, p.id);
-    blocking(move || {
-        s.catalog
-            .set_job_snapshot(id, sid)
-            .map_err(|e| e.to_string())
-    })
-    .await?;
+    blocking(move || s.catalog.set_job_snapshot(id, sid).map_err(StepError::from)).await?;
     Ok(p)
 }
 
@@ -140,7 +142,7 @@ pub(super) async fn export(
     log: &JobLog,
     point: &SnapshotInfo,
     dir: &Path,
-) -> Result<Vec<PathBuf>, String> {
+) -> Result<Vec<PathBuf>, StepError> {
     let (s, l, p, dir) = (
         shared.clone(),
         log.clone(),
@@ -150,12 +152,11 @@ pub(super) async fn export(
     blocking(move || {
         let mut out = Vec::new();
         for d in &p.disks {
-            let root = d
-                .root_id()
-                .ok_or_else(|| format!("damaged root id of {} in the catalog", d.device))?;
+            let root = d.root_id().ok_or_else(|| {
+                StepError::Point(format!("damaged root id of {} in the catalog", d.device))
+            })?;
             let path = dir.join(format!("source-disk{}.raw", d.disk_id));
-            let file = crate::private::create(&path)
-                .map_err(|e| format!("create {}: {e}", path.display()))?;
+            let file = crate::private::create(&path).map_err(StepError::file("create", &path))?;
             l.line(
                 "export",
                 format!(
@@ -180,7 +181,10 @@ pub(super) async fn export(
                     }
                 },
             )
-            .map_err(|e| format!("export {}: {}", d.device, rehost_proto::error::chain(&e)))?;
+            .map_err(|error| StepError::Export {
+                device: d.device.clone(),
+                error,
+            })?;
             l.line(
                 "export",
                 format!(
@@ -205,7 +209,7 @@ pub(super) async fn convert(
     bp: &Blueprint,
     dir: &Path,
     sources: &[PathBuf],
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, StepError> {
     let (s, l, id, dir) = (shared.clone(), log.clone(), job.id, dir.to_path_buf());
     let name = safe_name(&job.hostname);
     let output = dir.join(format!("{name}.{}", bp.format.name()));
@@ -213,7 +217,7 @@ pub(super) async fn convert(
     // The converted image holds the source's data: made 0600 before the converter writes into
     // it (it keeps an existing file's mode). The converter's own umask is left alone: it
     // creates files inside the guest, whose modes must stay the guest's.
-    crate::private::create(&output).map_err(|e| format!("create {}: {e}", output.display()))?;
+    crate::private::create(&output).map_err(StepError::file("create", &output))?;
     let mut cmd = Command::new(converter_path());
     cmd.arg("--work-dir")
         .arg(dir.join("work"))
@@ -251,9 +255,9 @@ pub(super) async fn convert(
                 converter_path().display()
             ),
         );
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", converter_path().display()))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            StepError::Conversion(format!("start {}: {e}", converter_path().display()))
+        })?;
         let _ = s.catalog.set_job_child(id, Some(child.id()));
         let stderr = child.stderr.take();
         let step_log = l.clone();
@@ -286,7 +290,7 @@ pub(super) async fn convert(
         }
         let status = child
             .wait()
-            .map_err(|e| format!("wait for the converter: {e}"))?;
+            .map_err(|e| StepError::Conversion(format!("wait for the converter: {e}")))?;
         let _ = s.catalog.set_job_child(id, None);
         let err = err_reader.join().unwrap_or_default();
         if !status.success() {
@@ -294,7 +298,7 @@ pub(super) async fn convert(
             for line in &why.log {
                 l.line("convert", format!("converter: {line}"));
             }
-            return Err(match (status.code(), why.reason) {
+            return Err(StepError::Conversion(match (status.code(), why.reason) {
                 // Exit 3: the converter's own words say the image cannot be made bootable.
                 (Some(3), Some(r)) => format!("conversion fail: {r}"),
                 (_, Some(r)) => {
@@ -303,18 +307,19 @@ pub(super) async fn convert(
                 (_, None) => format!(
                     "conversion fail: rehost-converter exited with {status} without saying why"
                 ),
-            });
+            }));
         }
         let text = std::fs::read_to_string(&report)
-            .map_err(|e| format!("read the conversion report {}: {e}", report.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("conversion report {}: {e}", report.display()))?;
+            .map_err(StepError::file("read the conversion report", &report))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            StepError::Conversion(format!("conversion report {}: {e}", report.display()))
+        })?;
         // Every image private (the other disks' images were not made beforehand).
         for out in v["outputs"].as_array().into_iter().flatten() {
             if let Some(p) = out.as_str() {
                 use std::os::unix::fs::PermissionsExt as _;
                 std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| format!("make {p} private: {e}"))?;
+                    .map_err(|e| StepError::Conversion(format!("make {p} private: {e}")))?;
             }
         }
         l.line(
@@ -395,7 +400,7 @@ pub(super) async fn launch(
     bp: &Blueprint,
     dir: &Path,
     report: &serde_json::Value,
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     let disks: Vec<PathBuf> = report["outputs"]
         .as_array()
         .map(|o| {
@@ -406,7 +411,9 @@ pub(super) async fn launch(
         })
         .unwrap_or_default();
     if disks.is_empty() {
-        return Err("the conversion report names no output image".into());
+        return Err(StepError::Target(
+            "the conversion report names no output image".into(),
+        ));
     }
     let uefi = match bp.boot {
         BootMode::Bios => false,
@@ -414,15 +421,19 @@ pub(super) async fn launch(
         BootMode::Source => source_is_uefi(report),
     };
     let uefi = if uefi {
-        let (code, vars) = blueprint::find_ovmf()
-            .ok_or("UEFI boot needs the OVMF firmware in /usr/share/OVMF (apt-get install ovmf)")?;
+        let (code, vars) = blueprint::find_ovmf().ok_or_else(|| {
+            StepError::Target(
+                "UEFI boot needs the OVMF firmware in /usr/share/OVMF (apt-get install ovmf)"
+                    .into(),
+            )
+        })?;
         let own = dir.join("OVMF_VARS.fd");
         std::fs::copy(&vars, &own)
             .and_then(|_| {
                 use std::os::unix::fs::PermissionsExt as _;
                 std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o600))
             })
-            .map_err(|e| format!("copy {}: {e}", vars.display()))?;
+            .map_err(StepError::file("copy", &vars))?;
         Some((code, own))
     } else {
         None
@@ -449,12 +460,12 @@ pub(super) async fn launch(
             use std::os::unix::fs::PermissionsExt as _;
             std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))
         })
-        .map_err(|e| format!("write {}: {e}", script.display()))?;
+        .map_err(StepError::file("write", &script))?;
     crate::private::create(&xml)
         .and_then(|mut f| {
             std::io::Write::write_all(&mut f, blueprint::libvirt_xml(bp, &t).as_bytes())
         })
-        .map_err(|e| format!("write {}: {e}", xml.display()))?;
+        .map_err(StepError::file("write", &xml))?;
     match bp.launch {
         LaunchMethod::None => {
             log.log(
@@ -476,11 +487,8 @@ pub(super) async fn launch(
             )
             .await;
             let (d, a) = (dir.to_path_buf(), args.clone());
-            let pid = blocking(move || {
-                target::start_qemu(&d, &a).map_err(|e| rehost_proto::error::chain(&e))
-            })
-            .await
-            .map_err(|e| format!("launch failed: {e}"))?;
+            let pid =
+                blocking(move || target::start_qemu(&d, &a).map_err(StepError::Launch)).await?;
             log.log(
                 "launch",
                 format!(
@@ -495,11 +503,7 @@ pub(super) async fn launch(
             log.log("launch", format!("launch start: libvirt domain {}", t.name))
                 .await;
             let (d, x, n) = (dir.to_path_buf(), xml.clone(), t.name.clone());
-            blocking(move || {
-                target::start_libvirt(&d, &x, &n).map_err(|e| rehost_proto::error::chain(&e))
-            })
-            .await
-            .map_err(|e| format!("launch failed: {e}"))?;
+            blocking(move || target::start_libvirt(&d, &x, &n).map_err(StepError::Launch)).await?;
             log.log("launch", format!("domain {} started", t.name))
                 .await;
         }
@@ -529,10 +533,9 @@ pub(super) async fn launch(
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("running")),
             _ => target::vm_pid(&d).is_some(),
         };
-        target::watch_boot(&serial, &markers, timeout, &running)
+        target::watch_boot(&serial, &markers, timeout, &running).map_err(StepError::BootCheck)
     })
-    .await
-    .map_err(|e| format!("boot check failed: {e}"))?;
+    .await?;
     log.log(
         "boot-check",
         format!(

@@ -151,28 +151,28 @@ pub async fn final_point(
     machine: MachineId,
     reason: String,
     timeout: Duration,
-) -> Result<SnapshotInfo, String> {
+) -> Result<SnapshotInfo, SnapshotError> {
     let slot = shared.slot(&machine);
     if slot.agent().is_none() {
-        return Err("the machine's agent is not connected".into());
+        return Err(SnapshotError::NotReady(
+            "the machine's agent is not connected".into(),
+        ));
     }
-    if !synced(&shared, &machine)
-        .await
-        .map_err(|e| rehost_proto::error::chain(&e))?
-    {
-        return Err("not every disk has finished its initial sync".into());
+    if !synced(&shared, &machine).await? {
+        return Err(SnapshotError::NotReady(
+            "not every disk has finished its initial sync".into(),
+        ));
     }
     let prepared = prepare_live(&shared, &slot, &machine).await;
-    match agent_point(&slot, &machine, &reason, timeout).await {
-        Ok(Some(mut info)) => {
+    match agent_point(&slot, &machine, &reason, timeout).await? {
+        Some(mut info) => {
             add_prepared(&shared, &mut info, prepared).await;
             Ok(info)
         }
-        Ok(None) => Err(format!(
+        None => Err(SnapshotError::NotReady(format!(
             "the agent gave no consistency point within {} s",
             timeout.as_secs()
-        )),
-        Err(e) => Err(rehost_proto::error::chain(&e)),
+        ))),
     }
 }
 
