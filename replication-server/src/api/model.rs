@@ -370,3 +370,13 @@ pub struct SetHook {
     #[serde(default)]
     pub continue_on_error: bool,
 }
+
+/// A group point: one recovery point of every machine of a plan at one instant.
+pub use crate::snapshot::group::GroupPoint;
+
+/// `GET /v1/plans/{plan}/points`, `snapshots --plan NAME --json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GroupPointList {
+    pub plan: String,
+    pub points: Vec<GroupPoint>,
+}

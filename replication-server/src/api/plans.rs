@@ -13,7 +13,8 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 
 use super::model::{
-    CreatePlan, MemberRemoved, Plan, PlanDeleted, PlanList, SetHook, SetMember, SetNetworks,
+    CreatePlan, GroupPoint, GroupPointList, MemberRemoved, Plan, PlanDeleted, PlanList, SetHook,
+    SetMember, SetNetworks,
 };
 use super::{blocking, ApiError};
 use crate::plan::{self, Hook, PlanError};
@@ -34,6 +35,45 @@ pub fn routes() -> Router<Arc<Shared>> {
             "/v1/plans/{plan}/hooks/{step}/{kind}",
             put(set_hook).delete(remove_hook),
         )
+        .route("/v1/plans/{plan}/points", get(points).post(take_point))
+}
+
+/// `POST /v1/plans/{plan}/points`: one group point of every machine of the plan (see
+/// `snapshot::group`); answers once it is recorded.
+async fn take_point(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Json<GroupPoint>, ApiError> {
+    let (s2, n) = (s.clone(), name.clone());
+    let plan = blocking(move || s2.catalog.plan(&n).map_err(api)).await?;
+    let mut machines = Vec::new();
+    for m in plan.steps.iter().flat_map(|st| &st.machines) {
+        machines.push(
+            rehost_proto::MachineId::parse(&m.machine_id)
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        );
+    }
+    let reason = format!("plan {name}");
+    crate::snapshot::group::take(s, name, machines, reason)
+        .await
+        .map(Json)
+        .map_err(super::snapshots::api)
+}
+
+/// `GET /v1/plans/{plan}/points`: the plan's group points, oldest first.
+async fn points(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Json<GroupPointList>, ApiError> {
+    blocking(move || {
+        s.catalog.plan(&name).map_err(api)?;
+        let points = s
+            .catalog
+            .group_points(&name)
+            .map_err(|e| super::internal(chain(&e)))?;
+        Ok(Json(GroupPointList { plan: name, points }))
+    })
+    .await
 }
 
 fn api(e: PlanError) -> ApiError {

@@ -27,7 +27,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/v1/retention", get(retention).post(set_retention))
 }
 
-fn api(e: SnapshotError) -> ApiError {
+pub(super) fn api(e: SnapshotError) -> ApiError {
     let code = match &e {
         SnapshotError::NotReady(_) => StatusCode::CONFLICT,
         SnapshotError::NotFound(_) => StatusCode::NOT_FOUND,

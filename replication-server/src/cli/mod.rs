@@ -140,7 +140,11 @@ pub enum Cmd {
     /// List a machine's recovery points.
     Snapshots {
         /// Machine id or hostname.
-        machine: String,
+        #[arg(required_unless_present = "plan", conflicts_with = "plan")]
+        machine: Option<String>,
+        /// List the group points of this recovery plan instead (`snapshot create --plan`).
+        #[arg(long)]
+        plan: Option<String>,
         /// Print JSON instead of text (format documented in the README).
         #[arg(long)]
         json: bool,
@@ -308,9 +312,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Snapshot(cmd) => snapshots::run(cmd, &cli.admin, &cli.data_dir),
-        Cmd::Snapshots { machine, json } => {
-            snapshots::list(&cli.admin, &cli.data_dir, machine, *json)
-        }
+        Cmd::Snapshots {
+            plan: Some(plan),
+            json,
+            ..
+        } => snapshots::list_plan(&cli.admin, &cli.data_dir, plan, *json),
+        Cmd::Snapshots {
+            machine: Some(machine),
+            json,
+            ..
+        } => snapshots::list(&cli.admin, &cli.data_dir, machine, *json),
+        Cmd::Snapshots { .. } => anyhow::bail!("name a machine or a --plan"),
         Cmd::Gc { json } => snapshots::gc(&cli.admin, &cli.data_dir, *json),
         Cmd::Retention(cmd) => snapshots::retention(cmd, &cli.admin, &cli.data_dir),
         Cmd::Blueprint(cmd) => jobs::blueprint(cmd, &cli.admin, &cli.data_dir),

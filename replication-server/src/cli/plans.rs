@@ -131,7 +131,7 @@ fn network(s: &str) -> Result<Network, String> {
 
 /// `s` as one segment of an API path: every byte but `A-Z a-z 0-9 - _ ~` percent-encoded (a
 /// name the server does not know then comes back as "no such", not as a wrong route).
-fn seg(s: &str) -> String {
+pub(super) fn seg(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'~' => (b as char).to_string(),

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::client::AdminClient;
 use crate::api::model::{
-    CreateSnapshot, GcStats, RetentionView, SetRetention, SnapshotCreated, SnapshotDeleted,
-    SnapshotInfo, SnapshotList,
+    CreateSnapshot, GcStats, GroupPoint, GroupPointList, RetentionView, SetRetention,
+    SnapshotCreated, SnapshotDeleted, SnapshotInfo, SnapshotList,
 };
 use crate::catalog::Catalog;
 use crate::human;
@@ -23,10 +23,18 @@ use clap::{Subcommand, ValueEnum};
 
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
-    /// Take a recovery point of all the machine's disks now.
+    /// Take a recovery point of all the machine's disks now (or, with --plan, one group point of
+    /// every machine of a recovery plan).
     Create {
         /// Machine id or hostname.
-        machine: String,
+        #[arg(required_unless_present = "plan", conflicts_with = "plan")]
+        machine: Option<String>,
+        /// One group point of every machine of this recovery plan: their agents freeze
+        /// together, each marks its point, and all thaw once every mark has arrived (at most
+        /// 1.5 s); if one cannot, every machine gets a crash-consistent point at one instant of
+        /// its stream, and the point's note says why. Always waits for the group.
+        #[arg(long, conflicts_with = "stream_point")]
+        plan: Option<String>,
         /// Wait until the snapshot is complete and print it.
         #[arg(long)]
         wait: bool,
@@ -184,7 +192,29 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
     let client = || AdminClient::new(admin, data_dir);
     match cmd {
         SnapshotCmd::Create {
-            machine,
+            plan: Some(plan),
+            json,
+            ..
+        } => {
+            let g: GroupPoint = client()?.post_long(
+                &format!("/v1/plans/{}/points", super::plans::seg(plan)),
+                &(),
+            )?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&g)?);
+            } else {
+                print_group(&g);
+            }
+            Ok(())
+        }
+        SnapshotCmd::Create {
+            machine: None,
+            plan: None,
+            ..
+        } => bail!("name a machine or a --plan"),
+        SnapshotCmd::Create {
+            machine: Some(machine),
+            plan: None,
             wait,
             stream_point,
             json,
@@ -424,6 +454,47 @@ pub fn run(cmd: &SnapshotCmd, admin: &str, data_dir: &Path) -> anyhow::Result<()
             Ok(())
         }
     }
+}
+
+/// A group point in text: its id, consistency, window and skew, then each machine's point.
+fn print_group(g: &GroupPoint) {
+    let measured = match (g.window_ms, g.skew_ms) {
+        (Some(w), Some(k)) => format!(", window {w} ms, mark skew {k} ms"),
+        _ => String::new(),
+    };
+    println!(
+        "group point {} of plan {}: {} machine(s), {}{measured}",
+        g.id,
+        g.group,
+        g.snapshots.len(),
+        g.consistency
+    );
+    for s in &g.snapshots {
+        println!(
+            "  {:<20} snapshot {:>6}  {:<5} {}",
+            s.machine_id,
+            s.id,
+            s.consistency,
+            human::datetime(s.completed_at.unwrap_or(s.created_at))
+        );
+    }
+    println!("  {}", g.note);
+}
+
+/// `snapshots --plan NAME`: the plan's group points.
+pub fn list_plan(admin: &str, data_dir: &Path, plan: &str, json: bool) -> anyhow::Result<()> {
+    let l: GroupPointList = AdminClient::new(admin, data_dir)?
+        .get(&format!("/v1/plans/{}/points", super::plans::seg(plan)))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&l)?);
+    } else if l.points.is_empty() {
+        println!("no group points of plan {} yet", l.plan);
+    } else {
+        for g in &l.points {
+            print_group(g);
+        }
+    }
+    Ok(())
 }
 
 pub fn list(admin: &str, data_dir: &Path, machine: &str, json: bool) -> anyhow::Result<()> {
