@@ -221,9 +221,34 @@ fn a_group_point_under_load_holds_every_fsynced_file_and_a_stopped_agent_makes_i
         );
     }
 
+    // One agent stopped for good: its point comes from its volumes, the others' from their
+    // streams, all crash-consistent.
+    machines[2].2.kill(Signal::SIGTERM);
+    let plain_id = machines[2].2.state_json()["machine_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until("the server to see plain disconnected", LIMIT, || {
+        let m = server.machines();
+        m["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["machine_id"] == plain_id.as_str() && m["connected"] == false)
+            .then_some(())
+    });
+    let g = cli_json(&server, &["snapshot", "create", "--plan", "shop", "--json"]);
+    assert_eq!(g["consistency"], "crash", "{g:#}");
+    let note = g["note"].as_str().unwrap();
+    assert!(
+        note.contains(&plain_id) && note.contains("not connected"),
+        "{note}"
+    );
+    assert_eq!(g["snapshots"].as_array().unwrap().len(), 3, "{g:#}");
+
     let l = cli_json(&server, &["snapshots", "--plan", "shop", "--json"]);
     let points = l["points"].as_array().unwrap();
-    assert_eq!(points.len(), 3, "{l:#}");
+    assert_eq!(points.len(), 4, "{l:#}");
     let text = cli_ok(&server, &["snapshots", "--plan", "shop"]);
     assert!(
         text.contains("group point") && text.contains("crash"),
