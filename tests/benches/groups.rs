@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use rehost_tests::loopfs::LoopFs;
 use rehost_tests::*;
-use serde_json::Value;
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -22,16 +21,6 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-fn cli_json(server: &Server, args: &[&str]) -> Value {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn main() {
@@ -86,7 +75,7 @@ fn main() {
     let mut single = Vec::new();
     for _ in 0..points {
         std::thread::sleep(Duration::from_millis(300));
-        let s = cli_json(&server, &["snapshot", "create", "db", "--wait", "--json"]);
+        let s = server.json(&["snapshot", "create", "db", "--wait", "--json"]);
         assert_eq!(s["consistency"], "app", "{s}");
         std::thread::sleep(Duration::from_millis(1100));
         let p = machines[0].1.status()["last_point"].clone();
@@ -96,10 +85,7 @@ fn main() {
     let (mut windows, mut skews, mut crash) = (Vec::new(), Vec::new(), 0);
     for _ in 0..points {
         std::thread::sleep(Duration::from_millis(300));
-        let g = cli_json(
-            &server,
-            &["snapshot", "create", "--plan", "bench", "--json"],
-        );
+        let g = server.json(&["snapshot", "create", "--plan", "bench", "--json"]);
         match (g["window_ms"].as_f64(), g["skew_ms"].as_f64()) {
             (Some(w), Some(k)) => {
                 windows.push(w);

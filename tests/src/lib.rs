@@ -171,6 +171,12 @@ impl Server {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// [`Server::ok`] of a `--json` command: its reply.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let text = self.ok(args);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    }
+
     /// Takes a recovery point of `machine` and waits for it; `snapshot create --json`'s reply.
     pub fn snapshot(&self, machine: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["snapshot", "create", machine, "--wait", "--json"]))

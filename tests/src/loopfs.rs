@@ -69,3 +69,28 @@ impl Drop for LoopFs {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
+
+/// Asserts that the last `n` of `files` (fsynced under `mnt`, with their blake3) are in the ext4
+/// image `img`, read back with debugfs; `what` names the image in the message.
+pub fn assert_files_in_image(
+    img: &Path,
+    mnt: &Path,
+    files: &[(PathBuf, String)],
+    n: usize,
+    what: &str,
+) {
+    for (p, h) in files.iter().rev().take(n) {
+        let rel = p.strip_prefix(mnt).unwrap();
+        let out = run_ok(
+            Command::new("debugfs")
+                .args(["-R", &format!("cat /{}", rel.display())])
+                .arg(img),
+        );
+        assert_eq!(
+            blake3::hash(&out.stdout).to_hex().to_string(),
+            *h,
+            "{} is not in {what}",
+            rel.display()
+        );
+    }
+}

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use rehost_tests::loopfs::LoopFs;
+use rehost_tests::loopfs::{assert_files_in_image, LoopFs};
 use rehost_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -71,20 +71,7 @@ fn converge(fs: &mut LoopFs, writer: &mut Writer, server: &Server, dir: &Path) {
     run_ok(Command::new("e2fsck").arg("-fn").arg(&copy));
     // Every fsynced file, read back from the replica with debugfs.
     let mnt = fs.mnt.clone();
-    for (p, h) in files.iter().rev().take(30) {
-        let rel = p.strip_prefix(&mnt).unwrap();
-        let out = run_ok(
-            Command::new("debugfs")
-                .args(["-R", &format!("cat /{}", rel.display())])
-                .arg(&copy),
-        );
-        assert_eq!(
-            blake3::hash(&out.stdout).to_hex().to_string(),
-            *h,
-            "{} differs in the replica",
-            rel.display()
-        );
-    }
+    assert_files_in_image(&copy, &mnt, &files, 30, "the replica");
 }
 
 /// Dropped in reverse order: the agent stops before its trace instance is removed.
@@ -231,20 +218,7 @@ fn a_consistency_point_while_the_writer_runs_is_a_clean_filesystem_with_every_fs
             ],
         );
         run_ok(Command::new("e2fsck").arg("-fn").arg(&img));
-        for (p, h) in before.iter().rev().take(25) {
-            let rel = p.strip_prefix(&fs.mnt).unwrap();
-            let out = run_ok(
-                Command::new("debugfs")
-                    .args(["-R", &format!("cat /{}", rel.display())])
-                    .arg(&img),
-            );
-            assert_eq!(
-                blake3::hash(&out.stdout).to_hex().to_string(),
-                *h,
-                "{} is not in point {round}",
-                rel.display()
-            );
-        }
+        assert_files_in_image(&img, &fs.mnt, &before, 25, &format!("point {round}"));
         std::fs::remove_file(&img).unwrap();
     }
     eprintln!("freeze windows: {freezes:?} ms");

@@ -8,32 +8,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use rehost_tests::loopfs::LoopFs;
+use rehost_tests::loopfs::{assert_files_in_image, LoopFs};
 use rehost_tests::*;
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(120);
 const HOSTS: [&str; 3] = ["db", "app", "plain"];
-
-fn cli_json(server: &Server, args: &[&str]) -> Value {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn cli_ok(server: &Server, args: &[&str]) -> String {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn wait_continuous(agent: &Agent) {
     wait_until("continuous replication", LIMIT, || {
@@ -52,37 +32,21 @@ fn check_point(
     before: &[(std::path::PathBuf, String)],
 ) {
     let img = dir.join(format!("{host}-point.img"));
-    cli_ok(
-        server,
-        &[
-            "snapshot",
-            "export",
-            host,
-            &snapshot["id"].to_string(),
-            "--output",
-            &img.display().to_string(),
-        ],
-    );
+    server.ok(&[
+        "snapshot",
+        "export",
+        host,
+        &snapshot["id"].to_string(),
+        "--output",
+        &img.display().to_string(),
+    ]);
     run_ok(Command::new("e2fsck").arg("-fn").arg(&img));
     assert!(
         before.len() > 5,
         "{host}: the writer wrote {} files",
         before.len()
     );
-    for (p, h) in before.iter().rev().take(20) {
-        let rel = p.strip_prefix(&fs.mnt).unwrap();
-        let out = run_ok(
-            Command::new("debugfs")
-                .args(["-R", &format!("cat /{}", rel.display())])
-                .arg(&img),
-        );
-        assert_eq!(
-            blake3::hash(&out.stdout).to_hex().to_string(),
-            *h,
-            "{host}: {} is not in the group point",
-            rel.display()
-        );
-    }
+    assert_files_in_image(&img, &fs.mnt, before, 20, &format!("{host}'s group point"));
     std::fs::remove_file(&img).unwrap();
 }
 
@@ -109,9 +73,9 @@ fn a_group_point_under_load_holds_every_fsynced_file_and_a_stopped_agent_makes_i
         let cleanup = TraceCleanup(agent.state_json()["machine_id"].as_str().map(String::from));
         machines.push((host, fs, agent, cleanup));
     }
-    cli_ok(&server, &["plan", "create", "shop"]);
+    server.ok(&["plan", "create", "shop"]);
     for (host, step) in [("db", "1"), ("app", "2"), ("plain", "2")] {
-        cli_ok(&server, &["plan", "add", "shop", host, "--step", step]);
+        server.ok(&["plan", "add", "shop", host, "--step", step]);
     }
     let mut writers = Vec::new();
     for (_, fs, agent, _) in &mut machines {
@@ -132,7 +96,7 @@ fn a_group_point_under_load_holds_every_fsynced_file_and_a_stopped_agent_makes_i
             .unwrap()
             .as_secs() as i64;
         let before: Vec<_> = writers.iter().map(|w| w.done()).collect();
-        let g = cli_json(&server, &["snapshot", "create", "--plan", "shop", "--json"]);
+        let g = server.json(&["snapshot", "create", "--plan", "shop", "--json"]);
         assert_eq!(g["consistency"], "app", "round {round}: {g:#}");
         assert_eq!(g["group"], "shop");
         let snaps = g["snapshots"].as_array().unwrap();
@@ -208,7 +172,7 @@ fn a_group_point_under_load_holds_every_fsynced_file_and_a_stopped_agent_makes_i
     assert_eq!(g["snapshots"].as_array().unwrap().len(), 3, "{g:#}");
     // The held points of the machines that did freeze were removed, not left behind.
     for (host, _, _, _) in &machines {
-        let l = cli_json(&server, &["snapshots", host, "--json"]);
+        let l = server.json(&["snapshots", host, "--json"]);
         let ungrouped: Vec<_> = l["snapshots"]
             .as_array()
             .unwrap()
@@ -237,7 +201,7 @@ fn a_group_point_under_load_holds_every_fsynced_file_and_a_stopped_agent_makes_i
             .any(|m| m["machine_id"] == plain_id.as_str() && m["connected"] == false)
             .then_some(())
     });
-    let g = cli_json(&server, &["snapshot", "create", "--plan", "shop", "--json"]);
+    let g = server.json(&["snapshot", "create", "--plan", "shop", "--json"]);
     assert_eq!(g["consistency"], "crash", "{g:#}");
     let note = g["note"].as_str().unwrap();
     assert!(
@@ -246,10 +210,10 @@ fn a_group_point_under_load_holds_every_fsynced_file_and_a_stopped_agent_makes_i
     );
     assert_eq!(g["snapshots"].as_array().unwrap().len(), 3, "{g:#}");
 
-    let l = cli_json(&server, &["snapshots", "--plan", "shop", "--json"]);
+    let l = server.json(&["snapshots", "--plan", "shop", "--json"]);
     let points = l["points"].as_array().unwrap();
     assert_eq!(points.len(), 4, "{l:#}");
-    let text = cli_ok(&server, &["snapshots", "--plan", "shop"]);
+    let text = server.ok(&["snapshots", "--plan", "shop"]);
     assert!(
         text.contains("group point") && text.contains("crash"),
         "{text}"
@@ -263,7 +227,7 @@ fn a_group_point_under_load_holds_every_fsynced_file_and_a_stopped_agent_makes_i
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    cli_ok(&server, &["plan", "create", "empty"]);
+    server.ok(&["plan", "create", "empty"]);
     let out = server.cli(&["snapshot", "create", "--plan", "empty"]);
     assert!(!out.status.success());
     assert!(
