@@ -299,6 +299,7 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Shared>> {
         slots: Mutex::new(HashMap::new()),
     });
     launch::recover(&shared).context("clean up launch jobs a stop interrupted")?;
+    plan::run::recover(&shared).context("end the plan runs a stop interrupted")?;
     Ok(shared)
 }
 

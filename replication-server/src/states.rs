@@ -314,6 +314,28 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// What a run of a recovery plan does: a drill launches test targets on the plan's test
+    /// network while replication goes on; a failover cuts every machine over onto the production
+    /// network, after the sources' own actions and a final group point (planned) or from the
+    /// latest point, no source contacted (unplanned).
+    RunMode, "plan run mode" {
+        Drill = "drill",
+        FailoverPlanned = "failover-planned",
+        FailoverUnplanned = "failover-unplanned",
+    }
+}
+
+impl RunMode {
+    /// The launch mode of each machine of a run of this mode.
+    pub fn job_mode(self) -> JobMode {
+        match self {
+            RunMode::Drill => JobMode::Test,
+            RunMode::FailoverPlanned | RunMode::FailoverUnplanned => JobMode::Cutover,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -125,6 +125,7 @@ async fn launch(
         snapshot: req.snapshot,
         source_action: action,
         final_point_timeout,
+        ..Default::default()
     };
     crate::launch::start(s, machine, mode, opts)
         .await
@@ -198,7 +199,11 @@ async fn jobs(
             .catalog
             .jobs(machine.as_ref().map(|m| m.as_str()), false)
             .map_err(internal)?;
-        Ok(Json(JobList { jobs }))
+        let plan_runs = match machine {
+            Some(_) => Vec::new(),
+            None => s.catalog.plan_runs(None).map_err(internal)?,
+        };
+        Ok(Json(JobList { jobs, plan_runs }))
     })
     .await
 }

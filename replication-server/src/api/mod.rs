@@ -22,6 +22,7 @@ pub mod launches;
 pub mod machines;
 mod metrics;
 pub mod model;
+pub mod plan_runs;
 pub mod plans;
 pub mod snapshots;
 pub mod tls;
@@ -162,6 +163,7 @@ pub fn router(shared: Arc<Shared>, metrics_public: bool) -> Router {
         .merge(snapshots::routes())
         .merge(launches::routes())
         .merge(plans::routes())
+        .merge(plan_runs::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             require_admin,

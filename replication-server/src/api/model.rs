@@ -288,6 +288,10 @@ pub struct JobsQuery {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JobList {
     pub jobs: Vec<JobRow>,
+    /// Runs of recovery plans (`P<id>`), the parents of the jobs that name them; left out when
+    /// there is none, or when the list is of one machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan_runs: Vec<PlanRun>,
 }
 
 /// `GET /v1/jobs/{id}?after=SEQ`.
@@ -339,6 +343,9 @@ pub struct SetMember {
     /// Seconds before the machine's launch in its step, 0..=3600; default 0.
     #[serde(default)]
     pub delay_s: Option<u64>,
+    /// A planned failover's source action for this machine (as a cutover's); default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_action: Option<String>,
 }
 
 /// `DELETE /v1/plans/{plan}/machines/{machine}`: the machine and the step it was in.
@@ -379,4 +386,70 @@ pub use crate::snapshot::group::GroupPoint;
 pub struct GroupPointList {
     pub plan: String,
     pub points: Vec<GroupPoint>,
+}
+
+pub use crate::plan::run::Cleaned;
+pub use crate::plan::runs::{PlanRun, RunLogLine};
+pub use crate::states::{JobState, RunMode};
+
+/// `POST /v1/plans/{plan}/drill`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DrillRequest {
+    /// A group point id or `latest` (default).
+    #[serde(default)]
+    pub point: Option<String>,
+    /// Remove the drill's targets this many seconds after it ended (1..=7 days); default never.
+    #[serde(default)]
+    pub cleanup_after_s: Option<u64>,
+}
+
+/// `POST /v1/plans/{plan}/failover`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct FailoverRequest {
+    /// Planned (sources' actions, then a final group point) or unplanned (no source contacted).
+    pub planned: bool,
+    /// Unplanned only: a group point id or `latest` (default).
+    #[serde(default)]
+    pub point: Option<String>,
+}
+
+/// `GET /v1/plan-runs/{id}?after=SEQ`: a run and its log (after SEQ).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunView {
+    pub run: PlanRun,
+    pub log: Vec<RunLogLine>,
+}
+
+/// `plan status --json`: each machine of the plan with its part in the last drill and the last
+/// failover, and those runs.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlanStatus {
+    pub plan: String,
+    pub last_drill: Option<PlanRun>,
+    pub last_failover: Option<PlanRun>,
+    pub machines: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub machine_id: String,
+    pub hostname: String,
+    pub step: u32,
+    pub lifecycle: Lifecycle,
+    /// Its launch in the last drill, if it had one.
+    pub drill: Option<MachineRun>,
+    /// Its launch in the last failover, if it had one.
+    pub failover: Option<MachineRun>,
+}
+
+/// A machine's launch job in a plan run.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineRun {
+    pub run: i64,
+    pub job: i64,
+    pub state: JobState,
+    pub snapshot_id: Option<i64>,
+    /// Its target dir while the target is there (null once removed).
+    pub target: Option<String>,
+    pub error: Option<String>,
 }

@@ -76,7 +76,7 @@ async fn points(
     .await
 }
 
-fn api(e: PlanError) -> ApiError {
+pub(super) fn api(e: PlanError) -> ApiError {
     let code = match &e {
         PlanError::NoPlan(_)
         | PlanError::NoMachine(_)
@@ -168,13 +168,24 @@ async fn set_member(
     let wait = req.wait.unwrap_or(StepWait::Boot);
     let delay_s = req.delay_s.unwrap_or(0);
     plan::check_delay(delay_s).map_err(api)?;
+    if let Some(a) = &req.source_action {
+        a.parse::<crate::launch::SourceAction>()
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("--source-action: {e}")))?;
+    }
     blocking(move || {
         // An unknown plan is named before an unknown machine.
         s.catalog.plan(&name).map_err(api)?;
         let id = machine(&s, &m)?;
         let new = s
             .catalog
-            .set_plan_member(&name, &id, req.step, wait, delay_s)
+            .set_plan_member(
+                &name,
+                &id,
+                req.step,
+                wait,
+                delay_s,
+                req.source_action.as_deref(),
+            )
             .map_err(api)?;
         tracing::info!(plan = %name, machine = %id, step = req.step, %wait, delay_s, new, "recovery plan machine set");
         s.catalog.plan(&name).map(Json).map_err(api)

@@ -6,12 +6,12 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::CatalogError;
 
-pub(crate) const SCHEMA_VERSION: i64 = 8;
+pub(crate) const SCHEMA_VERSION: i64 = 9;
 
 /// The migration ladder: step `i` takes a catalog from version `i` to version `i + 1` (a new
 /// catalog climbs every step). Each run of steps is one transaction.
 pub(crate) const LADDER: [&str; SCHEMA_VERSION as usize] = [
-    SCHEMA, MIGRATE_2, MIGRATE_3, MIGRATE_4, MIGRATE_5, MIGRATE_6, MIGRATE_7, MIGRATE_8,
+    SCHEMA, MIGRATE_2, MIGRATE_3, MIGRATE_4, MIGRATE_5, MIGRATE_6, MIGRATE_7, MIGRATE_8, MIGRATE_9,
 ];
 
 /// Climbs the ladder from `from` to [`SCHEMA_VERSION`] in one transaction. Foreign keys are off
@@ -225,4 +225,39 @@ CREATE TABLE point_groups (
 );
 CREATE INDEX point_groups_by_label ON point_groups (label);
 ALTER TABLE snapshots ADD COLUMN group_id INTEGER REFERENCES point_groups(id);
+";
+
+/// Version 9: runs of recovery plans (`plan drill|failover`, see `plan::run`). A run is a parent
+/// job: its own log (`plan_run_log`, lines of every machine's launch mirrored in, each with the
+/// machine it is about), the group point it used, a drill's clean-up deadline and when its
+/// targets were cleaned up, and the machine that failed it. Each machine's launch is a job whose
+/// `plan_run_id` names its run. A plan member may name the source action a planned failover
+/// asks of its agent.
+const MIGRATE_9: &str = "
+CREATE TABLE plan_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    plan_id INTEGER REFERENCES plans(id) ON DELETE SET NULL,
+    plan_name TEXT NOT NULL,
+    mode TEXT NOT NULL CHECK (mode IN ('drill', 'failover-planned', 'failover-unplanned')),
+    state TEXT NOT NULL CHECK (state IN ('running', 'succeeded', 'failed')),
+    created_at INTEGER NOT NULL,
+    ended_at INTEGER,
+    group_id INTEGER REFERENCES point_groups(id),
+    cleanup_at INTEGER,
+    cleaned_at INTEGER,
+    error TEXT,
+    failed_machine TEXT
+);
+CREATE UNIQUE INDEX one_running_run_per_plan ON plan_runs (plan_id) WHERE state = 'running';
+CREATE TABLE plan_run_log (
+    run_id INTEGER NOT NULL REFERENCES plan_runs(id),
+    seq INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    machine TEXT,
+    step TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+ALTER TABLE jobs ADD COLUMN plan_run_id INTEGER REFERENCES plan_runs(id);
+ALTER TABLE plan_members ADD COLUMN source_action TEXT;
 ";

@@ -221,7 +221,16 @@ fn a_version_6_catalog_gains_recovery_plans() {
                 .collect()
         })
         .unwrap();
-    assert_eq!(tables, ["plan_hooks", "plan_members", "plans"]);
+    assert_eq!(
+        tables,
+        [
+            "plan_hooks",
+            "plan_members",
+            "plan_run_log",
+            "plan_runs",
+            "plans"
+        ]
+    );
     // The schema holds the bounds too: a step out of 1..=20 is refused by SQLite itself.
     let bad = cat.with(|c| {
         c.execute_batch(
@@ -232,4 +241,62 @@ fn a_version_6_catalog_gains_recovery_plans() {
     });
     assert!(bad.is_err());
     assert_eq!(cat.machines().unwrap()[0].0.hostname, "old-host");
+}
+
+#[test]
+fn a_version_8_catalog_gains_plan_runs_and_keeps_its_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.sqlite");
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(&format!(
+            "{} PRAGMA user_version = 8;",
+            LADDER[..8].join("\n")
+        ))
+        .unwrap();
+        c.execute_batch(
+            "INSERT INTO machines (id, hostname, source_id, secret_hash, token_id, registered_at)
+               VALUES ('m-00000000000000cc', 'old-host', x'01', x'02', 't', 1);
+             INSERT INTO jobs (machine_id, mode, state, created_at, prev_lifecycle)
+               VALUES ('m-00000000000000cc', 'test', 'succeeded', 1, 'ready-for-testing');
+             INSERT INTO plans (id, name, created_at) VALUES (1, 'p', 1);
+             INSERT INTO plan_members (plan_id, machine_id, step, added_at)
+               VALUES (1, 'm-00000000000000cc', 1, 1);",
+        )
+        .unwrap();
+    }
+    let cat = Catalog::open(&path).unwrap();
+    let job = cat.job(1).unwrap().unwrap();
+    assert_eq!((job.plan_run, job.hostname.as_str()), (None, "old-host"));
+    let plan = cat.plan("p").unwrap();
+    assert_eq!(plan.steps[0].machines[0].source_action, None);
+    let run = cat
+        .begin_run("p", crate::states::RunMode::Drill, None)
+        .unwrap()
+        .unwrap();
+    // One run of a plan at a time.
+    let again = cat
+        .begin_run("p", crate::states::RunMode::FailoverUnplanned, None)
+        .unwrap();
+    assert!(again.unwrap_err().contains("still running"));
+    cat.log_run(run.id, Some("old-host"), "step", "a line")
+        .unwrap();
+    cat.finish_run(run.id, Some("why"), Some("old-host"))
+        .unwrap();
+    let r = cat.plan_run(run.id).unwrap().unwrap();
+    assert_eq!(r.state, crate::states::JobState::Failed);
+    assert_eq!(r.failed_machine.as_deref(), Some("old-host"));
+    assert_eq!(
+        cat.run_log(run.id, 0).unwrap()[0].machine.as_deref(),
+        Some("old-host")
+    );
+    // A drill not cleaned up keeps its plan.
+    assert!(cat.delete_plan("p").is_err());
+    cat.set_run_cleaned(run.id).unwrap();
+    cat.delete_plan("p").unwrap();
+    assert_eq!(
+        cat.plan_runs(Some("p")).unwrap().len(),
+        1,
+        "the run's record stays"
+    );
 }

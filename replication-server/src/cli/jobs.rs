@@ -243,7 +243,7 @@ pub fn blueprint(cmd: &BlueprintCmd, admin: &str, data_dir: &Path) -> anyhow::Re
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a time in ms since the epoch.
-fn clock(ms: i64) -> String {
+pub(super) fn clock(ms: i64) -> String {
     let s = ms.div_euclid(1000);
     let (h, m, sec) = ((s / 3600) % 24, (s / 60) % 60, s % 60);
     format!("{h:02}:{m:02}:{sec:02}.{:03}", ms.rem_euclid(1000))
@@ -265,12 +265,12 @@ fn print_jobs(jobs: &[JobRow]) {
         return;
     }
     println!(
-        "{:>5}  {:<20} {:<16} {:<8} {:<10} {:>8} {:<8} {:<7}  RESULT",
-        "JOB", "MACHINE", "HOST", "MODE", "STATE", "SNAPSHOT", "LAUNCH", "TARGET"
+        "{:>5}  {:<20} {:<16} {:<8} {:<10} {:>8} {:<8} {:<7} {:<5}  RESULT",
+        "JOB", "MACHINE", "HOST", "MODE", "STATE", "SNAPSHOT", "LAUNCH", "TARGET", "RUN"
     );
     for j in jobs {
         println!(
-            "{:>5}  {:<20} {:<16} {:<8} {:<10} {:>8} {:<8} {:<7}  {}",
+            "{:>5}  {:<20} {:<16} {:<8} {:<10} {:>8} {:<8} {:<7} {:<5}  {}",
             j.id,
             j.machine_id,
             j.hostname,
@@ -281,6 +281,9 @@ fn print_jobs(jobs: &[JobRow]) {
                 .unwrap_or_else(|| "-".into()),
             j.launch,
             if j.active { "active" } else { "-" },
+            j.plan_run
+                .map(|r| format!("P{r}"))
+                .unwrap_or_else(|| "-".into()),
             j.error
                 .as_deref()
                 .unwrap_or(if j.state == JobState::Succeeded {
@@ -382,12 +385,27 @@ pub fn launch(cmd: &LaunchCmd, admin: &str, data_dir: &Path) -> anyhow::Result<(
 pub fn jobs(
     admin: &str,
     data_dir: &Path,
-    job: Option<i64>,
+    job: Option<&str>,
     machine: Option<&str>,
     json: bool,
     follow: bool,
 ) -> anyhow::Result<()> {
     let client = AdminClient::new(admin, data_dir)?;
+    if let Some(run) = job.and_then(|j| j.strip_prefix('P')) {
+        let Ok(run) = run.parse::<i64>() else {
+            bail!(
+                "`{}` is neither a job id nor a plan run (P<number>)",
+                job.unwrap_or_default()
+            );
+        };
+        return super::plans::show_run(&client, run, follow, json);
+    }
+    let job = match job {
+        Some(j) => Some(j.parse::<i64>().map_err(|_| {
+            anyhow::anyhow!("`{j}` is neither a job id nor a plan run (P<number>)")
+        })?),
+        None => None,
+    };
     match job {
         Some(id) if json && !follow => {
             let v: JobView = client.get(&format!("/v1/jobs/{id}"))?;
@@ -409,6 +427,10 @@ pub fn jobs(
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_jobs(&v.jobs);
+                if !v.plan_runs.is_empty() {
+                    println!();
+                    super::plans::print_runs(&v.plan_runs);
+                }
             }
         }
     }

@@ -167,8 +167,8 @@ pub enum Cmd {
     Launch(jobs::LaunchCmd),
     /// Launch jobs, or one job's timestamped progress log.
     Jobs {
-        /// A job id: show its progress log.
-        job: Option<i64>,
+        /// A job id: show its progress log; or a plan run, `P<id>`: its log across machines.
+        job: Option<String>,
         /// Only this machine's jobs (id or hostname).
         #[arg(long)]
         machine: Option<String>,
@@ -335,7 +335,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => jobs::jobs(
             &cli.admin,
             &cli.data_dir,
-            *job,
+            job.as_deref(),
             machine.as_deref(),
             *json,
             *follow,

@@ -1,12 +1,14 @@
-//! The recovery plan commands: `plan create|add|remove|delete|network|hook|list|show`, through the
-//! admin API. They define plans; running one is not here.
+//! The recovery plan commands, through the admin API: `plan create|add|remove|delete|network|
+//! hook|list|show` define plans; `plan drill|failover|cleanup|status` run them, and `jobs P<id>`
+//! shows a run's log across its machines.
 
 use clap::{Subcommand, ValueEnum};
 
 use super::client::AdminClient;
 use crate::api::model::{
-    CreatePlan, Hook, MemberRemoved, Plan, PlanDeleted, PlanList, SetHook, SetMember, SetNetworks,
-    StepWait,
+    Cleaned, CreatePlan, DrillRequest, FailoverRequest, Hook, JobState, MemberRemoved, Plan,
+    PlanDeleted, PlanList, PlanRun, PlanStatus, RunLogLine, RunMode, RunView, SetHook, SetMember,
+    SetNetworks, StepWait,
 };
 use crate::human;
 use crate::plan::{self, Network};
@@ -40,6 +42,11 @@ pub enum PlanCmd {
         #[arg(long, value_name = "SECONDS", default_value_t = 0,
               value_parser = clap::value_parser!(u64).range(0..=plan::MAX_DELAY_S))]
         delay: u64,
+        /// What a planned failover asks of this machine's agent before the final group point, as
+        /// a cutover's: `stop-services:UNIT[,UNIT...]` (stopped before the point) or `poweroff`
+        /// (after it). Default: nothing.
+        #[arg(long, value_name = "ACTION")]
+        source_action: Option<String>,
     },
     /// Take a machine out of a plan.
     Remove {
@@ -76,6 +83,71 @@ pub enum PlanCmd {
     },
     /// Show a plan: its networks, then each step's hooks and machines (wait, delay, lifecycle).
     Show {
+        /// Plan name.
+        name: String,
+        /// Print JSON instead of text (format documented in the README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Test failover: every machine of the plan gets a test target on the plan's test network
+    /// (isolated by default), step by step, while replication goes on. The targets stay until
+    /// `plan cleanup` (or --cleanup-after); the machines are then testing.
+    Drill {
+        /// Plan name.
+        name: String,
+        /// A group point id (`snapshots --plan NAME`) or `latest`: the plan's latest group point
+        /// holding every machine, else each machine's latest point (the log says so).
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Remove the drill's targets this long after it ended: 90s, 30m, 2h, 1d (at most 7d).
+        #[arg(long, value_name = "DURATION", value_parser = plan::run::parse_duration)]
+        cleanup_after: Option<std::time::Duration>,
+        /// Follow the run's log until it ends; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+        /// Print the run as JSON (with --wait: once it has ended).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail the plan's machines over onto the plan's production network, step by step: each ends
+    /// cutover-complete, as after a cutover, and its replication stops.
+    Failover {
+        /// Plan name.
+        name: String,
+        /// Planned: each machine's source action (`plan add --source-action`), one final group
+        /// point of every machine, then the steps.
+        #[arg(
+            long,
+            conflicts_with = "unplanned",
+            required_unless_present = "unplanned"
+        )]
+        planned: bool,
+        /// Unplanned (the sources are lost): from the plan's latest group point (or --point), no
+        /// source contacted.
+        #[arg(long)]
+        unplanned: bool,
+        /// Unplanned only: a group point id or `latest`.
+        #[arg(long, conflicts_with = "planned")]
+        point: Option<String>,
+        /// Follow the run's log until it ends; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+        /// Print the run as JSON (with --wait: once it has ended).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the targets of the plan's drills (VMs, domains, images); their machines go back to
+    /// ready-for-testing.
+    Cleanup {
+        /// Plan name.
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each machine of the plan (step, lifecycle, its target in the last drill and the last
+    /// failover), and the result of the last drill and the last failover.
+    Status {
         /// Plan name.
         name: String,
         /// Print JSON instead of text (format documented in the README).
@@ -162,6 +234,7 @@ pub(super) fn run(cmd: &PlanCmd, c: &AdminClient) -> anyhow::Result<()> {
             step,
             wait,
             delay,
+            source_action,
         } => {
             let wait = match wait {
                 Wait::Boot => StepWait::Boot,
@@ -173,6 +246,7 @@ pub(super) fn run(cmd: &PlanCmd, c: &AdminClient) -> anyhow::Result<()> {
                     step: *step,
                     wait: Some(wait),
                     delay_s: Some(*delay),
+                    source_action: source_action.clone(),
                 },
             )?;
             let m = p
@@ -245,8 +319,237 @@ pub(super) fn run(cmd: &PlanCmd, c: &AdminClient) -> anyhow::Result<()> {
                 print_plan(&p);
             }
         }
+        PlanCmd::Drill {
+            name,
+            point,
+            cleanup_after,
+            wait,
+            json,
+        } => {
+            let r: PlanRun = c.post(
+                &format!("/v1/plans/{}/drill", seg(name)),
+                &DrillRequest {
+                    point: Some(point.clone()),
+                    cleanup_after_s: cleanup_after.map(|d| d.as_secs()),
+                },
+            )?;
+            started(c, &r, *wait, *json)?;
+        }
+        PlanCmd::Failover {
+            name,
+            planned,
+            unplanned: _,
+            point,
+            wait,
+            json,
+        } => {
+            let r: PlanRun = c.post(
+                &format!("/v1/plans/{}/failover", seg(name)),
+                &FailoverRequest {
+                    planned: *planned,
+                    point: point.clone(),
+                },
+            )?;
+            started(c, &r, *wait, *json)?;
+        }
+        PlanCmd::Cleanup { name, json } => {
+            let v: Cleaned = c.post(
+                &format!("/v1/plans/{}/cleanup", seg(name)),
+                &serde_json::json!({}),
+            )?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if v.runs.is_empty() {
+                println!("plan {}: no drill to clean up", v.plan);
+            } else {
+                let runs: Vec<String> = v.runs.iter().map(|r| format!("P{r}")).collect();
+                println!("plan {}: cleaned up drill {}", v.plan, runs.join(", "));
+                for (host, removed) in &v.removed {
+                    println!(
+                        "  {host}: {} (ready-for-testing)",
+                        if removed.is_empty() {
+                            "nothing left to remove".to_string()
+                        } else {
+                            removed.join("; ")
+                        }
+                    );
+                }
+            }
+        }
+        PlanCmd::Status { name, json } => {
+            let v: PlanStatus = c.get(&format!("/v1/plans/{}/status", seg(name)))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_status(&v);
+            }
+        }
     }
     Ok(())
+}
+
+/// After a run started: say so, or follow it (`--wait`).
+fn started(c: &AdminClient, r: &PlanRun, wait: bool, json: bool) -> anyhow::Result<()> {
+    if !wait {
+        if json {
+            println!("{}", serde_json::to_string_pretty(r)?);
+        } else {
+            println!(
+                "P{} started: {} of plan {} (follow it with `rehost-server jobs P{} --follow`)",
+                r.id, r.mode, r.plan, r.id
+            );
+        }
+        return Ok(());
+    }
+    show_run(c, r.id, true, false)?;
+    let end: RunView = c.get(&format!("/v1/plan-runs/{}?after=0", r.id))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&end.run)?);
+    }
+    if end.run.state != JobState::Succeeded {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn print_run_line(l: &RunLogLine, start_ms: i64) {
+    println!(
+        "{}  +{:>6.1}s  {:<12} {:<10}  {}",
+        super::jobs::clock(l.at_ms),
+        (l.at_ms - start_ms) as f64 / 1000.0,
+        l.machine.as_deref().unwrap_or("-"),
+        l.step,
+        l.message
+    );
+}
+
+/// `jobs P<id> [--follow] [--json]`: a plan run and its log across its machines.
+pub(super) fn show_run(c: &AdminClient, id: i64, follow: bool, json: bool) -> anyhow::Result<()> {
+    if json && !follow {
+        let v: RunView = c.get(&format!("/v1/plan-runs/{id}?after=0"))?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut after = 0;
+    let mut start_ms = None;
+    let mut head = false;
+    loop {
+        let v: RunView = c.get(&format!("/v1/plan-runs/{id}?after={after}"))?;
+        if !head {
+            let r = &v.run;
+            println!("P{} — {} of plan {}, {}", r.id, r.mode, r.plan, r.state);
+            head = true;
+        }
+        for l in &v.log {
+            print_run_line(l, *start_ms.get_or_insert(l.at_ms));
+            after = l.seq;
+        }
+        if !follow || v.run.state != JobState::Running {
+            if follow {
+                let tail: RunView = c.get(&format!("/v1/plan-runs/{id}?after={after}"))?;
+                for l in &tail.log {
+                    print_run_line(l, start_ms.unwrap_or(l.at_ms));
+                }
+            }
+            println!("P{id}: {}", result(&v.run));
+            if follow && v.run.state == JobState::Failed {
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// A run's result in words, as Leap's "Last Failover Status".
+fn result(r: &PlanRun) -> String {
+    let when = r
+        .ended_at
+        .map(|t| format!(" at {}", human::datetime(t)))
+        .unwrap_or_default();
+    match (r.state, &r.error) {
+        (JobState::Running, _) => "running".into(),
+        (JobState::Failed, Some(e)) => format!(
+            "failed{when}{}: {e}",
+            r.failed_machine
+                .as_deref()
+                .map(|m| format!(" (machine {m})"))
+                .unwrap_or_default()
+        ),
+        (state, _) => format!("{state}{when}"),
+    }
+}
+
+pub(super) fn print_runs(runs: &[PlanRun]) {
+    println!(
+        "{:>5}  {:<20} {:<20} {:<10} {:<20} {:<6}  RESULT",
+        "RUN", "PLAN", "MODE", "STATE", "STARTED", "JOBS"
+    );
+    for r in runs {
+        println!(
+            "{:>5}  {:<20} {:<20} {:<10} {:<20} {:<6}  {}",
+            format!("P{}", r.id),
+            r.plan,
+            r.mode,
+            r.state,
+            human::datetime(r.created_at),
+            r.jobs.len(),
+            match (r.state, &r.error, r.cleaned_at) {
+                (JobState::Failed, Some(e), _) => e.clone(),
+                (JobState::Succeeded, _, Some(_)) => "ok, cleaned up".into(),
+                (JobState::Succeeded, _, None) => "ok".into(),
+                _ => String::new(),
+            }
+        );
+    }
+}
+
+fn print_status(v: &PlanStatus) {
+    println!("plan {}", v.plan);
+    for (what, r) in [("drill", &v.last_drill), ("failover", &v.last_failover)] {
+        match r {
+            None => println!("  last {what:<9} none"),
+            Some(r) => println!(
+                "  last {what:<9} P{} {}, started {}: {}{}",
+                r.id,
+                r.mode,
+                human::datetime(r.created_at),
+                result(r),
+                match (r.cleaned_at, r.cleanup_at) {
+                    (Some(t), _) => format!(" (cleaned up {})", human::datetime(t)),
+                    (None, Some(t)) if r.mode == RunMode::Drill =>
+                        format!(" (cleanup after {})", human::datetime(t)),
+                    _ => String::new(),
+                }
+            ),
+        }
+    }
+    println!(
+        "  {:>4}  {:<20} {:<16} {:<18} {:<28} TARGET",
+        "STEP", "MACHINE", "HOST", "LIFECYCLE", "LAST RUN"
+    );
+    for m in &v.machines {
+        let part = m.failover.as_ref().or(m.drill.as_ref());
+        println!(
+            "  {:>4}  {:<20} {:<16} {:<18} {:<28} {}",
+            m.step,
+            m.machine_id,
+            m.hostname,
+            m.lifecycle,
+            part.map(|p| format!(
+                "P{} job {} {}{}",
+                p.run,
+                p.job,
+                p.state,
+                p.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ))
+            .unwrap_or_else(|| "-".into()),
+            part.and_then(|p| p.target.as_deref()).unwrap_or("-")
+        );
+    }
 }
 
 fn hook(h: &HookArgs, c: &AdminClient) -> anyhow::Result<()> {

@@ -103,6 +103,7 @@ pub(super) fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
             let tick = std::time::Duration::from_secs(snapshot_tick);
             tokio::spawn(crate::retention::scheduler(shared.clone(), tick));
         }
+        tokio::spawn(crate::plan::run::cleanup_scheduler(shared.clone()));
         if !scrub_interval.is_zero() {
             let scrub = crate::snapshot::scrub::scheduler(shared.clone(), scrub_interval);
             tokio::spawn(scrub);

@@ -40,14 +40,26 @@ pub(super) async fn run(
     job: JobRow,
     machine: MachineId,
     mode: JobMode,
-    bp: Blueprint,
+    mut bp: Blueprint,
     opts: LaunchOptions,
 ) {
     let log = JobLog {
         shared: shared.clone(),
         job: job.id,
+        run: opts.plan_run.map(|r| (r, job.hostname.clone())),
     };
     let start = Instant::now();
+    if let Some((net, why)) = &opts.network {
+        log.log(
+            "job-start",
+            format!(
+                "network {net} ({why}) instead of the blueprint's {}",
+                bp.network
+            ),
+        )
+        .await;
+        bp.network = net.clone();
+    }
     log.log(
         "job-start",
         format!(

@@ -47,10 +47,10 @@ use rehost_proto::MachineId;
 
 use crate::states::{Cause, JobMode, Lifecycle};
 use crate::Shared;
-use blueprint::Blueprint;
+use blueprint::{Blueprint, Network};
 use job::{restore_to, run};
 pub use rows::{JobRow, LogLine};
-pub use source::SourceAction;
+pub use source::{source_action, SourceAction};
 
 /// How long a cutover waits by default for the agent's final consistency point before it falls
 /// back to the latest recovery point.
@@ -65,6 +65,11 @@ pub struct LaunchOptions {
     pub source_action: Option<SourceAction>,
     /// Cutover only: how long the agent gets to make the final point.
     pub final_point_timeout: Duration,
+    /// The target's network instead of the blueprint's, and why (a plan's test or production
+    /// network).
+    pub network: Option<(Network, String)>,
+    /// The recovery plan run this launch is part of: its log lines go to the run's log too.
+    pub plan_run: Option<i64>,
 }
 
 impl Default for LaunchOptions {
@@ -73,6 +78,8 @@ impl Default for LaunchOptions {
             snapshot: None,
             source_action: None,
             final_point_timeout: FINAL_POINT_BOUND,
+            network: None,
+            plan_run: None,
         }
     }
 }
@@ -98,6 +105,9 @@ pub enum LaunchError {
 pub(crate) struct JobLog {
     pub(crate) shared: Arc<Shared>,
     pub(crate) job: i64,
+    /// The plan run this job is part of, and the job's machine (hostname) as the run's log
+    /// names it: each line is mirrored there.
+    pub(crate) run: Option<(i64, String)>,
 }
 
 impl JobLog {
@@ -106,6 +116,12 @@ impl JobLog {
         tracing::info!(job = self.job, step, "{message}");
         if let Err(e) = self.shared.catalog.log_job(self.job, step, &message) {
             tracing::warn!(job = self.job, error = %e, "write job log");
+        }
+        if let Some((run, host)) = &self.run {
+            let m = format!("job {}: {message}", self.job);
+            if let Err(e) = self.shared.catalog.log_run(*run, Some(host), step, &m) {
+                tracing::warn!(run, error = %e, "write plan run log");
+            }
         }
     }
 
@@ -150,6 +166,38 @@ pub async fn start(
     mode: JobMode,
     opts: LaunchOptions,
 ) -> Result<JobRow, LaunchError> {
+    let (bp, job) = begin(&shared, &machine, mode, &opts).await?;
+    let row = job.clone();
+    tokio::spawn(run(shared, job, machine, mode, bp, opts));
+    Ok(row)
+}
+
+/// A job begun by [`begin`], run to its end here (a plan run awaits its machines' launches).
+/// Returns the job as it ended.
+pub async fn run_to_end(
+    shared: Arc<Shared>,
+    begun: (Blueprint, JobRow),
+    machine: MachineId,
+    mode: JobMode,
+    opts: LaunchOptions,
+) -> Result<JobRow, LaunchError> {
+    let (bp, job) = begun;
+    let id = job.id;
+    run(shared.clone(), job, machine, mode, bp, opts).await;
+    tokio::task::spawn_blocking(move || shared.catalog.job(id))
+        .await
+        .map_err(|e| LaunchError::Refused(format!("launch task: {e}")))??
+        .ok_or_else(|| LaunchError::NotFound(format!("no job {id}")))
+}
+
+/// The checks and the catalog row of a launch (the lifecycle allows it, no other job runs on the
+/// machine, its blueprint is usable), nothing run yet.
+pub async fn begin(
+    shared: &Arc<Shared>,
+    machine: &MachineId,
+    mode: JobMode,
+    opts: &LaunchOptions,
+) -> Result<(Blueprint, JobRow), LaunchError> {
     if opts.source_action.is_some() && mode != JobMode::Cutover {
         return Err(LaunchError::Refused(
             "a source action (stop services, power off) belongs to a cutover, not a test".into(),
@@ -157,6 +205,7 @@ pub async fn start(
     }
     let s = shared.clone();
     let m = machine.clone();
+    let plan_run = opts.plan_run;
     let (bp, job) = tokio::task::spawn_blocking(move || {
         let (bp, _) = blueprint_of(&s, m.as_str())?;
         bp.validate().map_err(|e| {
@@ -165,7 +214,7 @@ pub async fn start(
         let launch = format!("{:?}", bp.launch).to_lowercase();
         let job = s
             .catalog
-            .begin_job(m.as_str(), mode, &launch)?
+            .begin_job(m.as_str(), mode, &launch, plan_run)?
             .map_err(|why| {
                 let hint = if why.ends_with("not-ready") {
                     " (its initial sync has not finished)"
@@ -181,9 +230,7 @@ pub async fn start(
     .await
     .map_err(|e| LaunchError::Refused(format!("launch task: {e}")))??;
     tracing::info!(job = job.id, %machine, mode = mode.as_str(), "launch job started");
-    let row = job.clone();
-    tokio::spawn(run(shared, job, machine, mode, bp, opts));
-    Ok(row)
+    Ok((bp, job))
 }
 
 /// At server start: every job still `running` was interrupted by the server's stop. Each is

@@ -1,4 +1,4 @@
-//! The catalog's side of launches (schema version 4, see `catalog::migrations`): blueprints, jobs
+//! The catalog's side of launches (schema version 4, a job's plan run 9; see `catalog::migrations`): blueprints, jobs
 //! and their progress logs. A job's start and end move the machine's lifecycle (see
 //! `catalog::lifecycle`).
 
@@ -26,6 +26,9 @@ pub struct JobRow {
     pub error: Option<String>,
     /// Whether this job's target (VM and images) is the machine's current one of its mode.
     pub active: bool,
+    /// The recovery plan run this launch is part of (`jobs P<id>`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_run: Option<i64>,
     #[serde(skip)]
     pub prev_lifecycle: Lifecycle,
     #[serde(skip)]
@@ -40,7 +43,7 @@ pub struct LogLine {
     pub message: String,
 }
 
-const JOB_COLS: &str = "j.id, j.machine_id, m.hostname, j.mode, j.state, j.created_at, j.ended_at, j.snapshot_id, j.target_dir, j.launch, j.error, j.active, j.prev_lifecycle, j.child_pid";
+const JOB_COLS: &str = "j.id, j.machine_id, m.hostname, j.mode, j.state, j.created_at, j.ended_at, j.snapshot_id, j.target_dir, j.launch, j.error, j.active, j.prev_lifecycle, j.child_pid, j.plan_run_id";
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     Ok(JobRow {
@@ -58,6 +61,7 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         active: r.get(11)?,
         prev_lifecycle: r.get(12)?,
         child_pid: r.get(13)?,
+        plan_run: r.get(14)?,
     })
 }
 
@@ -92,6 +96,7 @@ impl Catalog {
         machine: &str,
         mode: JobMode,
         launch: &str,
+        plan_run: Option<i64>,
     ) -> Result<Result<JobRow, String>, CatalogError> {
         self.try_with(|c| {
             let tx = c.transaction()?;
@@ -119,8 +124,8 @@ impl Catalog {
                 )));
             }
             tx.execute(
-                "INSERT INTO jobs (machine_id, mode, state, created_at, prev_lifecycle, launch) VALUES (?1, ?2, 'running', ?3, ?4, ?5)",
-                params![machine, mode, now(), cur, launch],
+                "INSERT INTO jobs (machine_id, mode, state, created_at, prev_lifecycle, launch, plan_run_id) VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6)",
+                params![machine, mode, now(), cur, launch, plan_run],
             )?;
             let id = tx.last_insert_rowid();
             set_lifecycle(
@@ -316,14 +321,17 @@ mod tests {
     #[test]
     fn one_running_job_per_machine_and_guarded_lifecycle() {
         let (_d, cat, m) = catalog();
-        let refused = cat.begin_job(&m, JobMode::Test, "qemu").unwrap();
+        let refused = cat.begin_job(&m, JobMode::Test, "qemu", None).unwrap();
         assert!(refused.unwrap_err().contains("it is not-ready"));
         cat.transition(&m, ReadyForTesting, Cause::InitialSync, "synced")
             .unwrap()
             .unwrap();
-        let job = cat.begin_job(&m, JobMode::Test, "qemu").unwrap().unwrap();
+        let job = cat
+            .begin_job(&m, JobMode::Test, "qemu", None)
+            .unwrap()
+            .unwrap();
         assert_eq!(cat.lifecycle(&m).unwrap().unwrap(), Testing);
-        let again = cat.begin_job(&m, JobMode::Test, "qemu").unwrap();
+        let again = cat.begin_job(&m, JobMode::Test, "qemu", None).unwrap();
         assert!(again.unwrap_err().contains("still running"));
         // No manual transition while a job runs.
         assert!(cat
@@ -345,7 +353,10 @@ mod tests {
             job.id
         );
         // A second test replaces the first as the active target.
-        let job2 = cat.begin_job(&m, JobMode::Test, "qemu").unwrap().unwrap();
+        let job2 = cat
+            .begin_job(&m, JobMode::Test, "qemu", None)
+            .unwrap()
+            .unwrap();
         cat.finish_job(job2.id, Some("boot failed"), ReadyForTesting)
             .unwrap();
         assert_eq!(

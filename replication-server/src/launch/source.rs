@@ -51,7 +51,7 @@ impl std::str::FromStr for SourceAction {
 pub const SOURCE_ACTION_BOUND: Duration = Duration::from_secs(150);
 
 /// Asks the connected agent to act on the source; returns what it said.
-pub(super) async fn source_action(
+pub async fn source_action(
     shared: &Shared,
     machine: &MachineId,
     action: &SourceAction,

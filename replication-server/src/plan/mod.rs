@@ -1,7 +1,7 @@
 //! Recovery plans: a named, ordered set of machines that are recovered together (as AWS DRS's
 //! recovery plans and Azure Site Recovery's recovery plans). This module holds a plan's
-//! **definition**; running one (a drill on the test network, a failover on the production one) is
-//! not here.
+//! **definition**; [`run`] runs one (a drill on the test network, a failover on the production
+//! one), and [`runs`] holds the runs' rows.
 //!
 //! A plan has steps 1..=[`MAX_STEPS`]; each machine of it is in one step (a machine is in a plan at
 //! most once, and may be in several plans), and a plan holds at most [`MAX_MACHINES`]. The machines
@@ -16,6 +16,8 @@
 //! operator gives are here, so that the API and the command line refuse the same things.
 
 pub mod rows;
+pub mod run;
+pub mod runs;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -124,6 +126,10 @@ pub struct Member {
     pub wait: StepWait,
     /// Seconds to wait, once the step starts, before this machine's launch.
     pub delay_s: u64,
+    /// What a planned failover asks of this machine's agent first, as a cutover's
+    /// `--source-action` (`stop-services:UNIT[,UNIT...]` or `poweroff`); absent: nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_action: Option<String>,
 }
 
 /// A step's pre or post hook: an executable on the staging host.

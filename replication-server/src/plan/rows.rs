@@ -126,7 +126,8 @@ impl Catalog {
             let mut steps: BTreeMap<u32, Step> = BTreeMap::new();
             let members = c
                 .prepare(
-                    "SELECT pm.step, pm.machine_id, m.hostname, m.lifecycle, pm.wait, pm.delay_s
+                    "SELECT pm.step, pm.machine_id, m.hostname, m.lifecycle, pm.wait, pm.delay_s,
+                            pm.source_action
                      FROM plan_members pm JOIN machines m ON m.id = pm.machine_id
                      WHERE pm.plan_id = ?1 ORDER BY pm.step, pm.rowid",
                 )?
@@ -139,6 +140,7 @@ impl Catalog {
                             lifecycle: r.get(3)?,
                             wait: r.get(4)?,
                             delay_s: r.get(5)?,
+                            source_action: r.get(6)?,
                         },
                     ))
                 })?
@@ -182,6 +184,25 @@ impl Catalog {
             let Some(id) = plan_id(&tx, name)? else {
                 return Ok(Err(PlanError::NoPlan(name.into())));
             };
+            let live: Option<(i64, String, String)> = tx
+                .query_row(
+                    "SELECT id, mode, state FROM plan_runs WHERE plan_id = ?1
+                     AND (state = 'running' OR (mode = 'drill' AND cleaned_at IS NULL))
+                     ORDER BY id DESC LIMIT 1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((run, mode, state)) = live {
+                return Ok(Err(PlanError::Invalid(if state == "running" {
+                    format!("{mode} P{run} of plan `{name}` is running: wait for it to end")
+                } else {
+                    format!(
+                        "drill P{run} of plan `{name}` may have targets running: \
+                         `rehost-server plan cleanup {name}` first"
+                    )
+                })));
+            }
             let members = tx.execute("DELETE FROM plan_members WHERE plan_id = ?1", [id])?;
             let hooks = tx.execute("DELETE FROM plan_hooks WHERE plan_id = ?1", [id])?;
             tx.execute("DELETE FROM plans WHERE id = ?1", [id])?;
@@ -200,6 +221,7 @@ impl Catalog {
         step: u32,
         wait: StepWait,
         delay_s: u64,
+        source_action: Option<&str>,
     ) -> Result<bool, PlanError> {
         change(self, |c| {
             let tx = c.transaction()?;
@@ -231,9 +253,9 @@ impl Catalog {
                 }
                 Some(_) => {
                     tx.execute(
-                        "UPDATE plan_members SET wait = ?3, delay_s = ?4
+                        "UPDATE plan_members SET wait = ?3, delay_s = ?4, source_action = ?5
                          WHERE plan_id = ?1 AND machine_id = ?2",
-                        params![id, machine, wait, delay_s],
+                        params![id, machine, wait, delay_s, source_action],
                     )?;
                 }
                 None => {
@@ -246,9 +268,10 @@ impl Catalog {
                         return Ok(Err(PlanError::Full(plan.into())));
                     }
                     tx.execute(
-                        "INSERT INTO plan_members (plan_id, machine_id, step, wait, delay_s, added_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![id, machine, step, wait, delay_s, now()],
+                        "INSERT INTO plan_members (plan_id, machine_id, step, wait, delay_s, added_at,
+                                                   source_action)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![id, machine, step, wait, delay_s, now(), source_action],
                     )?;
                 }
             }
@@ -394,26 +417,26 @@ mod tests {
             Err(PlanError::Exists(_))
         ));
         assert!(cat
-            .set_plan_member("tier", &db, 1, StepWait::Boot, 0)
+            .set_plan_member("tier", &db, 1, StepWait::Boot, 0, None)
             .unwrap());
         assert!(cat
-            .set_plan_member("tier", &web, 2, StepWait::None, 30)
+            .set_plan_member("tier", &web, 2, StepWait::None, 30, None)
             .unwrap());
         // The same step again: new wait and delay, still one row.
         assert!(!cat
-            .set_plan_member("tier", &web, 2, StepWait::Boot, 5)
+            .set_plan_member("tier", &web, 2, StepWait::Boot, 5, None)
             .unwrap());
         let e = cat
-            .set_plan_member("tier", &web, 3, StepWait::Boot, 0)
+            .set_plan_member("tier", &web, 3, StepWait::Boot, 0, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("already in step 2"), "{e}");
         assert!(matches!(
-            cat.set_plan_member("nope", &web, 1, StepWait::Boot, 0),
+            cat.set_plan_member("nope", &web, 1, StepWait::Boot, 0, None),
             Err(PlanError::NoPlan(_))
         ));
         assert!(matches!(
-            cat.set_plan_member("tier", "m-0000000000000000", 1, StepWait::Boot, 0),
+            cat.set_plan_member("tier", "m-0000000000000000", 1, StepWait::Boot, 0, None),
             Err(PlanError::NoMachine(_))
         ));
         cat.set_plan_hook("tier", 2, HookKind::Post, &hook("/bin/true"))
@@ -483,14 +506,21 @@ mod tests {
             let (m, _) = cat
                 .register_machine(&format!("h{i}"), &[i + 10; 32], "t", b"s")
                 .unwrap();
-            cat.set_plan_member("big", m.as_str(), 1 + u32::from(i) % 20, StepWait::Boot, 0)
-                .unwrap();
+            cat.set_plan_member(
+                "big",
+                m.as_str(),
+                1 + u32::from(i) % 20,
+                StepWait::Boot,
+                0,
+                None,
+            )
+            .unwrap();
         }
         let (extra, _) = cat
             .register_machine("extra", &[250; 32], "t", b"s")
             .unwrap();
         assert!(matches!(
-            cat.set_plan_member("big", extra.as_str(), 1, StepWait::Boot, 0),
+            cat.set_plan_member("big", extra.as_str(), 1, StepWait::Boot, 0, None),
             Err(PlanError::Full(_))
         ));
         assert_eq!(cat.plans().unwrap()[0].machine_count, MAX_MACHINES);
@@ -501,8 +531,10 @@ mod tests {
         let (_d, cat, web, db) = catalog();
         for p in ["a", "b"] {
             cat.create_plan(p, "").unwrap();
-            cat.set_plan_member(p, &web, 1, StepWait::Boot, 0).unwrap();
-            cat.set_plan_member(p, &db, 2, StepWait::Boot, 0).unwrap();
+            cat.set_plan_member(p, &web, 1, StepWait::Boot, 0, None)
+                .unwrap();
+            cat.set_plan_member(p, &db, 2, StepWait::Boot, 0, None)
+                .unwrap();
         }
         assert_eq!(cat.delete_machine(&web).unwrap().unwrap().len(), 0);
         for p in ["a", "b"] {

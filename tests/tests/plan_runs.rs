@@ -1,0 +1,286 @@
+//! Running recovery plans, the refusals and the failure path: three machines on loop devices
+//! (plain ext4 disks: the converter refuses them, there is no Linux root on them), replicated by
+//! real agents. Every bad run is refused before anything launches; a drill whose step-1 machine
+//! fails stops there (step 2 never launches), its target is removed, its pre hook ran with the
+//! documented environment, and `plan status`, `jobs` and `jobs P<id>` say which machine failed
+//! and why. (The drill and failover that boot are in `plan_boot.rs`.)
+//!
+//! Root only (loop devices, mount, tracefs): without it the test skips with a message, and under
+//! `CI=true` it fails instead.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use rehost_tests::loopfs::LoopFs;
+use rehost_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn refused(server: &Server, args: &[&str], want: &str) -> String {
+    let out = server.cli(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} was not refused: {err}");
+    assert!(err.contains(want), "{args:?}: want `{want}` in: {err}");
+    err
+}
+
+/// A hook that writes its REHOST_* environment to `out`, one `K=V` a line, sorted.
+fn env_hook(dir: &Path, name: &str, out: &Path) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\nenv | grep '^REHOST_' | sort > {}\necho hook {name} ran\necho to stderr >&2\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn env_of(file: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
+    if !require_root("plan runs over loop devices") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start(dir);
+    let targets = dir.join("targets");
+    let mut machines = Vec::new();
+    for host in ["db", "app", "plain"] {
+        let fs = LoopFs::named(dir, host, 64);
+        let mut agent = Agent::new(dir, host);
+        let token = server.token();
+        let out = agent.install(&server, &token, &[&fs.dev], host);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = agent.state_json()["machine_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let cleanup = TraceCleanup(Some(id.clone()));
+        agent.run(&[]);
+        server.ok(&[
+            "blueprint",
+            "set",
+            host,
+            "--launch",
+            "none",
+            "--target-dir",
+            targets.to_str().unwrap(),
+        ]);
+        machines.push((host, id, fs, agent, cleanup));
+    }
+    for (host, _, _, agent, _) in &machines {
+        wait_until(&format!("{host} continuous"), LIMIT, || {
+            (agent.status()["disks"][0]["state"] == "continuous").then_some(())
+        });
+    }
+    let id = |host: &str| machines.iter().find(|m| m.0 == host).unwrap().1.clone();
+    let jobs_now = || server.json(&["jobs", "--json"]);
+
+    // Bad input: nothing launches.
+    refused(
+        &server,
+        &["plan", "drill", "nope"],
+        "no recovery plan `nope`",
+    );
+    server.ok(&["plan", "create", "empty"]);
+    refused(&server, &["plan", "drill", "empty"], "has no machines");
+    server.ok(&["plan", "create", "shop"]);
+    server.ok(&["plan", "add", "shop", "db", "--step", "1"]);
+    server.ok(&["plan", "add", "shop", "app", "--step", "2"]);
+    server.ok(&[
+        "plan", "add", "shop", "plain", "--step", "2", "--wait", "none",
+    ]);
+    let pre_env = dir.join("pre1.env");
+    let post_env = dir.join("post1.env");
+    let pre = env_hook(dir, "pre1.sh", &pre_env);
+    let post = env_hook(dir, "post1.sh", &post_env);
+    server.ok(&[
+        "plan",
+        "hook",
+        "shop",
+        "--step",
+        "1",
+        "--pre",
+        pre.to_str().unwrap(),
+    ]);
+    server.ok(&[
+        "plan",
+        "hook",
+        "shop",
+        "--step",
+        "1",
+        "--post",
+        post.to_str().unwrap(),
+    ]);
+    std::fs::set_permissions(&pre, std::fs::Permissions::from_mode(0o644)).unwrap();
+    refused(&server, &["plan", "drill", "shop"], "not executable");
+    std::fs::set_permissions(&pre, std::fs::Permissions::from_mode(0o755)).unwrap();
+    refused(
+        &server,
+        &["plan", "failover", "shop", "--unplanned"],
+        "is ready-for-testing, and a failover-unplanned needs testing or ready-for-cutover",
+    );
+    refused(&server, &["plan", "failover", "shop"], "--planned");
+    refused(
+        &server,
+        &["plan", "failover", "shop", "--planned", "--point", "latest"],
+        "cannot be used with",
+    );
+    refused(
+        &server,
+        &["plan", "drill", "shop", "--cleanup-after", "8d"],
+        "not within 1s..=7d",
+    );
+    // No point of any machine yet.
+    refused(
+        &server,
+        &["plan", "drill", "shop"],
+        "no recovery point yet: take one with `rehost-server snapshot create --plan shop`",
+    );
+    // A machine with a job running: its test launch waits for a point its stopped agent owes.
+    let db_pid = nix::unistd::Pid::from_raw(machines[0].3.pid().unwrap() as i32);
+    nix::sys::signal::kill(db_pid, Signal::SIGSTOP).unwrap();
+    let job = server.json(&["launch", "db", "--mode", "test", "--json"]);
+    let err = refused(&server, &["plan", "drill", "shop"], "has job");
+    nix::sys::signal::kill(db_pid, Signal::SIGCONT).unwrap();
+    assert!(err.contains("nothing launched"), "{err}");
+    assert!(
+        jobs_now()["plan_runs"].as_array().is_none(),
+        "a refused run was recorded: {}",
+        jobs_now()
+    );
+    let jid = job["id"].to_string();
+    wait_until("the lone launch to end", LIMIT, || {
+        (server.json(&["jobs", &jid, "--json"])["job"]["state"] != "running").then_some(())
+    });
+    assert_eq!(jobs_now()["jobs"].as_array().unwrap().len(), 1);
+    assert!(!pre_env.exists(), "a refused run ran a hook");
+
+    // A group point, then a drill whose step-1 machine cannot be converted.
+    let g = server.json(&["snapshot", "create", "--plan", "shop", "--json"]);
+    assert_eq!(g["consistency"], "app", "{g:#}");
+    let out = server.cli(&["plan", "drill", "shop", "--wait"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "a failed drill exits 1: {text}");
+    for want in [
+        "drill of plan shop: 3 machines in 2 steps, network none (the plan's test network)",
+        &format!("from group point {}", g["id"]),
+        "step 1 pre hook succeeded",
+        "hook pre1.sh ran",
+        "stderr: to stderr",
+        "step 1 start: db (wait boot)",
+        "no Linux root filesystem found",
+        &format!("step 1: db ({}) failed", id("db")),
+        "drill failed after",
+    ] {
+        assert!(
+            text.contains(want),
+            "want `{want}` in the run's log:\n{text}"
+        );
+    }
+    assert!(!text.contains("step 2 start"), "step 2 launched:\n{text}");
+    assert!(!text.contains("post hook"), "the post hook ran:\n{text}");
+    assert!(!post_env.exists());
+    // The pre hook saw the documented environment.
+    let env = env_of(&pre_env);
+    let want = [
+        ("REHOST_PLAN", "shop".to_string()),
+        ("REHOST_RUN", "P1".to_string()),
+        ("REHOST_MODE", "drill".to_string()),
+        ("REHOST_STEP", "1".to_string()),
+        ("REHOST_HOOK", "pre".to_string()),
+        ("REHOST_MACHINE_IDS", id("db")),
+        ("REHOST_HOSTNAMES", "db".to_string()),
+    ];
+    for (k, v) in &want {
+        assert_eq!(env.get(*k), Some(v), "{k} in {env:?}");
+    }
+    assert!(!env.contains_key("REHOST_TARGET_DIRS"), "{env:?}");
+
+    // Status, jobs and the run's log say who failed and why; nothing is left of the target.
+    let st = server.json(&["plan", "status", "shop", "--json"]);
+    let d = &st["last_drill"];
+    assert_eq!(d["state"], "failed", "{st:#}");
+    assert_eq!(d["failed_machine"], "db", "{st:#}");
+    assert_eq!(d["group_id"], g["id"], "{st:#}");
+    assert!(
+        d["error"].as_str().unwrap().contains("no Linux root"),
+        "{st:#}"
+    );
+    assert!(st["last_failover"].is_null());
+    let ms = st["machines"].as_array().unwrap();
+    assert_eq!(ms.len(), 3);
+    assert_eq!(ms[0]["hostname"], "db");
+    assert_eq!(ms[0]["drill"]["state"], "failed");
+    assert!(ms[0]["drill"]["target"].is_null(), "{st:#}");
+    assert_eq!(ms[0]["lifecycle"], "ready-for-testing");
+    for m in &ms[1..] {
+        assert!(m["drill"].is_null(), "never launched: {m:#}");
+        assert_eq!(m["step"], 2);
+    }
+    let status_text = server.ok(&["plan", "status", "shop"]);
+    assert!(
+        status_text.contains("last drill     P1 drill") && status_text.contains("(machine db)"),
+        "{status_text}"
+    );
+    let all = jobs_now();
+    let runs = all["plan_runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{all:#}");
+    let child = runs[0]["jobs"][0].as_i64().unwrap();
+    let cj = server.json(&["jobs", &child.to_string(), "--json"]);
+    assert_eq!(cj["job"]["plan_run"], 1);
+    assert_eq!(cj["job"]["state"], "failed");
+    let snap = cj["job"]["snapshot_id"].clone();
+    assert!(
+        g["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == snap),
+        "the drill launched from the group point: {snap} {g:#}"
+    );
+    let target = cj["job"]["target_dir"].as_str().unwrap();
+    assert!(!Path::new(target).exists(), "{target} was not removed");
+    let listing = server.ok(&["jobs"]);
+    assert!(
+        listing.contains("P1") && listing.contains("drill"),
+        "{listing}"
+    );
+    let view = server.json(&["jobs", "P1", "--json"]);
+    assert!(
+        view["log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["machine"] == "db" && l["step"] == "convert"),
+        "{view:#}"
+    );
+    refused(&server, &["jobs", "P99"], "no plan run P99");
+    refused(&server, &["jobs", "Px"], "neither a job id nor a plan run");
+    // The failed drill left no target: the cleanup has none to remove, and the plan can go.
+    let c = server.ok(&["plan", "cleanup", "shop"]);
+    assert!(c.contains("cleaned up drill P1"), "{c}");
+    assert!(server
+        .ok(&["plan", "cleanup", "shop"])
+        .contains("no drill to clean up"));
+    server.ok(&["plan", "delete", "shop"]);
+}
