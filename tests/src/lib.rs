@@ -206,7 +206,6 @@ impl Server {
         serde_json::from_slice(&out.stdout).expect("machines JSON")
     }
 
-    /// The JSON of one machine's disk, by device path.
     /// One machine of `machines --json`, by id; panics when it is not listed.
     pub fn machine(&self, id: &str) -> Value {
         self.machines()["machines"]
@@ -218,6 +217,7 @@ impl Server {
             .unwrap_or_else(|| panic!("machine {id} is not listed"))
     }
 
+    /// The JSON of one machine's disk, by device path.
     pub fn disk(&self, device: &Path) -> Option<Value> {
         let m = self.machines();
         let dev = device.display().to_string();

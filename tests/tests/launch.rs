@@ -20,7 +20,9 @@ use rehost_tests::*;
 use serde_json::Value;
 
 mod launch_env;
-use launch_env::{domains, processes_mentioning, tools_ready, Libvirtd, Source};
+use launch_env::{
+    assert_files_in_target, domains, processes_mentioning, tools_ready, Libvirtd, Source,
+};
 
 const SYNC_LIMIT: Duration = Duration::from_secs(300);
 /// Export, conversion (the guest's initramfs is rebuilt in a chroot) and a boot under TCG.
@@ -79,59 +81,6 @@ fn launch(server: &Server, mode_and_args: &[&str]) -> (Value, Duration) {
     );
     assert!(took < JOB_LIMIT, "{mode} launch took {took:?}");
     (j, took)
-}
-
-/// Every file of `files` (fsynced in the source before the point) is in the target's root
-/// filesystem with the same content.
-fn assert_files_in_target(image: &Path, mnt: &Path, files: &[(PathBuf, String)]) {
-    // The root is the first partition; read it through a read-only loop device at its offset.
-    let out = run_ok(
-        Command::new("partx")
-            .args(["-g", "-o", "START", "-n", "1"])
-            .arg(image),
-    );
-    let start: u64 = String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let out = run_ok(
-        Command::new("losetup")
-            .args(["-f", "--show", "-r", "-o", &(start * 512).to_string()])
-            .arg(image),
-    );
-    let part = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let check = || {
-        for (p, h) in files.iter().rev().take(40) {
-            let rel = p.strip_prefix(mnt).unwrap();
-            // -c: the guest runs on this filesystem; its bitmaps on disk lag behind its memory.
-            let out = run_ok(
-                Command::new("debugfs")
-                    .args(["-c", "-R", &format!("cat /{}", rel.display())])
-                    .arg(&part),
-            );
-            if blake3::hash(&out.stdout).to_hex().to_string() != *h {
-                let stat = Command::new("debugfs")
-                    .args(["-c", "-R", &format!("stat /{}", rel.display())])
-                    .arg(&part)
-                    .output()
-                    .unwrap();
-                panic!(
-                    "/{} (fsynced before the point) differs in the target {}: {} bytes read ({}); stat: {}",
-                    rel.display(),
-                    image.display(),
-                    out.stdout.len(),
-                    String::from_utf8_lossy(&out.stderr),
-                    String::from_utf8_lossy(&stat.stdout)
-                );
-            }
-        }
-    };
-    let r = std::panic::catch_unwind(check);
-    let _ = Command::new("losetup").arg("-d").arg(&part).status();
-    if let Err(e) = r {
-        std::panic::resume_unwind(e);
-    }
 }
 
 fn target_of(j: &Value) -> PathBuf {

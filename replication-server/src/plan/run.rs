@@ -454,7 +454,7 @@ async fn execute(shared: Arc<Shared>, run: PlanRun, checked: Checked, req: RunRe
     }
     // The members that did not gate a step: their launches end before the run does.
     while let Some(done) = pending.join_next().await {
-        if let Ok((u, Err(why))) = done {
+        if let Ok((u, Err(why), _)) = done {
             if result.is_ok() {
                 result = Err(Stop {
                     machine: Some(u.member.hostname.clone()),
@@ -621,7 +621,8 @@ async fn planned_prelude(
     Ok(())
 }
 
-type Launched = (Unit, Result<JobRow, String>);
+/// A machine's launch: its job (or why it failed), and how long from the step's start to its end.
+type Launched = (Unit, Result<JobRow, String>, Duration);
 
 /// One step: its pre hook, its machines' launches, the wait for the `boot` ones, its post hook.
 #[allow(clippy::too_many_arguments)]
@@ -638,11 +639,12 @@ async fn run_step(
     sem: &Arc<tokio::sync::Semaphore>,
     pending: &mut tokio::task::JoinSet<Launched>,
 ) -> Result<(), Stop> {
-    let t = Instant::now();
     if let Some(h) = step.and_then(|s| s.pre_hook.as_ref()) {
         let env = hook_env(plan, run, mode, n, HookKind::Pre, &members, &HashMap::new());
         run_hook(log, n, HookKind::Pre, h, env).await?;
     }
+    // The step's own time, its hooks left out.
+    let t = Instant::now();
     log.log(
         None,
         "step",
@@ -684,8 +686,9 @@ async fn run_step(
                 tokio::time::sleep(Duration::from_secs(u.member.delay_s)).await;
             }
             let _permit = sem.acquire_owned().await;
+            let begun = Instant::now();
             let r = launch_one(&s, &l, &u, mode, opts).await;
-            (u, r)
+            (u, r, begun.elapsed())
         };
         if gates {
             gating.spawn(fut);
@@ -695,17 +698,18 @@ async fn run_step(
     }
     let mut done: Vec<JobRow> = Vec::new();
     let mut failed: Option<Stop> = None;
-    let mut slowest = Duration::ZERO;
+    // The slowest launch (with its delay), and the boot of that machine.
+    let mut slowest = (Duration::ZERO, None);
     while let Some(r) = gating.join_next().await {
         match r {
-            Ok((u, Ok(job))) => {
-                let took = Duration::from_secs(
-                    (job.ended_at.unwrap_or(job.created_at) - job.created_at).max(0) as u64,
-                );
-                slowest = slowest.max(took + Duration::from_secs(u.member.delay_s));
+            Ok((u, Ok(job), took)) => {
+                let took = took + Duration::from_secs(u.member.delay_s);
+                if took >= slowest.0 {
+                    slowest = (took, Some(job.id));
+                }
                 done.push(job);
             }
-            Ok((u, Err(why))) => {
+            Ok((u, Err(why), _)) => {
                 failed.get_or_insert(Stop {
                     machine: Some(u.member.hostname.clone()),
                     why: format!(
@@ -725,21 +729,32 @@ async fn run_step(
     if let Some(stop) = failed {
         return Err(stop);
     }
-    let wall = t.elapsed();
+    let wall = t.elapsed().as_secs_f64();
+    let boot = match slowest.1 {
+        Some(job) => {
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || boot_seconds(&s, job))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    let launch = slowest.0.as_secs_f64();
     log.log(
         None,
         "step",
         format!(
-            "step {n} done in {:.1} s: {} up{}; slowest launch {:.0} s, plan overhead {:.1} s",
-            wall.as_secs_f64(),
+            "step {n} done in {wall:.1} s: {} up{}; slowest launch {launch:.1} s{}, plan overhead beyond it {:.1} s",
             done.len(),
             if members.len() > done.len() {
                 format!(", {} not awaited (wait none)", members.len() - done.len())
             } else {
                 String::new()
             },
-            slowest.as_secs_f64(),
-            (wall.as_secs_f64() - slowest.as_secs_f64()).max(0.0)
+            boot.map(|b| format!(" (its guest's boot {b:.1} s; export, conversion and plan beyond the boot {:.1} s)", (wall - b).max(0.0)))
+                .unwrap_or_default(),
+            (wall - launch).max(0.0)
         ),
     )
     .await;
@@ -799,6 +814,17 @@ async fn launch_one(
             job.error.as_deref().unwrap_or("failed")
         )),
     }
+}
+
+/// The seconds the boot check of `job` waited for the guest's marker (`target booted: ... after
+/// N s` in its log).
+fn boot_seconds(shared: &Shared, job: i64) -> Option<f64> {
+    let lines = shared.catalog.job_log(job, 0).ok()?;
+    lines.iter().rev().find_map(|l| {
+        let rest = l.message.strip_prefix("target booted: ")?;
+        let after = rest.rsplit_once(" after ")?.1;
+        after.split(" s").next()?.parse().ok()
+    })
 }
 
 /// The guest addresses the boot checks of these jobs saw (`guest address A.B.C.D` in their logs).

@@ -1,6 +1,9 @@
 //! The launch test's environment: its tools, the source disk (the converter's fixture on a loop
 //! device, root filesystem mounted), processes found by what their command line names, and the
 //! host's libvirt daemon.
+//!
+//! Shared by `launch.rs` and `plan_boot.rs`; each uses a part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -188,5 +191,58 @@ impl Drop for Source {
         }
         partitions::remove_partitions(&self.dev);
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Checks that the last 40 of `files` (written under `mnt` on the source) hold their hashes in
+/// the target image, read through a read-only loop device over its first partition.
+pub fn assert_files_in_target(image: &Path, mnt: &Path, files: &[(PathBuf, String)]) {
+    // The root is the first partition; read it through a read-only loop device at its offset.
+    let out = run_ok(
+        Command::new("partx")
+            .args(["-g", "-o", "START", "-n", "1"])
+            .arg(image),
+    );
+    let start: u64 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let out = run_ok(
+        Command::new("losetup")
+            .args(["-f", "--show", "-r", "-o", &(start * 512).to_string()])
+            .arg(image),
+    );
+    let part = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let check = || {
+        for (p, h) in files.iter().rev().take(40) {
+            let rel = p.strip_prefix(mnt).unwrap();
+            // -c: the guest runs on this filesystem; its bitmaps on disk lag behind its memory.
+            let out = run_ok(
+                Command::new("debugfs")
+                    .args(["-c", "-R", &format!("cat /{}", rel.display())])
+                    .arg(&part),
+            );
+            if blake3::hash(&out.stdout).to_hex().to_string() != *h {
+                let stat = Command::new("debugfs")
+                    .args(["-c", "-R", &format!("stat /{}", rel.display())])
+                    .arg(&part)
+                    .output()
+                    .unwrap();
+                panic!(
+                    "/{} (fsynced before the point) differs in the target {}: {} bytes read ({}); stat: {}",
+                    rel.display(),
+                    image.display(),
+                    out.stdout.len(),
+                    String::from_utf8_lossy(&out.stderr),
+                    String::from_utf8_lossy(&stat.stdout)
+                );
+            }
+        }
+    };
+    let r = std::panic::catch_unwind(check);
+    let _ = Command::new("losetup").arg("-d").arg(&part).status();
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
     }
 }
