@@ -610,8 +610,13 @@ impl Writer {
 }
 
 impl Drop for Writer {
+    /// Stops the writer and waits for its thread: a write still under way would keep the
+    /// filesystem busy for whatever is dropped next (an unmount).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
