@@ -10,6 +10,10 @@
 //! complete, and expired by the policy: within each rule's window the newest point of each
 //! `EVERY`-long bucket is kept; the newest point is always kept. Manual and agent-requested
 //! points are not expired by the policy; they stay until deleted.
+//!
+//! A recovery plan with its own policy (`plan schedule`) takes its machines' scheduled points
+//! as group points (`snapshot::group`), due and expired by the plan's policy, a group at a time;
+//! those machines get no scheduled points of their own.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -158,9 +162,21 @@ pub async fn scheduler(shared: Arc<Shared>, tick: Duration) {
 
 async fn round(shared: &Arc<Shared>, gc_anyway: bool) -> Result<(), SnapshotError> {
     let s = shared.clone();
-    let ready = blocking(move || Ok::<_, SnapshotError>(s.catalog.machines_ready()?)).await?;
+    let (ready, plans) = blocking(move || {
+        Ok::<_, SnapshotError>((s.catalog.machines_ready()?, s.catalog.scheduled_plans()?))
+    })
+    .await?;
     let mut expired = 0;
-    for machine in ready {
+    let in_plans: HashSet<String> = plans.iter().flat_map(|p| p.2.iter().cloned()).collect();
+    for (plan, policy, members) in plans {
+        match plan_round(shared, &plan, &policy, &members, &ready).await {
+            Ok(n) => expired += n,
+            Err(e) => {
+                tracing::warn!(%plan, error = %chain(&e), "scheduled group point round failed")
+            }
+        }
+    }
+    for machine in ready.into_iter().filter(|m| !in_plans.contains(m.as_str())) {
         let (s, m) = (shared.clone(), machine.clone());
         let (policy, points) = blocking(move || {
             let policy = policy_for(&s, m.as_str())?;
@@ -221,6 +237,82 @@ async fn round(shared: &Arc<Shared>, gc_anyway: bool) -> Result<(), SnapshotErro
         }
     }
     Ok(())
+}
+
+/// One plan's round: a scheduled group point when due (once every machine of it has finished
+/// its initial sync), then the expiry of its scheduled group points. Returns how many points
+/// expired.
+async fn plan_round(
+    shared: &Arc<Shared>,
+    plan: &str,
+    policy: &str,
+    members: &[String],
+    ready: &[rehost_proto::MachineId],
+) -> Result<usize, SnapshotError> {
+    let policy: Policy = policy.parse().map_err(|e| {
+        SnapshotError::Internal(format!("stored policy `{policy}` of plan {plan}: {e}"))
+    })?;
+    let (s, p) = (shared.clone(), plan.to_string());
+    let groups = blocking(move || Ok::<_, SnapshotError>(s.catalog.group_points(&p)?)).await?;
+    // The plan's scheduled group points: (id, created_at, snapshot ids).
+    let mut points: Vec<(i64, i64, Vec<i64>)> = groups
+        .into_iter()
+        .filter(|g| !g.snapshots.is_empty() && g.snapshots.iter().all(|s| s.reason == SCHEDULED))
+        .map(|g| {
+            (
+                g.id,
+                g.created_at,
+                g.snapshots.iter().map(|s| s.id).collect(),
+            )
+        })
+        .collect();
+    let now = crate::catalog::now();
+    let all_ready = !members.is_empty()
+        && members
+            .iter()
+            .all(|m| ready.iter().any(|r| r.as_str() == m));
+    if all_ready && policy.due(now, points.iter().map(|p| p.1).max()) {
+        let ids: Vec<rehost_proto::MachineId> = ready
+            .iter()
+            .filter(|r| members.iter().any(|m| m == r.as_str()))
+            .cloned()
+            .collect();
+        match snapshot::group::take(shared.clone(), plan.to_string(), ids, SCHEDULED.into()).await {
+            Ok(g) => {
+                tracing::info!(%plan, group = g.id, consistency = %g.consistency, "scheduled group point");
+                points.push((
+                    g.id,
+                    g.created_at,
+                    g.snapshots.iter().map(|s| s.id).collect(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(%plan, error = %chain(&e), "scheduled group point failed")
+            }
+        }
+    }
+    let keep = policy.keep(
+        crate::catalog::now(),
+        &points.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(),
+    );
+    let mut expired = 0;
+    for (group, _, snaps) in points.into_iter().filter(|p| !keep.contains(&p.0)) {
+        let s = shared.clone();
+        let n = snaps.len();
+        blocking(move || {
+            for id in snaps {
+                if s.catalog.mark_deleting(id)? {
+                    s.catalog.remove_snapshot(id)?;
+                }
+            }
+            s.catalog.remove_empty_group(group)?;
+            Ok::<_, SnapshotError>(())
+        })
+        .await?;
+        tracing::info!(%plan, group, "scheduled group point expired");
+        expired += n;
+    }
+    Ok(expired)
 }
 
 #[cfg(test)]

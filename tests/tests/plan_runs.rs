@@ -284,3 +284,105 @@ fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
         .contains("no drill to clean up"));
     server.ok(&["plan", "delete", "shop"]);
 }
+
+#[test]
+fn a_plan_schedule_takes_and_expires_group_points_and_a_machine_follows_one_plan() {
+    if !require_root("plan schedules over loop devices") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = Server::start_with(dir, &["--snapshot-tick", "1"], None);
+    let mut machines = Vec::new();
+    for host in ["a", "b", "c"] {
+        let fs = LoopFs::named(dir, host, 32);
+        let mut agent = Agent::new(dir, host);
+        let token = server.token();
+        let out = agent.install(&server, &token, &[&fs.dev], host);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = agent.state_json()["machine_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let cleanup = TraceCleanup(Some(id));
+        agent.run(&[]);
+        machines.push((agent, cleanup, fs));
+    }
+    for (agent, ..) in &machines {
+        wait_until("continuous replication", LIMIT, || {
+            (agent.status()["disks"][0]["state"] == "continuous").then_some(())
+        });
+    }
+    server.ok(&["plan", "create", "s1"]);
+    server.ok(&["plan", "add", "s1", "a", "--step", "1"]);
+    server.ok(&["plan", "add", "s1", "b", "--step", "2"]);
+    refused(
+        &server,
+        &["plan", "schedule", "s1", "1h:10m"],
+        "less than their interval",
+    );
+    let set_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let set = server.ok(&["plan", "schedule", "s1", "2s:6s"]);
+    assert!(set.contains("retention 2s:6s"), "{set}");
+    assert_eq!(
+        server.json(&["plan", "show", "s1", "--json"])["policy"],
+        "2s:6s"
+    );
+    // A machine's scheduled points follow one plan.
+    server.ok(&["plan", "create", "s2"]);
+    server.ok(&["plan", "add", "s2", "c", "--step", "1"]);
+    server.ok(&["plan", "schedule", "s2", "1m:1h"]);
+    refused(
+        &server,
+        &["plan", "add", "s2", "a", "--step", "1"],
+        "follow one plan",
+    );
+    server.ok(&["plan", "schedule", "s2", "--clear"]);
+    server.ok(&["plan", "add", "s2", "a", "--step", "1"]);
+    refused(
+        &server,
+        &["plan", "schedule", "s2", "1m:1h"],
+        "is in plan `s1`",
+    );
+    assert!(server.json(&["plan", "show", "s2", "--json"])["policy"].is_null());
+
+    // Scheduled group points of both machines, the old ones expired.
+    let points = wait_until("scheduled group points to expire", LIMIT, || {
+        let v = server.json(&["snapshots", "--plan", "s1", "--json"]);
+        let p = v["points"].as_array().unwrap().clone();
+        (p.len() >= 2 && p[0]["id"].as_i64() > Some(2)).then_some(p)
+    });
+    assert!(
+        points.len() <= 4,
+        "2s:6s keeps at most 3 groups and the newest: {points:#?}"
+    );
+    for g in &points {
+        let snaps = g["snapshots"].as_array().unwrap();
+        assert_eq!(snaps.len(), 2, "{g:#}");
+        assert!(snaps.iter().all(|s| s["reason"] == "scheduled"), "{g:#}");
+    }
+    // The machines of the plan have no scheduled points of their own since (the machines' first
+    // scheduled points came at their sync's end; a scheduler round reads the plans as it
+    // begins, so one under way within the second of the change may still take one).
+    for host in ["a", "b"] {
+        let l = server.json(&["snapshots", host, "--json"]);
+        for s in l["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["created_at"].as_i64().unwrap() > set_at + 1)
+        {
+            assert!(
+                s["group_id"].is_i64(),
+                "{host}: a point outside the plan's groups: {s:#}"
+            );
+        }
+    }
+}

@@ -366,6 +366,14 @@ pub struct SetNetworks {
     pub test: Option<String>,
 }
 
+/// `PUT /v1/plans/{plan}/schedule`: the plan's retention policy (`EVERY:FOR,...` or `off`), or
+/// null to clear it. The reply is the plan.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SetSchedule {
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
 /// `PUT /v1/plans/{plan}/hooks/{step}/{pre|post}`; the reply is the plan.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SetHook {

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 
 use super::model::{
     CreatePlan, GroupPoint, GroupPointList, MemberRemoved, Plan, PlanDeleted, PlanList, SetHook,
-    SetMember, SetNetworks,
+    SetMember, SetNetworks, SetSchedule,
 };
 use super::{blocking, ApiError};
 use crate::plan::{self, Hook, PlanError};
@@ -31,6 +31,7 @@ pub fn routes() -> Router<Arc<Shared>> {
             put(set_member).delete(remove_member),
         )
         .route("/v1/plans/{plan}/network", put(set_networks))
+        .route("/v1/plans/{plan}/schedule", put(set_schedule))
         .route(
             "/v1/plans/{plan}/hooks/{step}/{kind}",
             put(set_hook).delete(remove_hook),
@@ -236,6 +237,29 @@ async fn set_networks(
         let p = s.catalog.plan(&name).map_err(api)?;
         tracing::info!(plan = %name, production = %p.networks.production, test = %p.networks.test, "recovery plan networks set");
         Ok(Json(p))
+    })
+    .await
+}
+
+async fn set_schedule(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    Json(req): Json<SetSchedule>,
+) -> Result<Json<Plan>, ApiError> {
+    let policy = req
+        .policy
+        .map(|p| {
+            p.parse::<crate::retention::Policy>()
+                .map(|p| p.to_string())
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("policy: {e}")))
+        })
+        .transpose()?;
+    blocking(move || {
+        s.catalog
+            .set_plan_policy(&name, policy.as_deref())
+            .map_err(api)?;
+        tracing::info!(plan = %name, policy = policy.as_deref().unwrap_or("(cleared)"), "recovery plan schedule set");
+        s.catalog.plan(&name).map(Json).map_err(api)
     })
     .await
 }

@@ -8,7 +8,7 @@ use super::client::AdminClient;
 use crate::api::model::{
     Cleaned, CreatePlan, DrillRequest, FailoverRequest, Hook, JobState, MemberRemoved, Plan,
     PlanDeleted, PlanList, PlanRun, PlanStatus, RunLogLine, RunMode, RunView, SetHook, SetMember,
-    SetNetworks, StepWait,
+    SetNetworks, SetSchedule, StepWait,
 };
 use crate::human;
 use crate::plan::{self, Network};
@@ -88,6 +88,20 @@ pub enum PlanCmd {
         /// Print JSON instead of text (format documented in the README).
         #[arg(long)]
         json: bool,
+    },
+    /// The plan's own schedule of group points, with the retention policy of `retention set`
+    /// (`EVERY:FOR,...`, e.g. `1h:24h,1d:7d`, or `off`): its machines' scheduled points are then
+    /// group points of the plan, and their own policies do not apply. A machine follows one
+    /// plan's schedule. Without arguments, show it.
+    Schedule {
+        /// Plan name.
+        name: String,
+        /// The policy.
+        #[arg(conflicts_with = "clear")]
+        policy: Option<String>,
+        /// Remove the plan's schedule: its machines follow their own policies again.
+        #[arg(long)]
+        clear: bool,
     },
     /// Test failover: every machine of the plan gets a test target on the plan's test network
     /// (isolated by default), step by step, while replication goes on. The targets stay until
@@ -301,6 +315,32 @@ pub(super) fn run(cmd: &PlanCmd, c: &AdminClient) -> anyhow::Result<()> {
                 "plan {}: production network {}, test network {}",
                 p.name, p.networks.production, p.networks.test
             );
+        }
+        PlanCmd::Schedule {
+            name,
+            policy,
+            clear,
+        } => {
+            let p: Plan = if policy.is_none() && !clear {
+                c.get(&format!("/v1/plans/{}", seg(name)))?
+            } else {
+                c.put(
+                    &format!("/v1/plans/{}/schedule", seg(name)),
+                    &SetSchedule {
+                        policy: policy.clone(),
+                    },
+                )?
+            };
+            match &p.policy {
+                Some(pol) => println!(
+                    "plan {}: scheduled group points, retention {pol} (its machines' own schedules do not apply)",
+                    p.name
+                ),
+                None => println!(
+                    "plan {}: no schedule of its own (each machine follows its retention policy)",
+                    p.name
+                ),
+            }
         }
         PlanCmd::Hook(h) => hook(h, c)?,
         PlanCmd::List { json } => {
@@ -635,6 +675,9 @@ fn print_plan(p: &Plan) {
     );
     println!("  production network  {}", p.networks.production);
     println!("  test network        {}", p.networks.test);
+    if let Some(pol) = &p.policy {
+        println!("  schedule            group points, retention {pol}");
+    }
     if p.steps.is_empty() {
         println!(
             "no machines yet (add one with `rehost-server plan add {} MACHINE --step 1`)",

@@ -86,6 +86,10 @@ pub struct Plan {
     pub description: String,
     pub created_at: i64,
     pub networks: Networks,
+    /// The plan's own retention policy (`plan schedule`): its machines' scheduled points are
+    /// group points of the plan, taken and expired by it; absent: each machine's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     pub steps: Vec<Step>,
 }
 

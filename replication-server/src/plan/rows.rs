@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Hook, Member, Network, Networks, Plan, PlanError, PlanSummary, Step, MAX_MACHINES};
-use crate::catalog::{now, Catalog};
+use crate::catalog::{now, Catalog, CatalogError};
 use crate::states::{HookKind, StepWait};
 
 fn plan_id(c: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
@@ -47,7 +47,80 @@ fn change<T>(
     cat.with(f)?
 }
 
+/// Whether a machine (`machine`, or any of plan `id`'s) would follow two plans' schedules if plan
+/// `id` has one: a machine's scheduled points follow one plan's policy.
+fn schedule_conflict(
+    c: &Connection,
+    id: i64,
+    plan: &str,
+    machine: Option<&str>,
+) -> rusqlite::Result<Option<PlanError>> {
+    let has: Option<String> =
+        c.query_row("SELECT policy FROM plans WHERE id = ?1", [id], |r| r.get(0))?;
+    if has.is_none() {
+        return Ok(None);
+    }
+    let other: Option<(String, String, String)> = c
+        .query_row(
+            "SELECT pm.machine_id, p.name, p.policy FROM plan_members pm JOIN plans p ON p.id = pm.plan_id
+             WHERE p.id != ?1 AND p.policy IS NOT NULL
+               AND (pm.machine_id = ?2
+                    OR (?2 IS NULL AND pm.machine_id IN
+                        (SELECT machine_id FROM plan_members WHERE plan_id = ?1)))
+             LIMIT 1",
+            params![id, machine],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    Ok(other.map(|(m, other, policy)| {
+        PlanError::Invalid(format!(
+            "machine {m} is in plan `{other}`, whose schedule ({policy}) takes its points, and \
+             plan `{plan}` has one too: a machine's scheduled points follow one plan (clear one \
+             with `rehost-server plan schedule NAME --clear`)"
+        ))
+    }))
+}
+
 impl Catalog {
+    /// Sets (or clears) the plan's retention policy, refused when one of its machines follows
+    /// another plan's.
+    pub fn set_plan_policy(&self, plan: &str, policy: Option<&str>) -> Result<(), PlanError> {
+        change(self, |c| {
+            let tx = c.transaction()?;
+            let Some(id) = plan_id(&tx, plan)? else {
+                return Ok(Err(PlanError::NoPlan(plan.into())));
+            };
+            tx.execute(
+                "UPDATE plans SET policy = ?2 WHERE id = ?1",
+                params![id, policy],
+            )?;
+            if let Some(e) = schedule_conflict(&tx, id, plan, None)? {
+                return Ok(Err(e));
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// The plans that have a policy, each with its machines.
+    pub fn scheduled_plans(&self) -> Result<Vec<(String, String, Vec<String>)>, CatalogError> {
+        self.with(|c| {
+            let plans = c
+                .prepare("SELECT id, name, policy FROM plans WHERE policy IS NOT NULL ORDER BY id")?
+                .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<(i64, String, String)>>>()?;
+            let mut out = Vec::new();
+            for (id, name, policy) in plans {
+                let members = c
+                    .prepare("SELECT machine_id FROM plan_members WHERE plan_id = ?1 ORDER BY step, rowid")?
+                    .query_map([id], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                out.push((name, policy, members));
+            }
+            Ok(out)
+        })
+    }
+
     /// Creates an empty plan with the default networks. Refused when the name is taken.
     pub fn create_plan(&self, name: &str, description: &str) -> Result<(), PlanError> {
         change(self, |c| {
@@ -100,7 +173,8 @@ impl Catalog {
         change(self, |c| {
             let head = c
                 .query_row(
-                    "SELECT id, name, description, created_at, production_network, test_network
+                    "SELECT id, name, description, created_at, production_network, test_network,
+                            policy
                      FROM plans WHERE name = ?1",
                     [name],
                     |r| {
@@ -114,6 +188,7 @@ impl Catalog {
                                     production: network(r, 4)?,
                                     test: network(r, 5)?,
                                 },
+                                policy: r.get(6)?,
                                 steps: Vec::new(),
                             },
                         ))
@@ -235,6 +310,9 @@ impl Catalog {
             )?;
             if !known {
                 return Ok(Err(PlanError::NoMachine(machine.into())));
+            }
+            if let Some(e) = schedule_conflict(&tx, id, plan, Some(machine))? {
+                return Ok(Err(e));
             }
             let now_in: Option<u32> = tx
                 .query_row(

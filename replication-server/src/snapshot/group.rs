@@ -85,6 +85,19 @@ impl Catalog {
         })
     }
 
+    /// Removes a group point whose snapshots are all gone (expired or deleted); returns whether
+    /// it did.
+    pub fn remove_empty_group(&self, id: i64) -> Result<bool, CatalogError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM point_groups WHERE id = ?1
+                 AND NOT EXISTS (SELECT 1 FROM snapshots WHERE group_id = ?1)",
+                [id],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
     /// The group points of `group`, oldest first, with the snapshots of theirs that remain.
     pub fn group_points(&self, group: &str) -> Result<Vec<GroupPoint>, CatalogError> {
         let rows = self.with(|c| {
