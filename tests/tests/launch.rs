@@ -119,31 +119,6 @@ fn breakdown(j: &Value) -> String {
         .join(", ")
 }
 
-/// systemd's `systemctl`, as the agent sees it: a stand-in in `dir/bin` that records what the
-/// agent asks for a planned failover in `dir/systemctl.calls` (stopping this host's services or
-/// powering it off is not for a test to do), and fails for units named `broken*`. Returns the
-/// PATH to run the agent with, and the calls file.
-fn systemctl_stand_in(dir: &Path) -> (String, PathBuf) {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let calls = dir.join("systemctl.calls");
-    std::fs::write(
-        bin.join("systemctl"),
-        format!(
-            "#!/bin/sh\necho \"$*\" >> {}\ncase \"$*\" in *broken*) echo \"Failed to stop $3: Unit not loaded.\" >&2; exit 5;; esac\n",
-            calls.display()
-        ),
-    )
-    .unwrap();
-    run_ok(Command::new("chmod").arg("755").arg(bin.join("systemctl")));
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    (path, calls)
-}
-
 #[test]
 fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leaves_no_orphans() {
     if !tools_ready() {

@@ -3,7 +3,10 @@
 //! real agents. Every bad run is refused before anything launches; a drill whose step-1 machine
 //! fails stops there (step 2 never launches), its target is removed, its pre hook ran with the
 //! documented environment, and `plan status`, `jobs` and `jobs P<id>` say which machine failed
-//! and why. (The drill and failover that boot are in `plan_boot.rs`.)
+//! and why. A planned failover stops db's services and powers app off (a `systemctl` stand-in
+//! records it) around one final group point, then stops at db. A plan's schedule takes and
+//! expires group points, and a machine follows one plan's schedule. (The drill and failover that
+//! boot are in `plan_boot.rs`.)
 //!
 //! Root only (loop devices, mount, tracefs): without it the test skips with a message, and under
 //! `CI=true` it fails instead.
@@ -59,6 +62,7 @@ fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
     let dir = dir.path();
     let server = Server::start(dir);
     let targets = dir.join("targets");
+    let (path, calls) = systemctl_stand_in(dir);
     let mut machines = Vec::new();
     for host in ["db", "app", "plain"] {
         let fs = LoopFs::named(dir, host, 64);
@@ -75,7 +79,7 @@ fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
             .unwrap()
             .to_string();
         let cleanup = TraceCleanup(Some(id.clone()));
-        agent.run(&[]);
+        agent.run_with_env(&[], &[("PATH", path.clone())]);
         server.ok(&[
             "blueprint",
             "set",
@@ -276,6 +280,83 @@ fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
     );
     refused(&server, &["jobs", "P99"], "no plan run P99");
     refused(&server, &["jobs", "Px"], "neither a job id nor a plan run");
+    // A planned failover: db's services stopped and app powered off by their agents around one
+    // final group point; db cannot be converted, so the run stops at step 1.
+    server.ok(&[
+        "plan",
+        "add",
+        "shop",
+        "db",
+        "--step",
+        "1",
+        "--source-action",
+        "stop-services:dbsvc.service",
+    ]);
+    server.ok(&[
+        "plan",
+        "add",
+        "shop",
+        "app",
+        "--step",
+        "2",
+        "--source-action",
+        "poweroff",
+    ]);
+    refused(
+        &server,
+        &[
+            "plan",
+            "add",
+            "shop",
+            "app",
+            "--step",
+            "2",
+            "--source-action",
+            "reboot",
+        ],
+        "--source-action",
+    );
+    for host in ["db", "app", "plain"] {
+        server.ok(&["mark", host, "ready-for-cutover"]);
+    }
+    let out = server.cli(&["plan", "failover", "shop", "--planned", "--wait"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let groups = server.json(&["snapshots", "--plan", "shop", "--json"]);
+    let last = groups["points"].as_array().unwrap().last().unwrap().clone();
+    assert_ne!(last["id"], g["id"], "no final group point: {groups:#}");
+    for want in [
+        "failover-planned of plan shop: 3 machines in 2 steps, network user (the plan's production network)",
+        "stopping dbsvc.service on the source",
+        &format!("final group point {} (app", last["id"]),
+        "powering off the source after the final point",
+        &format!("step 1: db ({}) failed", id("db")),
+    ] {
+        assert!(text.contains(want), "want `{want}` in the run's log:
+{text}");
+    }
+    // The agent answers a poweroff first and powers off 2 s later.
+    let asked = wait_until("the agent's poweroff", LIMIT, || {
+        let a = std::fs::read_to_string(&calls).unwrap_or_default();
+        a.contains("poweroff").then_some(a)
+    });
+    let lines: Vec<&str> = asked.lines().collect();
+    let stop = lines
+        .iter()
+        .position(|l| l.contains("stop") && l.contains("dbsvc.service"));
+    let off = lines.iter().position(|l| l.contains("poweroff"));
+    assert!(
+        matches!((stop, off), (Some(s), Some(o)) if s < o),
+        "{asked}"
+    );
+    let st = server.json(&["plan", "status", "shop", "--json"]);
+    assert_eq!(st["last_failover"]["mode"], "failover-planned", "{st:#}");
+    assert_eq!(st["last_failover"]["group_id"], last["id"], "{st:#}");
+    assert_eq!(st["last_failover"]["failed_machine"], "db", "{st:#}");
+    for m in st["machines"].as_array().unwrap() {
+        assert_eq!(m["lifecycle"], "ready-for-cutover", "{m:#}");
+    }
+
     // The failed drill left no target: the cleanup has none to remove, and the plan can go.
     let c = server.ok(&["plan", "cleanup", "shop"]);
     assert!(c.contains("cleaned up drill P1"), "{c}");

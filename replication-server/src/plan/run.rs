@@ -36,6 +36,9 @@ use rehost_proto::error::chain;
 use rehost_proto::MachineId;
 use tokio::io::AsyncBufReadExt as _;
 
+/// A machine's launch job in a step, and the guest address its boot check saw.
+type StepJob = (JobRow, Option<String>);
+
 use super::runs::PlanRun;
 use super::{Hook, Member, Plan, PlanError};
 use crate::launch::{self, JobRow, LaunchOptions, SourceAction};
@@ -865,7 +868,7 @@ pub fn hook_env(
     step: u32,
     kind: HookKind,
     members: &[impl MemberLike],
-    jobs: &HashMap<String, (JobRow, Option<String>)>,
+    jobs: &HashMap<String, StepJob>,
 ) -> Vec<(String, String)> {
     let join = |f: &dyn Fn(&str, &str) -> String| {
         members
@@ -884,7 +887,7 @@ pub fn hook_env(
         ("REHOST_HOSTNAMES".into(), join(&|_, h| h.to_string())),
     ];
     if kind == HookKind::Post {
-        let of = |f: &dyn Fn(&(JobRow, Option<String>)) -> Option<String>| {
+        let of = |f: &dyn Fn(&StepJob) -> Option<String>| {
             join(&|id, _| jobs.get(id).and_then(f).unwrap_or_else(|| "-".into()))
         };
         env.push((
@@ -1044,27 +1047,27 @@ async fn copy_lines<R: tokio::io::AsyncBufRead + Unpin>(
     r: R,
     prefix: &str,
 ) {
-    let mut lines = r.lines();
+    let mut r = r;
     let mut n = 0usize;
-    loop {
-        match lines.next_line().await {
-            Ok(Some(l)) => {
-                n += 1;
-                if n <= HOOK_LINES {
-                    let mut l = l;
-                    if l.len() > HOOK_LINE_BYTES {
-                        let mut cut = HOOK_LINE_BYTES;
-                        while !l.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        l.truncate(cut);
-                        l.push('…');
-                    }
-                    log.log(None, &name, format!("{prefix}{l}")).await;
+    let mut buf = Vec::new();
+    // Bytes, not text: a hook's output that is not UTF-8 is kept (lossily), and read to its end.
+    while r.read_until(b'\n', &mut buf).await.is_ok_and(|got| got > 0) {
+        n += 1;
+        if n <= HOOK_LINES {
+            let mut l = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\n', '\r'])
+                .to_string();
+            if l.len() > HOOK_LINE_BYTES {
+                let mut cut = HOOK_LINE_BYTES;
+                while !l.is_char_boundary(cut) {
+                    cut -= 1;
                 }
+                l.truncate(cut);
+                l.push('…');
             }
-            Ok(None) | Err(_) => break,
+            log.log(None, &name, format!("{prefix}{l}")).await;
         }
+        buf.clear();
     }
     if n > HOOK_LINES {
         log.log(
