@@ -657,3 +657,63 @@ pub fn systemctl_stand_in(dir: &Path) -> (String, PathBuf) {
     );
     (path, calls)
 }
+
+/// Installs an agent for `host` over `devices` and starts it with `env`; returns it, its
+/// machine id, and the clean-up of its tracepoints.
+pub fn replicate(
+    server: &Server,
+    dir: &Path,
+    host: &str,
+    devices: &[&Path],
+    env: &[(&str, String)],
+) -> (Agent, String, TraceCleanup) {
+    let mut agent = Agent::new(dir, host);
+    let token = server.token();
+    let out = agent.install(server, &token, devices, host);
+    assert!(
+        out.status.success(),
+        "install {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = agent.state_json()["machine_id"]
+        .as_str()
+        .expect("machine id")
+        .to_string();
+    let cleanup = TraceCleanup(Some(id.clone()));
+    agent.run_with_env(&[], env);
+    (agent, id, cleanup)
+}
+
+/// An executable hook at `dir/name` that writes its `REHOST_*` environment to `out` (one
+/// `K=V` a line, sorted), then runs the shell lines of `then`.
+pub fn env_hook(dir: &Path, name: &str, out: &Path, then: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\nenv | grep '^REHOST_' | sort > {}\n{then}",
+            out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// The `K=V` lines an [`env_hook`] wrote.
+pub fn env_of(file: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Whether the group point `group` (`snapshots --plan --json`) holds the snapshot `id`.
+pub fn group_holds(group: &Value, id: &Value) -> bool {
+    group["snapshots"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|s| s["id"] == *id))
+}

@@ -21,7 +21,8 @@ use serde_json::Value;
 
 mod launch_env;
 use launch_env::{
-    assert_files_in_target, domains, processes_mentioning, tools_ready, Libvirtd, Source,
+    assert_files_in_target, domains, processes_mentioning, tcg_blueprint, tools_ready, Libvirtd,
+    Source,
 };
 
 const SYNC_LIMIT: Duration = Duration::from_secs(300);
@@ -159,28 +160,7 @@ fn test_launches_and_cutover_boot_from_recovery_points_and_a_killed_server_leave
         String::from_utf8_lossy(&out.stderr)
     );
     let targets = dir.join("targets");
-    cli(
-        &server,
-        &[
-            "blueprint",
-            "set",
-            "deb-src",
-            "--launch",
-            "libvirt",
-            "--accel",
-            "tcg",
-            "--cpus",
-            "1",
-            "--memory",
-            "1024",
-            "--format",
-            "raw",
-            "--boot-timeout",
-            "300",
-            "--target-dir",
-            targets.to_str().unwrap(),
-        ],
-    );
+    tcg_blueprint(&server, "deb-src", "libvirt", &targets);
 
     // A recovery point while the writer runs; the test launch boots from the latest point.
     std::thread::sleep(Duration::from_secs(2));

@@ -12,8 +12,7 @@
 //! under `CI=true` it fails instead.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -22,32 +21,11 @@ use rehost_tests::*;
 use serde_json::Value;
 
 mod launch_env;
-use launch_env::{assert_files_in_target, processes_mentioning, tools_ready, Source};
+use launch_env::{
+    assert_files_in_target, processes_mentioning, tcg_blueprint, tools_ready, Source,
+};
 
 const SYNC_LIMIT: Duration = Duration::from_secs(300);
-
-fn env_hook(dir: &Path, name: &str, out: &Path) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(
-        &p,
-        format!(
-            "#!/bin/sh\nenv | grep '^REHOST_' | sort > {}\n",
-            out.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
-fn env_of(file: &Path) -> BTreeMap<String, String> {
-    std::fs::read_to_string(file)
-        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 /// The first line of the run's log about `machine` whose message contains `text`.
 fn line<'a>(log: &'a [Value], machine: &str, text: &str) -> &'a Value {
@@ -93,41 +71,10 @@ fn a_drill_boots_db_before_app_on_the_test_network_and_an_unplanned_failover_use
         let d = dir.join(host);
         std::fs::create_dir_all(&d).unwrap();
         let source = Source::new(&d);
-        let mut agent = Agent::new(dir, host);
-        let token = server.token();
-        let out = agent.install(&server, &token, &[&source.dev], host);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let id = agent.state_json()["machine_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let trace = TraceCleanup(Some(id.clone()));
-        agent.run(&[]);
+        let (agent, id, trace) = replicate(&server, dir, host, &[&source.dev], &[]);
         let writer = Writer::paced(&source.mnt, Duration::from_millis(300));
         let targets = d.join("targets");
-        server.ok(&[
-            "blueprint",
-            "set",
-            host,
-            "--launch",
-            "qemu",
-            "--accel",
-            "tcg",
-            "--cpus",
-            "1",
-            "--memory",
-            "1024",
-            "--format",
-            "raw",
-            "--boot-timeout",
-            "300",
-            "--target-dir",
-            targets.to_str().unwrap(),
-        ]);
+        tcg_blueprint(&server, host, "qemu", &targets);
         // Dropped in this order: the writer stops before its filesystem is unmounted.
         m.push((host, id, writer, agent, trace, source, targets));
     }
@@ -148,8 +95,8 @@ fn a_drill_boots_db_before_app_on_the_test_network_and_an_unplanned_failover_use
     server.ok(&["plan", "add", "shop", "db", "--step", "1"]);
     server.ok(&["plan", "add", "shop", "app", "--step", "2"]);
     let (pre_env, post_env) = (dir.join("pre1.env"), dir.join("post2.env"));
-    let pre = env_hook(dir, "pre1.sh", &pre_env);
-    let post = env_hook(dir, "post2.sh", &post_env);
+    let pre = env_hook(dir, "pre1.sh", &pre_env, "");
+    let post = env_hook(dir, "post2.sh", &post_env, "");
     server.ok(&[
         "plan",
         "hook",
@@ -224,11 +171,7 @@ fn a_drill_boots_db_before_app_on_the_test_network_and_an_unplanned_failover_use
         let j = &jobs[*host];
         assert_eq!(j["job"]["plan_run"], 1);
         assert!(
-            g["snapshots"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s["id"] == j["job"]["snapshot_id"]),
+            group_holds(&g, &j["job"]["snapshot_id"]),
             "{host} did not launch from the group point"
         );
         let t = PathBuf::from(j["job"]["target_dir"].as_str().unwrap());
@@ -350,14 +293,7 @@ fn a_drill_boots_db_before_app_on_the_test_network_and_an_unplanned_failover_use
     for id in view["run"]["jobs"].as_array().unwrap() {
         let j = server.json(&["jobs", &id.to_string(), "--json"]);
         assert_eq!(j["job"]["mode"], "cutover");
-        assert!(
-            g["snapshots"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s["id"] == j["job"]["snapshot_id"]),
-            "{j:#}"
-        );
+        assert!(group_holds(&g, &j["job"]["snapshot_id"]), "{j:#}");
         assert!(
             !j["log"].to_string().contains("asking the agent"),
             "a source was contacted: {j:#}"

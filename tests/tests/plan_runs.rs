@@ -29,30 +29,6 @@ fn refused(server: &Server, args: &[&str], want: &str) -> String {
     err
 }
 
-/// A hook that writes its REHOST_* environment to `out`, one `K=V` a line, sorted.
-fn env_hook(dir: &Path, name: &str, out: &Path) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(
-        &p,
-        format!(
-            "#!/bin/sh\nenv | grep '^REHOST_' | sort > {}\necho hook {name} ran\necho to stderr >&2\n",
-            out.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
-fn env_of(file: &Path) -> std::collections::BTreeMap<String, String> {
-    std::fs::read_to_string(file)
-        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 #[test]
 fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
     if !require_root("plan runs over loop devices") {
@@ -66,20 +42,8 @@ fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
     let mut machines = Vec::new();
     for host in ["db", "app", "plain"] {
         let fs = LoopFs::named(dir, host, 64);
-        let mut agent = Agent::new(dir, host);
-        let token = server.token();
-        let out = agent.install(&server, &token, &[&fs.dev], host);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let id = agent.state_json()["machine_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let cleanup = TraceCleanup(Some(id.clone()));
-        agent.run_with_env(&[], &[("PATH", path.clone())]);
+        let (agent, id, cleanup) =
+            replicate(&server, dir, host, &[&fs.dev], &[("PATH", path.clone())]);
         server.ok(&[
             "blueprint",
             "set",
@@ -115,8 +79,13 @@ fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
     ]);
     let pre_env = dir.join("pre1.env");
     let post_env = dir.join("post1.env");
-    let pre = env_hook(dir, "pre1.sh", &pre_env);
-    let post = env_hook(dir, "post1.sh", &post_env);
+    let pre = env_hook(
+        dir,
+        "pre1.sh",
+        &pre_env,
+        "echo hook pre1.sh ran\necho to stderr >&2\n",
+    );
+    let post = env_hook(dir, "post1.sh", &post_env, "");
     server.ok(&[
         "plan",
         "hook",
@@ -255,11 +224,7 @@ fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
     assert_eq!(cj["job"]["state"], "failed");
     let snap = cj["job"]["snapshot_id"].clone();
     assert!(
-        g["snapshots"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["id"] == snap),
+        group_holds(&g, &snap),
         "the drill launched from the group point: {snap} {g:#}"
     );
     let target = cj["job"]["target_dir"].as_str().unwrap();
@@ -377,20 +342,7 @@ fn a_plan_schedule_takes_and_expires_group_points_and_a_machine_follows_one_plan
     let mut machines = Vec::new();
     for host in ["a", "b", "c"] {
         let fs = LoopFs::named(dir, host, 32);
-        let mut agent = Agent::new(dir, host);
-        let token = server.token();
-        let out = agent.install(&server, &token, &[&fs.dev], host);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let id = agent.state_json()["machine_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let cleanup = TraceCleanup(Some(id));
-        agent.run(&[]);
+        let (agent, _, cleanup) = replicate(&server, dir, host, &[&fs.dev], &[]);
         machines.push((agent, cleanup, fs));
     }
     for (agent, ..) in &machines {

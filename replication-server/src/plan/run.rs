@@ -948,7 +948,18 @@ async fn run_hook(
         ),
     )
     .await;
-    let outcome = hook_outcome(log, &name, hook, env).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let copy = {
+        let (log, name) = (log.clone(), name.clone());
+        tokio::spawn(async move {
+            while let Some(l) = rx.recv().await {
+                log.log(None, &name, l).await;
+            }
+        })
+    };
+    let outcome = hook_outcome(hook, env, tx).await;
+    // Every line is in the log before the hook's end is.
+    let _ = copy.await;
     let secs = t.elapsed().as_secs_f64();
     match outcome {
         Ok(()) => {
@@ -976,11 +987,12 @@ async fn run_hook(
     }
 }
 
+/// Runs a hook to its end or its timeout; each line of its output goes to `lines` (stderr's
+/// prefixed `stderr: `).
 async fn hook_outcome(
-    log: &RunLog,
-    name: &str,
     hook: &Hook,
     env: Vec<(String, String)>,
+    lines: tokio::sync::mpsc::UnboundedSender<String>,
 ) -> Result<(), String> {
     let mut cmd = tokio::process::Command::new(&hook.path);
     cmd.envs(env)
@@ -996,20 +1008,16 @@ async fn hook_outcome(
     let pgid = child.id();
     let out = child.stdout.take().map(tokio::io::BufReader::new);
     let err = child.stderr.take().map(tokio::io::BufReader::new);
-    let reader = {
-        let log = log.clone();
-        let name = name.to_string();
-        async move {
-            let mut lines = Vec::new();
-            if let Some(o) = out {
-                lines.push(tokio::spawn(copy_lines(log.clone(), name.clone(), o, "")));
-            }
-            if let Some(e) = err {
-                lines.push(tokio::spawn(copy_lines(log, name, e, "stderr: ")));
-            }
-            for l in lines {
-                let _ = l.await;
-            }
+    let reader = async move {
+        let mut readers = Vec::new();
+        if let Some(o) = out {
+            readers.push(tokio::spawn(copy_lines(lines.clone(), o, "")));
+        }
+        if let Some(e) = err {
+            readers.push(tokio::spawn(copy_lines(lines, e, "stderr: ")));
+        }
+        for r in readers {
+            let _ = r.await;
         }
     };
     let waited = tokio::time::timeout(Duration::from_secs(hook.timeout_s), async {
@@ -1042,8 +1050,7 @@ async fn hook_outcome(
 }
 
 async fn copy_lines<R: tokio::io::AsyncBufRead + Unpin>(
-    log: RunLog,
-    name: String,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
     r: R,
     prefix: &str,
 ) {
@@ -1065,17 +1072,12 @@ async fn copy_lines<R: tokio::io::AsyncBufRead + Unpin>(
                 l.truncate(cut);
                 l.push('…');
             }
-            log.log(None, &name, format!("{prefix}{l}")).await;
+            let _ = tx.send(format!("{prefix}{l}"));
         }
         buf.clear();
     }
     if n > HOOK_LINES {
-        log.log(
-            None,
-            &name,
-            format!("{prefix}({} more lines not kept)", n - HOOK_LINES),
-        )
-        .await;
+        let _ = tx.send(format!("{prefix}({} more lines not kept)", n - HOOK_LINES));
     }
 }
 
@@ -1221,6 +1223,100 @@ pub fn recover(shared: &Shared) -> Result<Vec<i64>, crate::catalog::CatalogError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `script` as a hook with `timeout_s`; its outcome and output lines.
+    fn hook(script: &str, timeout_s: u64) -> (Result<(), String>, Vec<String>, Duration) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hook.sh");
+        std::fs::write(&path, format!("#!/bin/sh\n{script}")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let h = Hook {
+            path: path.display().to_string(),
+            timeout_s,
+            continue_on_error: false,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = Instant::now();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let env = vec![("REHOST_STEP".to_string(), "3".to_string())];
+        let r = rt.block_on(hook_outcome(&h, env, tx));
+        let took = t.elapsed();
+        let mut lines = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            lines.push(l);
+        }
+        (r, lines, took)
+    }
+
+    #[test]
+    fn a_hook_gets_its_environment_and_its_output_is_kept_line_by_line() {
+        let (r, lines, _) = hook(
+            "echo step $REHOST_STEP in $(pwd)\necho oops >&2\nprintf 'bad \\377 byte\\n'\n",
+            10,
+        );
+        assert_eq!(r, Ok(()));
+        assert!(
+            lines.iter().any(|l| l.starts_with("step 3 in /")),
+            "{lines:?}"
+        );
+        assert!(lines.contains(&"stderr: oops".to_string()), "{lines:?}");
+        assert!(
+            lines.contains(&"bad \u{fffd} byte".to_string()),
+            "{lines:?}"
+        );
+        let (r, lines, _) = hook("seq 1 250\n", 10);
+        assert_eq!(r, Ok(()));
+        assert_eq!(lines.len(), HOOK_LINES + 1, "{lines:?}");
+        assert_eq!(lines.last().unwrap(), "(50 more lines not kept)");
+    }
+
+    #[test]
+    fn a_failing_hook_says_how_and_one_past_its_timeout_is_stopped_with_its_children() {
+        let (r, _, _) = hook("exit 3\n", 10);
+        assert_eq!(r, Err("exit status 3".into()));
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let (r, _, took) = hook(
+            &format!("sleep 300 &\necho $! > {}\nwait\n", pidfile.display()),
+            1,
+        );
+        let e = r.unwrap_err();
+        assert!(e.contains("timeout of 1 s"), "{e}");
+        assert!(took < Duration::from_secs(30), "{took:?}");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed with its process group (reaped by init once its parent is gone).
+        let gone = (0..50).any(|_| {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let dead = state.is_empty() || state.split(' ').nth(2) == Some("Z");
+            if !dead {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            dead
+        });
+        assert!(gone, "the hook's child {pid} outlived it");
+        let missing = Hook {
+            path: "/nonexistent/hook".into(),
+            timeout_s: 1,
+            continue_on_error: false,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let e = rt
+            .block_on(hook_outcome(&missing, Vec::new(), tx))
+            .unwrap_err();
+        assert!(e.starts_with("could not start it"), "{e}");
+    }
 
     #[test]
     fn durations_parse_with_units_and_bounds() {

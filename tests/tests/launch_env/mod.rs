@@ -246,3 +246,27 @@ pub fn assert_files_in_target(image: &Path, mnt: &Path, files: &[(PathBuf, Strin
         std::panic::resume_unwind(e);
     }
 }
+
+/// The blueprint the boot tests give a machine: launch method `launch`, TCG, 1 vCPU, 1 GiB, a raw
+/// image, 300 s to boot, targets under `targets`.
+pub fn tcg_blueprint(server: &Server, host: &str, launch: &str, targets: &Path) {
+    server.ok(&[
+        "blueprint",
+        "set",
+        host,
+        "--launch",
+        launch,
+        "--accel",
+        "tcg",
+        "--cpus",
+        "1",
+        "--memory",
+        "1024",
+        "--format",
+        "raw",
+        "--boot-timeout",
+        "300",
+        "--target-dir",
+        targets.to_str().unwrap(),
+    ]);
+}
