@@ -3,7 +3,7 @@
 //! real agents. Every bad run is refused before anything launches; a drill whose step-1 machine
 //! fails stops there (step 2 never launches), its target is removed, its pre hook ran with the
 //! documented environment, and `plan status`, `jobs` and `jobs P<id>` say which machine failed
-//! and why. A planned failover stops db's services and powers app off (a `systemctl` stand-in
+//! and why; a machine added `--continue-on-error` lets the run go on. A planned failover stops db's services and powers app off (a `systemctl` stand-in
 //! records it) around one final group point, then stops at db. A plan's schedule takes and
 //! expires group points, and a machine follows one plan's schedule. (The drill and failover that
 //! boot are in `plan_boot.rs`.)
@@ -322,9 +322,47 @@ fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
         assert_eq!(m["lifecycle"], "ready-for-cutover", "{m:#}");
     }
 
-    // The failed drill left no target: the cleanup has none to remove, and the plan can go.
+    // db may fail without stopping the run: step 2 then runs, and app's failure stops it.
+    server.ok(&[
+        "plan",
+        "add",
+        "shop",
+        "db",
+        "--step",
+        "1",
+        "--continue-on-error",
+    ]);
+    let p = server.json(&["plan", "show", "shop", "--json"]);
+    assert_eq!(
+        p["steps"][0]["machines"][0]["continue_on_error"], true,
+        "{p:#}"
+    );
+    let out = server.cli(&["plan", "drill", "shop", "--wait"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for want in [
+        "step 1: db failed (",
+        "the run goes on (continue-on-error)",
+        "step 2 start: app (wait boot), plain (wait none)",
+        &format!("step 2: app ({}) failed", id("app")),
+    ] {
+        assert!(
+            text.contains(want),
+            "want `{want}` in the run's log:\n{text}"
+        );
+    }
+    let st = server.json(&["plan", "status", "shop", "--json"]);
+    assert_eq!(st["last_drill"]["id"], 3, "{st:#}");
+    assert_eq!(st["last_drill"]["failed_machine"], "app", "{st:#}");
+    assert_eq!(
+        st["last_drill"]["jobs"].as_array().unwrap().len(),
+        3,
+        "{st:#}"
+    );
+
+    // The failed drills left no target: the cleanup has none to remove, and the plan can go.
     let c = server.ok(&["plan", "cleanup", "shop"]);
-    assert!(c.contains("cleaned up drill P1"), "{c}");
+    assert!(c.contains("cleaned up drill P1, P3"), "{c}");
     assert!(server
         .ok(&["plan", "cleanup", "shop"])
         .contains("no drill to clean up"));

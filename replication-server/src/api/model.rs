@@ -346,6 +346,9 @@ pub struct SetMember {
     /// A planned failover's source action for this machine (as a cutover's); default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_action: Option<String>,
+    /// Whether a run goes on when this machine's launch fails; default false.
+    #[serde(default)]
+    pub continue_on_error: bool,
 }
 
 /// `DELETE /v1/plans/{plan}/machines/{machine}`: the machine and the step it was in.

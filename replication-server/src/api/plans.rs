@@ -183,9 +183,12 @@ async fn set_member(
                 &name,
                 &id,
                 req.step,
-                wait,
-                delay_s,
-                req.source_action.as_deref(),
+                plan::MemberSettings {
+                    wait,
+                    delay_s,
+                    source_action: req.source_action.as_deref(),
+                    continue_on_error: req.continue_on_error,
+                },
             )
             .map_err(api)?;
         tracing::info!(plan = %name, machine = %id, step = req.step, %wait, delay_s, new, "recovery plan machine set");

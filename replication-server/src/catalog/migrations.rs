@@ -232,7 +232,7 @@ ALTER TABLE snapshots ADD COLUMN group_id INTEGER REFERENCES point_groups(id);
 /// machine it is about), the group point it used, a drill's clean-up deadline and when its
 /// targets were cleaned up, and the machine that failed it. Each machine's launch is a job whose
 /// `plan_run_id` names its run. A plan member may name the source action a planned failover
-/// asks of its agent. A plan may have its own retention policy: its machines' scheduled points
+/// asks of its agent, and whether the run goes on when its launch fails. A plan may have its own retention policy: its machines' scheduled points
 /// are then its group points.
 const MIGRATE_9: &str = "
 CREATE TABLE plan_runs (
@@ -261,5 +261,6 @@ CREATE TABLE plan_run_log (
 );
 ALTER TABLE jobs ADD COLUMN plan_run_id INTEGER REFERENCES plan_runs(id);
 ALTER TABLE plan_members ADD COLUMN source_action TEXT;
+ALTER TABLE plan_members ADD COLUMN continue_on_error INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE plans ADD COLUMN policy TEXT;
 ";

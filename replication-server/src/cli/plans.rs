@@ -47,6 +47,10 @@ pub enum PlanCmd {
         /// (after it). Default: nothing.
         #[arg(long, value_name = "ACTION")]
         source_action: Option<String>,
+        /// A run goes on when this machine's launch fails (it still ends failed, naming it);
+        /// without it, the failure stops the run at this machine's step.
+        #[arg(long)]
+        continue_on_error: bool,
     },
     /// Take a machine out of a plan.
     Remove {
@@ -249,6 +253,7 @@ pub(super) fn run(cmd: &PlanCmd, c: &AdminClient) -> anyhow::Result<()> {
             wait,
             delay,
             source_action,
+            continue_on_error,
         } => {
             let wait = match wait {
                 Wait::Boot => StepWait::Boot,
@@ -261,6 +266,7 @@ pub(super) fn run(cmd: &PlanCmd, c: &AdminClient) -> anyhow::Result<()> {
                     wait: Some(wait),
                     delay_s: Some(*delay),
                     source_action: source_action.clone(),
+                    continue_on_error: *continue_on_error,
                 },
             )?;
             let m = p

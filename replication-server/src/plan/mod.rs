@@ -134,6 +134,30 @@ pub struct Member {
     /// `--source-action` (`stop-services:UNIT[,UNIT...]` or `poweroff`); absent: nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_action: Option<String>,
+    /// Whether a run goes on when this machine's launch fails (it still ends failed, naming it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continue_on_error: bool,
+}
+
+/// How a machine is in its step (`plan add`'s options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberSettings<'a> {
+    pub wait: StepWait,
+    pub delay_s: u64,
+    pub source_action: Option<&'a str>,
+    pub continue_on_error: bool,
+}
+
+impl MemberSettings<'_> {
+    /// `wait` and `delay_s`, no source action, a failure stops the run.
+    pub fn new(wait: StepWait, delay_s: u64) -> Self {
+        MemberSettings {
+            wait,
+            delay_s,
+            source_action: None,
+            continue_on_error: false,
+        }
+    }
 }
 
 /// A step's pre or post hook: an executable on the staging host.

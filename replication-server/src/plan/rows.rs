@@ -8,9 +8,12 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Hook, Member, Network, Networks, Plan, PlanError, PlanSummary, Step, MAX_MACHINES};
+use super::{
+    Hook, Member, MemberSettings, Network, Networks, Plan, PlanError, PlanSummary, Step,
+    MAX_MACHINES,
+};
 use crate::catalog::{now, Catalog, CatalogError};
-use crate::states::{HookKind, StepWait};
+use crate::states::HookKind;
 
 fn plan_id(c: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
     c.query_row("SELECT id FROM plans WHERE name = ?1", [name], |r| r.get(0))
@@ -202,7 +205,7 @@ impl Catalog {
             let members = c
                 .prepare(
                     "SELECT pm.step, pm.machine_id, m.hostname, m.lifecycle, pm.wait, pm.delay_s,
-                            pm.source_action
+                            pm.source_action, pm.continue_on_error
                      FROM plan_members pm JOIN machines m ON m.id = pm.machine_id
                      WHERE pm.plan_id = ?1 ORDER BY pm.step, pm.rowid",
                 )?
@@ -216,6 +219,7 @@ impl Catalog {
                             wait: r.get(4)?,
                             delay_s: r.get(5)?,
                             source_action: r.get(6)?,
+                            continue_on_error: r.get(7)?,
                         },
                     ))
                 })?
@@ -294,10 +298,14 @@ impl Catalog {
         plan: &str,
         machine: &str,
         step: u32,
-        wait: StepWait,
-        delay_s: u64,
-        source_action: Option<&str>,
+        settings: MemberSettings<'_>,
     ) -> Result<bool, PlanError> {
+        let MemberSettings {
+            wait,
+            delay_s,
+            source_action,
+            continue_on_error,
+        } = settings;
         change(self, |c| {
             let tx = c.transaction()?;
             let Some(id) = plan_id(&tx, plan)? else {
@@ -331,9 +339,10 @@ impl Catalog {
                 }
                 Some(_) => {
                     tx.execute(
-                        "UPDATE plan_members SET wait = ?3, delay_s = ?4, source_action = ?5
+                        "UPDATE plan_members SET wait = ?3, delay_s = ?4, source_action = ?5,
+                                                 continue_on_error = ?6
                          WHERE plan_id = ?1 AND machine_id = ?2",
-                        params![id, machine, wait, delay_s, source_action],
+                        params![id, machine, wait, delay_s, source_action, continue_on_error],
                     )?;
                 }
                 None => {
@@ -347,9 +356,9 @@ impl Catalog {
                     }
                     tx.execute(
                         "INSERT INTO plan_members (plan_id, machine_id, step, wait, delay_s, added_at,
-                                                   source_action)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![id, machine, step, wait, delay_s, now(), source_action],
+                                                   source_action, continue_on_error)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        params![id, machine, step, wait, delay_s, now(), source_action, continue_on_error],
                     )?;
                 }
             }
@@ -468,7 +477,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::states::Lifecycle;
+    use crate::states::{Lifecycle, StepWait};
 
     fn catalog() -> (tempfile::TempDir, Catalog, String, String) {
         let dir = tempfile::tempdir().unwrap();
@@ -495,26 +504,31 @@ mod tests {
             Err(PlanError::Exists(_))
         ));
         assert!(cat
-            .set_plan_member("tier", &db, 1, StepWait::Boot, 0, None)
+            .set_plan_member("tier", &db, 1, MemberSettings::new(StepWait::Boot, 0))
             .unwrap());
         assert!(cat
-            .set_plan_member("tier", &web, 2, StepWait::None, 30, None)
+            .set_plan_member("tier", &web, 2, MemberSettings::new(StepWait::None, 30))
             .unwrap());
         // The same step again: new wait and delay, still one row.
         assert!(!cat
-            .set_plan_member("tier", &web, 2, StepWait::Boot, 5, None)
+            .set_plan_member("tier", &web, 2, MemberSettings::new(StepWait::Boot, 5))
             .unwrap());
         let e = cat
-            .set_plan_member("tier", &web, 3, StepWait::Boot, 0, None)
+            .set_plan_member("tier", &web, 3, MemberSettings::new(StepWait::Boot, 0))
             .unwrap_err()
             .to_string();
         assert!(e.contains("already in step 2"), "{e}");
         assert!(matches!(
-            cat.set_plan_member("nope", &web, 1, StepWait::Boot, 0, None),
+            cat.set_plan_member("nope", &web, 1, MemberSettings::new(StepWait::Boot, 0)),
             Err(PlanError::NoPlan(_))
         ));
         assert!(matches!(
-            cat.set_plan_member("tier", "m-0000000000000000", 1, StepWait::Boot, 0, None),
+            cat.set_plan_member(
+                "tier",
+                "m-0000000000000000",
+                1,
+                MemberSettings::new(StepWait::Boot, 0)
+            ),
             Err(PlanError::NoMachine(_))
         ));
         cat.set_plan_hook("tier", 2, HookKind::Post, &hook("/bin/true"))
@@ -588,9 +602,7 @@ mod tests {
                 "big",
                 m.as_str(),
                 1 + u32::from(i) % 20,
-                StepWait::Boot,
-                0,
-                None,
+                MemberSettings::new(StepWait::Boot, 0),
             )
             .unwrap();
         }
@@ -598,7 +610,12 @@ mod tests {
             .register_machine("extra", &[250; 32], "t", b"s")
             .unwrap();
         assert!(matches!(
-            cat.set_plan_member("big", extra.as_str(), 1, StepWait::Boot, 0, None),
+            cat.set_plan_member(
+                "big",
+                extra.as_str(),
+                1,
+                MemberSettings::new(StepWait::Boot, 0)
+            ),
             Err(PlanError::Full(_))
         ));
         assert_eq!(cat.plans().unwrap()[0].machine_count, MAX_MACHINES);
@@ -609,9 +626,9 @@ mod tests {
         let (_d, cat, web, db) = catalog();
         for p in ["a", "b"] {
             cat.create_plan(p, "").unwrap();
-            cat.set_plan_member(p, &web, 1, StepWait::Boot, 0, None)
+            cat.set_plan_member(p, &web, 1, MemberSettings::new(StepWait::Boot, 0))
                 .unwrap();
-            cat.set_plan_member(p, &db, 2, StepWait::Boot, 0, None)
+            cat.set_plan_member(p, &db, 2, MemberSettings::new(StepWait::Boot, 0))
                 .unwrap();
         }
         assert_eq!(cat.delete_machine(&web).unwrap().unwrap().len(), 0);

@@ -430,6 +430,8 @@ async fn execute(shared: Arc<Shared>, run: PlanRun, checked: Checked, req: RunRe
         result = planned_prelude(&shared, &log, &plan, &mut units, run.id).await;
     }
     let mut pending = tokio::task::JoinSet::new();
+    // Machines that failed with continue-on-error: the run went on, and ends failed.
+    let mut went_on: Vec<Stop> = Vec::new();
     if result.is_ok() {
         let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
         for n in &steps {
@@ -447,6 +449,7 @@ async fn execute(shared: Arc<Shared>, run: PlanRun, checked: Checked, req: RunRe
                 members,
                 &sem,
                 &mut pending,
+                &mut went_on,
             )
             .await;
             if let Err(e) = r {
@@ -458,13 +461,27 @@ async fn execute(shared: Arc<Shared>, run: PlanRun, checked: Checked, req: RunRe
     // The members that did not gate a step: their launches end before the run does.
     while let Some(done) = pending.join_next().await {
         if let Ok((u, Err(why), _)) = done {
-            if result.is_ok() {
-                result = Err(Stop {
-                    machine: Some(u.member.hostname.clone()),
-                    why: format!("{} ({}): {why}", u.member.hostname, u.member.machine_id),
-                });
+            let stop = Stop {
+                machine: Some(u.member.hostname.clone()),
+                why: format!("{} ({}): {why}", u.member.hostname, u.member.machine_id),
+            };
+            if u.member.continue_on_error {
+                went_on.push(stop);
+            } else if result.is_ok() {
+                result = Err(stop);
             }
         }
+    }
+    if result.is_ok() && !went_on.is_empty() {
+        let why: Vec<String> = went_on.iter().map(|s| s.why.clone()).collect();
+        result = Err(Stop {
+            machine: went_on[0].machine.clone(),
+            why: format!(
+                "every step ran, but {} failed (continue-on-error): {}",
+                went_on.len(),
+                why.join("; ")
+            ),
+        });
     }
     let secs = start.elapsed().as_secs_f64();
     let (error, machine) = match &result {
@@ -641,6 +658,7 @@ async fn run_step(
     members: Vec<Unit>,
     sem: &Arc<tokio::sync::Semaphore>,
     pending: &mut tokio::task::JoinSet<Launched>,
+    went_on: &mut Vec<Stop>,
 ) -> Result<(), Stop> {
     if let Some(h) = step.and_then(|s| s.pre_hook.as_ref()) {
         let env = hook_env(plan, run, mode, n, HookKind::Pre, &members, &HashMap::new());
@@ -711,6 +729,24 @@ async fn run_step(
                     slowest = (took, Some(job.id));
                 }
                 done.push(job);
+            }
+            Ok((u, Err(why), _)) if u.member.continue_on_error => {
+                log.log(
+                    Some(&u.member.hostname),
+                    "step",
+                    format!(
+                        "step {n}: {} failed ({why}); the run goes on (continue-on-error)",
+                        u.member.hostname
+                    ),
+                )
+                .await;
+                went_on.push(Stop {
+                    machine: Some(u.member.hostname.clone()),
+                    why: format!(
+                        "step {n}: {} ({}) failed: {why}",
+                        u.member.hostname, u.member.machine_id
+                    ),
+                });
             }
             Ok((u, Err(why), _)) => {
                 failed.get_or_insert(Stop {
