@@ -402,11 +402,8 @@ async fn execute(shared: Arc<Shared>, run: PlanRun, checked: Checked, req: RunRe
         RunMode::Drill => plan.networks.test.clone(),
         _ => plan.networks.production.clone(),
     };
-    let steps: Vec<u32> = {
-        let mut s: Vec<u32> = units.iter().map(|u| u.step).collect();
-        s.dedup();
-        s
-    };
+    // Every step with machines or hooks, in order (a step of hooks alone runs its hooks).
+    let steps: Vec<u32> = plan.steps.iter().map(|s| s.step).collect();
     let start = Instant::now();
     log.log(
         None,
