@@ -7,7 +7,7 @@
 //! and the time beyond the boot).
 //!
 //! ```text
-//! cargo build --workspace --all-targets
+//! cargo build --release --workspace --bins
 //! cargo bench -p rehost-tests --bench plan_run                       # 2 rounds
 //! REHOST_BENCH_ROUNDS=5 cargo bench -p rehost-tests --bench plan_run
 //! ```
