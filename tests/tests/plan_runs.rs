@@ -337,7 +337,8 @@ fn bad_runs_launch_nothing_and_a_failed_machine_stops_the_drill_at_its_step() {
         p["steps"][0]["machines"][0]["continue_on_error"], true,
         "{p:#}"
     );
-    let out = server.cli(&["plan", "drill", "shop", "--wait"]);
+    // (With a clean-up deadline: the server cleans it up by itself.)
+    let out = server.cli(&["plan", "drill", "shop", "--cleanup-after", "1s", "--wait"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{text}");
     for want in [
