@@ -398,7 +398,7 @@ pub fn jobs(
                 job.unwrap_or_default()
             );
         };
-        return super::plans::show_run(&client, run, follow, json);
+        return super::plan_runs::show_run(&client, run, follow, json);
     }
     let job = match job {
         Some(j) => Some(j.parse::<i64>().map_err(|_| {
@@ -429,7 +429,7 @@ pub fn jobs(
                 print_jobs(&v.jobs);
                 if !v.plan_runs.is_empty() {
                     println!();
-                    super::plans::print_runs(&v.plan_runs);
+                    super::plan_runs::print_runs(&v.plan_runs);
                 }
             }
         }

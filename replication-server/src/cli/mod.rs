@@ -13,6 +13,7 @@ pub mod client;
 mod help;
 mod jobs;
 mod machines;
+mod plan_runs;
 mod plans;
 mod serve;
 mod snapshots;
